@@ -1,0 +1,166 @@
+"""Finding the data's intrinsic components: TF-IDF + k-means, with k chosen at the elbow.
+
+The featurizer uses character n-grams inside word boundaries, so it works for any script
+(Chinese has no spaces between words). The fit is saved as plain arrays (JSON vocabulary,
+safetensors idf + centroids) so assigning a text to a cluster needs no pickle.
+
+    <out>/clusters.json         k, elbow curve, sizes, featurizer settings, vocabulary
+    <out>/clusters.safetensors  idf [V], centroids [k, V]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hydra_edge.errors import UserError
+
+CLUSTERS_JSON = "clusters.json"
+CLUSTERS_TENSORS = "clusters.safetensors"
+NGRAM_RANGE = (2, 4)
+MAX_FEATURES = 20000
+SEED = 0
+
+
+@dataclass
+class ClusterModel:
+    vocabulary: dict[str, int]
+    idf: np.ndarray  # (V,)
+    centroids: np.ndarray  # (k, V), rows L2-normalised space of the TF-IDF features
+    inertia_by_k: dict[int, float]
+    sizes: list[int]
+
+    @property
+    def k(self) -> int:
+        return self.centroids.shape[0]
+
+    def _vectorizer(self):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vec = TfidfVectorizer(
+            analyzer="char_wb", ngram_range=NGRAM_RANGE, sublinear_tf=True, vocabulary=self.vocabulary
+        )
+        vec.idf_ = self.idf
+        return vec
+
+    def features(self, texts: list[str]):
+        """TF-IDF rows, L2-normalised. (n, V) sparse."""
+        return self._vectorizer().transform(texts)
+
+    def assign(self, texts: list[str]) -> np.ndarray:
+        """The nearest centroid of each text. (n,) int."""
+        if self.k == 1:
+            return np.zeros(len(texts), dtype=np.int64)
+        x = self.features(texts)  # (n, V)
+        # ||x - c||^2 = ||x||^2 - 2 x·c + ||c||^2; ||x||^2 is the same for every centroid.
+        scores = 2 * (x @ self.centroids.T) - (self.centroids**2).sum(axis=1)[None, :]
+        return np.asarray(scores).argmax(axis=1)
+
+    def top_terms(self, n: int = 8) -> list[list[str]]:
+        """The heaviest n-grams of each centroid: a hint at what each cluster holds."""
+        inverse = {i: t for t, i in self.vocabulary.items()}
+        return [[inverse[i].strip() or inverse[i] for i in np.argsort(-row)[:n]] for row in self.centroids]
+
+
+def elbow_k(inertia_by_k: dict[int, float]) -> int:
+    """The k farthest below the straight line from the first to the last point (kneedle)."""
+    ks = sorted(inertia_by_k)
+    if len(ks) <= 2:
+        return ks[0]
+    x = np.array(ks, dtype=float)
+    y = np.array([inertia_by_k[k] for k in ks], dtype=float)
+    x = (x - x[0]) / (x[-1] - x[0])
+    y = (y - y.min()) / max(y.max() - y.min(), 1e-12)
+    line = y[0] + (y[-1] - y[0]) * x
+    return ks[int(np.argmax(line - y))]
+
+
+def fit_clusters(texts: list[str], heads: int | None, max_k: int = 8) -> tuple[ClusterModel, np.ndarray]:
+    """Fits the featurizer and k-means. heads=None picks k by the elbow over k = 2..max_k.
+
+    Returns the model and the cluster id of every text.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vec = TfidfVectorizer(
+        analyzer="char_wb", ngram_range=NGRAM_RANGE, sublinear_tf=True, max_features=MAX_FEATURES
+    )
+    x = vec.fit_transform(texts)  # (n, V)
+    distinct = len(set(texts))
+    if heads is None:
+        candidates = [k for k in range(2, max_k + 1) if k <= distinct]
+        if not candidates:
+            candidates = [1]
+    else:
+        if heads > distinct:
+            raise UserError(
+                f"--heads {heads}: the data has only {distinct} distinct prompts; use fewer heads"
+            )
+        candidates = [heads]
+    fits, inertia = {}, {}
+    for k in candidates:
+        km = KMeans(n_clusters=k, n_init=10, random_state=SEED).fit(x)
+        fits[k], inertia[k] = km, float(km.inertia_)
+    k = elbow_k(inertia) if heads is None else heads
+    km = fits[k]
+    labels = km.labels_.astype(np.int64)
+    model = ClusterModel(
+        vocabulary={t: int(i) for t, i in vec.vocabulary_.items()},
+        idf=vec.idf_.astype(np.float64),
+        centroids=np.asarray(km.cluster_centers_, dtype=np.float64),
+        inertia_by_k=inertia,
+        sizes=np.bincount(labels, minlength=k).tolist(),
+    )
+    return model, labels
+
+
+def save_clusters(model: ClusterModel, out_dir: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from hydra_edge.adapter import atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "k": model.k,
+        "sizes": model.sizes,
+        "inertia_by_k": {str(k): v for k, v in sorted(model.inertia_by_k.items())},
+        "featurizer": {"analyzer": "char_wb", "ngram_range": list(NGRAM_RANGE), "sublinear_tf": True},
+        "top_terms": model.top_terms(),
+        "vocabulary": model.vocabulary,
+    }
+    save_file(
+        {"idf": torch.from_numpy(model.idf), "centroids": torch.from_numpy(model.centroids)},
+        str(out_dir / CLUSTERS_TENSORS),
+    )
+    atomic_write_text(out_dir / CLUSTERS_JSON, json.dumps(meta, ensure_ascii=False) + "\n")
+
+
+def load_clusters(out_dir: Path) -> ClusterModel:
+    from safetensors.numpy import load_file
+
+    json_path, tensor_path = Path(out_dir) / CLUSTERS_JSON, Path(out_dir) / CLUSTERS_TENSORS
+    if not json_path.is_file() or not tensor_path.is_file():
+        raise UserError(f"{out_dir}: missing {CLUSTERS_JSON} / {CLUSTERS_TENSORS}; retrain the adapter")
+    meta = json.loads(json_path.read_text(encoding="utf-8"))
+    arrays = load_file(str(tensor_path))
+    return ClusterModel(
+        vocabulary=meta["vocabulary"],
+        idf=arrays["idf"],
+        centroids=arrays["centroids"],
+        inertia_by_k={int(k): v for k, v in meta["inertia_by_k"].items()},
+        sizes=meta["sizes"],
+    )
+
+
+def summary_lines(model: ClusterModel) -> list[str]:
+    """A short human summary: chosen k, elbow curve, sizes and top terms."""
+    curve = ", ".join(f"k={k}: {v:.1f}" for k, v in sorted(model.inertia_by_k.items()))
+    lines = [f"clusters: k={model.k} (inertia {curve})"]
+    for c, (size, terms) in enumerate(zip(model.sizes, model.top_terms(6))):
+        lines.append(f"  cluster {c}: {size} rows; top terms: {', '.join(terms)}")
+    return lines

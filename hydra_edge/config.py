@@ -1,0 +1,189 @@
+"""The `finetune` settings: one dataclass whose field help doubles as CLI help (litgpt-style).
+
+A YAML file gives the same keys (dashes or underscores); command-line flags override it; the
+`tiny` preset supplies demo-friendly values for what neither of them set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra_edge.errors import UserError
+from hydra_edge.quant import QUANT_CHOICES
+
+MIXED_PRECISION_CHOICES = ("bf16", "no")
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field carrying its CLI help."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = _f("tiny", "Base model: 'tiny' (built-in preset), a Hugging Face id, or a local folder.")
+    data: list[str] = _f([], "Training data files (.jsonl/.json; 'messages' or 'text' rows). Default with tiny: the bundled demo.")
+    eval_data: str | None = _f(None, "Held-out file scored after training. Default with tiny: the demo's held-out split.")
+    heads: str = _f("auto", "Number of B heads: 'auto' (k-means elbow over the prompts) or N (1 = plain LoRA).")
+    max_k: int = _f(8, "Largest k tried by --heads auto.")
+    rank: int = _f(8, "LoRA rank r of the shared A.")
+    alpha: float = _f(32.0, "LoRA alpha; the branch is scaled by alpha / rank.")
+    dropout: float = _f(0.05, "Dropout on the A path.")
+    head_init: str = _f("zero", "Head init: 'zero' (reference, starts equal to the base) or 'random' (R-LoRA).")
+    targets: str = _f("mlp", "Modules to adapt: mlp, attn, all, or a comma list of module names.")
+    quant: str = _f("nf4", "Base quantization: nf4 (double quant, bf16 compute), fp4, or none.")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
+    mixed_precision: str = _f("bf16", "bf16 autocast, or 'no' for float32 (with --quant none: exact fp32).")
+    seq_len: int = _f(1024, "Maximum tokens per sample; longer samples are truncated.")
+    batch_size: int = _f(4, "Samples per micro-batch (per process).")
+    grad_accum: int = _f(4, "Micro-batches accumulated per optimizer step.")
+    lr: float = _f(2e-4, "Peak learning rate (AdamW, cosine decay).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    epochs: float = _f(3.0, "Passes over the training data (ignored when --max-steps is set).")
+    max_steps: int | None = _f(None, "Optimizer steps to run; overrides --epochs.")
+    warmup: float = _f(0.03, "Warmup: a fraction of the steps if < 1, else a number of steps.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    seed: int = _f(42, "Seed for initialisation, data order and dropout.")
+    out: str = _f("hydra-out", "Output folder for the adapter, clusters, metrics and checkpoints.")
+    save_every: int = _f(200, "Write a resumable checkpoint every N steps (0: only at the end or on a stop).")
+    resume: bool = _f(False, "Continue the run saved in --out from its latest checkpoint.")
+    max_bad_steps: int = _f(5, "Abort after this many consecutive steps with a non-finite loss or gradient.")
+    gate_samples_per_cluster: int = _f(256, "Training samples per cluster used to measure its mean gates.")
+    max_new_tokens: int = _f(32, "Tokens generated per row for the held-out exact-match.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        problems = []
+        if self.heads != "auto":
+            try:
+                if int(self.heads) < 1:
+                    raise ValueError
+            except (TypeError, ValueError):
+                problems.append(f"--heads {self.heads}: use 'auto' or a whole number >= 1")
+        for name in ("rank", "batch_size", "grad_accum", "seq_len", "max_k", "max_bad_steps", "max_new_tokens", "gate_samples_per_cluster"):
+            if getattr(self, name) < 1:
+                problems.append(f"{_flag(name)} {getattr(self, name)}: must be >= 1")
+        if self.max_k < 2 and self.heads == "auto":
+            problems.append(f"--max-k {self.max_k}: must be >= 2 with --heads auto")
+        if self.alpha <= 0:
+            problems.append(f"--alpha {self.alpha}: must be > 0")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"--dropout {self.dropout}: must be in [0, 1)")
+        if self.lr <= 0:
+            problems.append(f"--lr {self.lr}: must be > 0")
+        if self.epochs <= 0:
+            problems.append(f"--epochs {self.epochs}: must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"--max-steps {self.max_steps}: must be >= 1")
+        if self.warmup < 0:
+            problems.append(f"--warmup {self.warmup}: must be >= 0")
+        if self.save_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            problems.append("--save-every, --max-grad-norm and --weight-decay must be >= 0")
+        if self.quant not in QUANT_CHOICES:
+            problems.append(f"--quant {self.quant}: use one of {', '.join(QUANT_CHOICES)}")
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            problems.append(f"--mixed-precision {self.mixed_precision}: use one of {', '.join(MIXED_PRECISION_CHOICES)}")
+        if self.head_init not in ("zero", "random"):
+            problems.append(f"--head-init {self.head_init}: use zero or random")
+        if problems:
+            raise ValueError(problems[0])
+
+    @property
+    def num_heads(self) -> int | None:
+        """None for 'auto'."""
+        return None if self.heads == "auto" else int(self.heads)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# What the `tiny` preset changes for values neither the YAML nor the flags set: a random base
+# learns the demo's lookups only with a larger learning rate and a few hundred short steps.
+TINY_PRESET_DEFAULTS = {
+    "seq_len": 128,
+    "batch_size": 16,
+    "grad_accum": 1,
+    "lr": 3e-3,
+    "max_steps": 300,
+    "warmup": 0.05,
+    "save_every": 100,
+}
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+
+
+def _check_type(name: str, value, annotation: str):
+    """Checks a YAML value against the field's annotation; returns it (ints accepted as floats)."""
+    hint = typing.get_type_hints(FinetuneConfig)[name]
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return value
+    for t in allowed:
+        origin = typing.get_origin(t) or t
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        if origin is list and isinstance(value, str):
+            return [value]
+        if origin is str and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return str(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is bool and isinstance(value, bool):
+            return value
+    raise UserError(f"config key '{name}': expected {annotation}, got {value!r}")
+
+
+def read_yaml_config(path: str | Path) -> dict:
+    """The YAML file's settings, with unknown keys and wrong types rejected by name."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of settings at the top level")
+    fields = config_fields()
+    settings = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise UserError(f"{path}: unknown key '{key}' (known: {', '.join(fields)})")
+        settings[name] = _check_type(name, value, str(fields[name].type))
+    return settings
+
+
+def build_config(yaml_settings: dict, cli_settings: dict) -> FinetuneConfig:
+    """YAML < flags; then preset defaults fill what neither set. Bad values -> UserError."""
+    explicit = {**yaml_settings, **{k: v for k, v in cli_settings.items() if v is not None}}
+    settings = dict(explicit)
+    if settings.get("model", "tiny") == "tiny":
+        for key, value in TINY_PRESET_DEFAULTS.items():
+            if key == "max_steps" and ("epochs" in explicit or "max_steps" in explicit):
+                continue
+            settings.setdefault(key, value)
+    if cli_settings.get("epochs") is not None and cli_settings.get("max_steps") is not None:
+        raise UserError("--epochs and --max-steps: give one of them, not both")
+    try:
+        return FinetuneConfig(**settings)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc

@@ -1,0 +1,16 @@
+"""Errors a user can cause.
+
+A `UserError` is reported by the CLI as one line on stderr with exit code 2 and no traceback;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix: a bad flag, a missing file, an incompatible adapter.
+
+    The message must name the file/line/flag and say what to do.
+    """
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient."""

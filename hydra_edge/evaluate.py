@@ -1,0 +1,93 @@
+"""Held-out scoring: loss, perplexity and exact-match, overall and per cluster.
+
+Exact-match counts rows whose last message is the assistant's reference answer: the model
+answers the conversation before it greedily, and the stripped texts must be equal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hydra_edge.clustering import ClusterModel
+from hydra_edge.data import IGNORE_INDEX, Record, collate, tokenize_record
+from hydra_edge.inference import generate_greedy
+
+
+@torch.no_grad()
+def _token_losses(model, samples, pad_id: int, batch_size: int = 16) -> list[tuple[float, int]]:
+    """(summed cross-entropy, label-token count) per sample."""
+    device = next(model.parameters()).device
+    results = []
+    for i in range(0, len(samples), batch_size):
+        batch = collate(samples[i : i + batch_size], pad_id)
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+        ).logits.float()  # (B, T, V)
+        labels = batch["labels"].to(device)[:, 1:]  # (B, T-1)
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (B, T-1)
+        valid = labels != IGNORE_INDEX
+        for row in range(labels.shape[0]):
+            results.append((float(losses[row][valid[row]].sum()), int(valid[row].sum())))
+    return results
+
+
+def evaluate(model, tokenizer, records: list[Record], clusters: ClusterModel, seq_len: int, max_new_tokens: int) -> dict:
+    """{"loss", "perplexity", "exact_match", "n", "per_cluster": {c: {...}}}."""
+    model.eval()
+    samples = [tokenize_record(tokenizer, r, seq_len) for r in records]
+    cluster_ids = clusters.assign([r.prompt_text for r in records]).tolist()
+    token_losses = _token_losses(model, samples, tokenizer.pad_token_id)
+    with_answer = [i for i, r in enumerate(records) if r.reference_answer is not None]
+    answers = generate_greedy(model, tokenizer, [records[i].messages[:-1] for i in with_answer], max_new_tokens)
+    correct = {i: answers[j] == records[i].reference_answer.strip() for j, i in enumerate(with_answer)}
+
+    def score(indices: list[int]) -> dict:
+        loss_sum = sum(token_losses[i][0] for i in indices)
+        tokens = sum(token_losses[i][1] for i in indices)
+        loss = loss_sum / tokens if tokens else float("nan")
+        matched = [correct[i] for i in indices if i in correct]
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)) if tokens else float("nan"),
+            "exact_match": sum(matched) / len(matched) if matched else None,
+            "n": len(indices),
+        }
+
+    result = score(list(range(len(records))))
+    result["per_cluster"] = {
+        str(c): score([i for i, ci in enumerate(cluster_ids) if ci == c]) for c in sorted(set(cluster_ids))
+    }
+    return results
+
+
+def evaluate(model, tokenizer, records: list[Record], clusters: ClusterModel, seq_len: int, max_new_tokens: int) -> dict:
+    """{"loss", "perplexity", "exact_match", "n", "per_cluster": {c: {...}}}."""
+    model.eval()
+    samples = [tokenize_record(tokenizer, r, seq_len) for r in records]
+    cluster_ids = clusters.assign([r.prompt_text for r in records]).tolist()
+    token_losses = _token_losses(model, samples, tokenizer.pad_token_id)
+    with_answer = [i for i, r in enumerate(records) if r.reference_answer is not None]
+    answers = generate_greedy(model, tokenizer, [records[i].messages[:-1] for i in with_answer], max_new_tokens)
+    correct = {i: answers[j] == records[i].reference_answer.strip() for j, i in enumerate(with_answer)}
+
+    def score(indices: list[int]) -> dict:
+        loss_sum = sum(token_losses[i][0] for i in indices)
+        tokens = sum(token_losses[i][1] for i in indices)
+        loss = loss_sum / tokens if tokens else float("nan")
+        matched = [correct[i] for i in indices if i in correct]
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)) if tokens else float("nan"),
+            "exact_match": sum(matched) / len(matched) if matched else None,
+            "n": len(indices),
+        }
+
+    result = score(list(range(len(records))))
+    result["per_cluster"] = {
+        str(c): score([i for i, ci in enumerate(cluster_ids) if ci == c]) for c in sorted(set(cluster_ids))
+    }
+    return result

@@ -1,0 +1,148 @@
+"""`hydra-edge finetune`: data -> clusters -> base + HydraLoRA -> training -> gates -> eval.
+
+Everything the user can get wrong (files, flags, the --out folder) is checked before the
+model is loaded, so a mistake costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from hydra_edge import __version__
+from hydra_edge.adapter import atomic_write_text, base_fingerprint, find_target_modules, inject_hydra_lora, save_adapter
+from hydra_edge.checkpoint import list_checkpoints
+from hydra_edge.clustering import fit_clusters, load_clusters, save_clusters, summary_lines
+from hydra_edge.config import FinetuneConfig
+from hydra_edge.data import read_records, tokenize_records
+from hydra_edge.errors import UserError
+from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN, TINY_NAME
+
+RUN_CONFIG = "run_config.json"
+EVAL_RESULTS = "eval_results.json"
+# Settings a resumed run may change; everything else must match the saved run.
+RESUMABLE_OVERRIDES = ("max_steps", "epochs", "save_every", "max_bad_steps")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_resume(config: FinetuneConfig, explicit: set[str]) -> tuple[FinetuneConfig, Path | None]:
+    """For --resume: the saved run's config (plus allowed overrides) and its latest checkpoint."""
+    out = Path(config.out)
+    if not config.resume:
+        if (out / RUN_CONFIG).exists():
+            raise UserError(
+                f"--out {out}: already holds a run; add --resume to continue it, or pick another --out"
+            )
+        return config, None
+    if not (out / RUN_CONFIG).is_file():
+        raise UserError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} missing); check --out")
+    saved = json.loads((out / RUN_CONFIG).read_text())
+    for key in RESUMABLE_OVERRIDES:
+        if key in explicit:
+            saved[key] = getattr(config, key)
+    saved["resume"] = True
+    checkpoints = list_checkpoints(out)
+    if not checkpoints:
+        raise UserError(f"--resume: {out} has no complete checkpoint yet; start the run again without --resume")
+    return FinetuneConfig(**saved), checkpoints[-1]
+
+
+def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_step=None) -> dict:
+    import torch
+
+    from hydra_edge.evaluate import evaluate
+    from hydra_edge.gates import mean_gates_per_cluster, save_cluster_gates
+    from hydra_edge.models import load_base
+    from hydra_edge.train import LoopSettings, steps_for, train_loop
+
+    config, resume_from = resolve_resume(config, explicit)
+    out = Path(config.out)
+    started = time.perf_counter()
+
+    # 1. Data, validated before any model is loaded.
+    is_tiny = config.model == TINY_NAME
+    data_files = config.data or ([str(DEMO_TRAIN)] if is_tiny else [])
+    if not data_files:
+        raise UserError("--data: no training file given; pass --data FILE.jsonl (the demo data is for --model tiny)")
+    eval_file = config.eval_data or (str(DEMO_EVAL) if is_tiny and not config.data else None)
+    records = [r for path in data_files for r in read_records(path)]
+    eval_records = read_records(eval_file) if eval_file else []
+    log(f"data: {len(records)} training rows from {', '.join(data_files)}" + (f"; {len(eval_records)} held-out rows" if eval_records else ""))
+
+    # 2. Clusters -> number of heads.
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        clusters = load_clusters(out)
+        labels = clusters.assign([r.prompt_text for r in records])
+    else:
+        clusters, labels = fit_clusters([r.prompt_text for r in records], config.num_heads, config.max_k)
+        save_clusters(clusters, out)
+        atomic_write_text(out / RUN_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
+    for line in summary_lines(clusters):
+        log(line)
+    num_heads = clusters.k
+
+    # 3. Base model + HydraLoRA.
+    dtype = "fp32" if config.mixed_precision == "no" else "bf16"
+    base = load_base(config.model, quant=config.quant, gradient_checkpointing=config.gradient_checkpointing, dtype=dtype)
+    fingerprint = base_fingerprint(base.model)
+    modules = find_target_modules(base.model, config.targets)
+    torch.manual_seed(config.seed)
+    inject_hydra_lora(base.model, modules, config.rank, config.alpha, num_heads, config.dropout, config.head_init)
+    trainable = sum(p.numel() for p in base.model.parameters() if p.requires_grad)
+    log(f"model: {base.reference} ({config.quant}), {len(modules)} modules adapted, heads={num_heads}, r={config.rank}, trainable params={trainable:,}")
+
+    # 4. Tokenize, train.
+    samples = tokenize_records(base.tokenizer, records, config.seq_len)
+    for sample, label in zip(samples, labels.tolist()):
+        sample.cluster = label
+    truncated = sum(s.truncated for s in samples)
+    if truncated:
+        log(f"data: {truncated} samples truncated to --seq-len {config.seq_len}")
+    total_steps = config.max_steps or steps_for(len(samples), config.batch_size, config.grad_accum, config.epochs)
+    warmup = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
+    settings = LoopSettings(
+        total_steps=total_steps, batch_size=config.batch_size, grad_accum=config.grad_accum, lr=config.lr,
+        weight_decay=config.weight_decay, warmup_steps=warmup, max_grad_norm=config.max_grad_norm,
+        seed=config.seed, save_every=config.save_every, max_bad_steps=config.max_bad_steps,
+    )
+    summary = train_loop(
+        base.model, samples, settings, out, base.tokenizer.pad_token_id, config.mixed_precision,
+        resume_from=resume_from, on_step=on_step,
+    )
+
+    # 5. The adapter, per-cluster gates, held-out score.
+    adapter_config = {
+        "base_model": base.reference,
+        "base_model_resolved": base.resolved,
+        "base_fingerprint": fingerprint,
+        "quantization": config.quant,
+        "r": config.rank,
+        "alpha": config.alpha,
+        "heads": num_heads,
+        "dropout": config.dropout,
+        "head_init": config.head_init,
+        "targets": config.targets,
+        "target_modules": modules,
+        "tokenizer": base.resolved,
+        "chat_template": getattr(base.tokenizer, "chat_template", None),
+        "hydra_edge_version": __version__,
+        "training": {k: summary[k] for k in ("steps", "final_loss", "skipped_steps")},
+    }
+    save_adapter(base.model, out, adapter_config)
+    gates, token_counts = mean_gates_per_cluster(
+        base.model, samples, num_heads, base.tokenizer.pad_token_id, config.gate_samples_per_cluster
+    )
+    save_cluster_gates(out, gates, token_counts)
+    result = {"train": summary, "adapter": str(out)}
+    if eval_records:
+        scores = evaluate(base.model, base.tokenizer, eval_records, clusters, config.seq_len, config.max_new_tokens)
+        atomic_write_text(out / EVAL_RESULTS, json.dumps(scores, indent=2) + "\n")
+        result["eval"] = scores
+    result["total_time_s"] = time.perf_counter() - started
+    return result

@@ -1,0 +1,70 @@
+"""Per-cluster mean gates: what export merges the heads with (DESIGN.md section 5).
+
+For cluster c and module m, ḡ_{c,m} is the router's softmax averaged over every real
+(non-padding) token of cluster c's training samples, in eval mode (no dropout).
+
+    <out>/cluster_gates.safetensors   "cluster.<c>.<module>" -> [N] float32
+                                      metadata: k, tokens per cluster
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from hydra_edge.adapter import hydra_layers
+from hydra_edge.data import Sample, collate
+
+GATES_FILE = "cluster_gates.safetensors"
+
+
+@torch.no_grad()
+def mean_gates_per_cluster(
+    model, samples: list[Sample], num_clusters: int, pad_id: int, per_cluster: int, batch_size: int = 16
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """{"cluster.<c>.<module>": [N]} and the token count behind each cluster."""
+    layers = hydra_layers(model)
+    by_cluster: dict[int, list[Sample]] = {c: [] for c in range(num_clusters)}
+    for s in samples:
+        if len(by_cluster[s.cluster]) < per_cluster:
+            by_cluster[s.cluster].append(s)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = {(c, name): torch.zeros(layer.num_heads) for c in by_cluster for name, layer in layers.items()}
+    counts = [0] * num_clusters
+    try:
+        for layer in layers.values():
+            layer.gate_sink = []
+        for c, group in by_cluster.items():
+            for i in range(0, len(group), batch_size):
+                batch = collate(group[i : i + batch_size], pad_id)
+                mask = batch["attention_mask"].to(device)  # (B, T)
+                for layer in layers.values():
+                    layer.gate_sink.clear()
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
+                counts[c] += int(mask.sum())
+                for name, layer in layers.items():
+                    gates = layer.gate_sink[-1]  # (B, T, N)
+                    sums[(c, name)] += (gates * mask.unsqueeze(-1)).sum(dim=(0, 1)).float().cpu()
+    finally:
+        for layer in layers.values():
+            layer.gate_sink = None
+        model.train(was_training)
+    gates = {f"cluster.{c}.{name}": (sums[(c, name)] / max(counts[c], 1)).contiguous() for c, name in sums}
+    return gates, counts
+
+
+def save_cluster_gates(out_dir: Path, gates: dict[str, torch.Tensor], token_counts: list[int]) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"k": str(len(token_counts)), "tokens_per_cluster": json.dumps(token_counts)}
+    save_file(gates, str(Path(out_dir) / GATES_FILE), metadata=meta)
+
+
+def load_cluster_gates(out_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out_dir) / GATES_FILE))

@@ -1,0 +1,124 @@
+"""Loading a trained adapter onto its base, and generating with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hydra_edge.adapter import (
+    base_fingerprint,
+    hydra_layers,
+    inject_hydra_lora,
+    load_adapter_state_dict,
+    read_adapter_config,
+    read_adapter_weights,
+)
+from hydra_edge.clustering import ClusterModel, load_clusters
+from hydra_edge.errors import UserError
+from hydra_edge.models import load_base
+
+
+@dataclass
+class TrainedModel:
+    model: object
+    tokenizer: object
+    config: dict
+    clusters: ClusterModel
+    adapter_dir: Path
+
+
+def load_trained(adapter_dir: str | Path, model_override: str | None = None, device: str | None = None) -> TrainedModel:
+    """The base named in the adapter (or --model), quantized as in training, with the adapter.
+
+    Refuses a base whose weights fingerprint differs from the one the adapter was trained on.
+    """
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    weights = read_adapter_weights(adapter_dir)
+    base = load_base(model_override or config["base_model"], quant=config["quantization"], device=device)
+    fingerprint = base_fingerprint(base.model)
+    if fingerprint != config["base_fingerprint"]:
+        raise UserError(
+            f"--adapter {adapter_dir}: trained on base {config['base_model']!r} "
+            f"(fingerprint {config['base_fingerprint'][:12]}), but the loaded base "
+            f"{base.reference!r} has fingerprint {fingerprint[:12]}; load the base it was trained on"
+        )
+    inject_hydra_lora(
+        base.model, config["target_modules"], config["r"], config["alpha"], config["heads"], 0.0
+    )
+    load_adapter_state_dict(base.model, weights, str(adapter_dir))
+    base.model.eval()
+    return TrainedModel(base.model, base.tokenizer, config, load_clusters(adapter_dir), adapter_dir)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered up to the assistant's turn."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy answers for many conversations, batched with left padding."""
+    device = next(model.parameters()).device
+    answers = []
+    for i in range(0, len(conversations), batch_size):
+        encoded = [prompt_ids(tokenizer, conv) for conv in conversations[i : i + batch_size]]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(encoded):
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in out[:, width:]:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+@torch.no_grad()
+def prompt_gate_mix(model, tokenizer, messages: list[dict]) -> list[float]:
+    """The router's mean gate per head over the prompt's tokens, averaged across modules."""
+    layers = hydra_layers(model)
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+    for layer in layers.values():
+        layer.gate_sink = []
+    try:
+        model(input_ids=ids, use_cache=False)
+        per_module = [layer.gate_sink[-1].float().mean(dim=(0, 1)) for layer in layers.values()]  # each (N,)
+    finally:
+        for layer in layers.values():
+            layer.gate_sink = None
+    return torch.stack(per_module).mean(dim=0).tolist()
+
+
+def stream_answer(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float, on_text) -> str:
+    """Generates one answer, calling on_text(piece) as tokens arrive; returns the whole answer."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    kwargs = dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+        use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        streamer=streamer, **sampling,
+    )
+    worker = Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs), daemon=True)
+    worker.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        on_text(piece)
+    worker.join()
+    return "".join(pieces).strip()

@@ -1,0 +1,107 @@
+"""The HydraLoRA layer: one shared A, N stacked B heads and a per-token router.
+
+    y = W0·x + (alpha / r) · Σ_i g_i(x) · B_i · A · dropout(x)      g(x) = softmax(W_router · x)
+
+Like PEFT's LoRA layer, it *wraps* the base layer (`self.base_layer`) instead of copying its
+weight, so the same code serves `nn.Linear` and bitsandbytes `Linear4bit` (see `quant.py`).
+
+The heads are applied with one matmul: h = A·x is computed once, scaled by each gate, and the
+`(B, T, N·r)` result is multiplied by the heads concatenated into `(N·r, out)`. A
+`(B, T, N, out)` tensor is never built (DESIGN.md section 1 has the timings).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_INITS = ("zero", "random")
+
+
+class HydraLoRALinear(nn.Module):
+    """Wraps a linear layer with a HydraLoRA branch; only the branch is trainable."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int,
+        alpha: float,
+        num_heads: int,
+        dropout: float = 0.0,
+        head_init: str = "zero",
+    ) -> None:
+        super().__init__()
+        if rank < 1 or num_heads < 1:
+            raise ValueError(f"rank and num_heads must be >= 1, got {rank} and {num_heads}")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+        self.base_layer = base_layer
+        self.in_features = int(base_layer.in_features)
+        self.out_features = int(base_layer.out_features)
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.num_heads = num_heads
+        self.scaling = self.alpha / rank
+        self.head_init = head_init
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Adapter weights live in float32 (master copy); autocast runs the matmuls in bf16.
+        self.hydra_A = nn.Parameter(torch.empty(rank, self.in_features))  # (r, in)
+        self.hydra_B = nn.Parameter(torch.empty(num_heads, self.out_features, rank))  # (N, out, r)
+        self.hydra_router = nn.Parameter(torch.empty(num_heads, self.in_features))  # (N, in)
+        # When a list, forward() appends the float32 gates (B, T, N) it computed; used to
+        # measure per-cluster mean gates after training.
+        self.gate_sink: list[torch.Tensor] | None = None
+        self.reset_adapter_parameters()
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def reset_adapter_parameters(self) -> None:
+        """Reference init: A and router kaiming-uniform(a=√5), heads zero (or random, R-LoRA)."""
+        nn.init.kaiming_uniform_(self.hydra_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.hydra_router, a=math.sqrt(5))
+        if self.head_init == "zero":
+            nn.init.zeros_(self.hydra_B)
+        else:
+            # R-LoRA: distinct random heads so they do not start identical; small enough that
+            # the adapted model starts close to the base.
+            bound = 1.0 / math.sqrt(self.rank) * 1e-2
+            nn.init.uniform_(self.hydra_B, -bound, bound)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token head weights, computed in float32 on the raw input. (..., in) -> (..., N)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.hydra_router.float())  # (B, T, N)
+            return torch.softmax(logits, dim=-1)
+
+    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The HydraLoRA branch alone. (B, T, in) -> (B, T, out)."""
+        gates = self.gates(x)  # (B, T, N) float32
+        if self.gate_sink is not None:
+            self.gate_sink.append(gates.detach())
+        compute_dtype = _compute_dtype(x, self.hydra_A)
+        h = F.linear(self.dropout(x).to(compute_dtype), self.hydra_A.to(compute_dtype))  # (B, T, r)
+        gated = (gates.to(compute_dtype).unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # (B, T, N·r)
+        # (N, out, r) -> (N, r, out) -> (N·r, out): row n·r + j of B_cat is head n, column j.
+        heads_cat = self.hydra_B.to(compute_dtype).transpose(1, 2).reshape(-1, self.out_features)
+        return (gated @ heads_cat) * self.scaling  # (B, T, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = self.base_layer(x)
+        return base_out + self.adapter_delta(x).to(base_out.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.rank}, "
+            f"heads={self.num_heads}, alpha={self.alpha:g}, head_init={self.head_init}"
+        )
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the branch's matmuls run in: autocast's when active, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.dtype.is_floating_point else weight.dtype

@@ -1,0 +1,89 @@
+"""Loading the base model and its tokenizer: the `tiny` preset, a local folder or a Hub id."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra_edge.errors import UserError
+from hydra_edge.tiny import TINY_NAME, tiny_model_dir
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass
+class BaseModel:
+    model: object  # transformers PreTrainedModel
+    tokenizer: object  # transformers PreTrainedTokenizerBase
+    reference: str  # what the user named: "tiny", a Hub id or a path
+    resolved: str  # the folder or Hub id actually loaded
+    quant: str
+
+
+def resolve_model_reference(reference: str) -> str:
+    """`tiny` -> the cached preset folder; an existing folder -> itself; a Hub id -> itself."""
+    if reference == TINY_NAME:
+        return str(tiny_model_dir())
+    path = Path(reference).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"--model {reference}: folder has no config.json; point it at a Hugging Face "
+                "model folder (save_pretrained output)"
+            )
+        return str(path.resolve())
+    looks_like_path = reference.startswith((".", "/", "~")) or reference.count("/") > 1
+    if looks_like_path or not HUB_ID.match(reference):
+        raise UserError(
+            f"--model {reference}: no such folder; use tiny, a Hugging Face model id "
+            "(e.g. Qwen/Qwen2.5-0.5B-Instruct) or the path of a downloaded model"
+        )
+    return reference
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base(
+    reference: str,
+    quant: str = "nf4",
+    gradient_checkpointing: bool = False,
+    device: str | None = None,
+    dtype: str = "bf16",
+) -> BaseModel:
+    """Loads the base, quantized with bitsandbytes unless quant == "none".
+
+    dtype is the dtype of the non-quantized weights ("bf16" or "fp32").
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hydra_edge.quant import bnb_config
+
+    resolved = resolve_model_reference(reference)
+    device = device or pick_device()
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved,
+            quantization_config=bnb_config(quant),
+            dtype=torch_dtype,
+            device_map={"": device},
+        )
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"--model {reference}: could not be loaded ({first_line}); check the id or path, "
+            "and for a Hub id that it was downloaded (no internet here?)"
+        ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return BaseModel(model, tokenizer, reference, resolved, quant)

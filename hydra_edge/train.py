@@ -1,0 +1,235 @@
+"""The training loop, readable top to bottom (torchtune-style), on `accelerate`.
+
+One optimizer step = `grad_accum` micro-batches. The data order is a pure function of
+(seed, epoch), so the data position is just the step number and a resumed run sees exactly
+the batches an uninterrupted one would. A step whose loss or gradient norm is not finite is
+skipped (parameters unchanged); `max_bad_steps` of them in a row abort the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hydra_edge.checkpoint import load_checkpoint, save_checkpoint
+from hydra_edge.data import Sample, collate
+from hydra_edge.errors import TrainingDiverged
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingStopped(Exception):
+    """SIGINT/SIGTERM arrived; a resumable checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+@dataclass
+class LoopSettings:
+    total_steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    max_grad_norm: float
+    seed: int
+    save_every: int
+    max_bad_steps: int
+
+
+def steps_for(num_samples: int, batch_size: int, grad_accum: int, epochs: float, num_processes: int = 1) -> int:
+    """Optimizer steps that make `epochs` passes over the data."""
+    per_process = math.ceil(num_samples / num_processes)
+    micro_batches_per_epoch = math.ceil(per_process / batch_size)
+    return max(1, math.ceil(epochs * micro_batches_per_epoch / grad_accum))
+
+
+def epoch_batches(samples: list[Sample], epoch: int, seed: int, batch_size: int, rank: int, world: int) -> list[list[Sample]]:
+    """This process's micro-batches for one epoch: a seeded permutation, sharded by rank."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(samples), generator=generator).tolist()
+    mine = [samples[i] for i in order[rank::world]]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def compute_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over the label tokens of one micro-batch (HF shifts the labels)."""
+    return model(**batch).loss
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train_loop(
+    model,
+    samples: list[Sample],
+    settings: LoopSettings,
+    out_dir: Path,
+    pad_id: int,
+    mixed_precision: str,
+    resume_from: Path | None = None,
+    run_state: dict | None = None,
+    on_step=None,
+) -> dict:
+    """Trains the model's trainable parameters in place; returns a summary.
+
+    on_step(step, model, skipped) is called after every optimizer step (tests use it).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, settings.warmup_steps, settings.total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step, bad_in_a_row, skipped_total = 0, 0, 0
+    metrics_path = out_dir / METRICS_FILE
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        start_step, bad_in_a_row, skipped_total = state["step"], state["bad_in_a_row"], state["skipped_total"]
+        _truncate_metrics(metrics_path, start_step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_epoch = epoch_batches(samples, 0, settings.seed, settings.batch_size, rank, world)
+    micro_per_epoch = len(per_epoch)
+    cached_epoch = {0: per_epoch}
+    device = accelerator.device
+    run_start = time.perf_counter()
+    bar = tqdm(
+        total=settings.total_steps, initial=start_step, desc="train", unit="step",
+        disable=not accelerator.is_main_process, dynamic_ncols=True, file=sys.stderr,
+    )
+
+    def save(step: int) -> Path:
+        trainer_state = {"bad_in_a_row": bad_in_a_row, "skipped_total": skipped_total, **(run_state or {})}
+        return save_checkpoint(out_dir, step, accelerator.unwrap_model(model), optimizer, scheduler, trainer_state)
+
+    step = start_step
+    last_loss = float("nan")
+    with _StopFlag() as stop, open(metrics_path, "a", encoding="utf-8") as metrics:
+        while step < settings.total_steps:
+            model.train()
+            step_start = time.perf_counter()
+            losses, tokens = [], 0
+            for micro in range(settings.grad_accum):
+                epoch, within = divmod(step * settings.grad_accum + micro, micro_per_epoch)
+                if epoch not in cached_epoch:
+                    cached_epoch.clear()
+                    cached_epoch[epoch] = epoch_batches(samples, epoch, settings.seed, settings.batch_size, rank, world)
+                batch = {k: v.to(device) for k, v in collate(cached_epoch[epoch][within], pad_id).items()}
+                tokens += int(batch["attention_mask"].sum())
+                sync = micro == settings.grad_accum - 1
+                with accelerator.autocast(), (accelerator.no_sync(model) if not sync and world > 1 else _null()):
+                    loss = compute_loss(model, batch)
+                    accelerator.backward(loss / settings.grad_accum)
+                losses.append(loss.detach().float())
+            loss_value = float(torch.stack(losses).mean())
+            if settings.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(params, settings.max_grad_norm))
+            else:
+                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+            lr_now = scheduler.get_last_lr()[0]
+            if skipped:
+                bad_in_a_row += 1
+                skipped_total += 1
+            else:
+                optimizer.step()
+                bad_in_a_row = 0
+                last_loss = loss_value
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            elapsed = time.perf_counter() - step_start
+            row = {
+                "step": step, "loss": loss_value, "lr": lr_now, "grad_norm": grad_norm,
+                "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9), "step_time_s": elapsed,
+                "elapsed_s": time.perf_counter() - run_start, "epoch": (step * settings.grad_accum) / micro_per_epoch,
+                "skipped": skipped,
+            }
+            if accelerator.is_main_process:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if on_step is not None:
+                on_step(step, accelerator.unwrap_model(model), skipped)
+            if bad_in_a_row >= settings.max_bad_steps:
+                bar.close()
+                raise TrainingDiverged(
+                    f"step {step}: {bad_in_a_row} steps in a row had a non-finite loss or gradient; "
+                    "lower --lr or check the data (the last good checkpoint is kept)"
+                )
+            if stop.signum is not None:
+                bar.close()
+                raise TrainingStopped(stop.signum, step, save(step))
+            if settings.save_every and step % settings.save_every == 0 and step < settings.total_steps:
+                save(step)
+    bar.close()
+    final_checkpoint = save(step)
+    return {
+        "steps": step,
+        "final_loss": last_loss,
+        "skipped_steps": skipped_total,
+        "train_time_s": time.perf_counter() - run_start,
+        "checkpoint": str(final_checkpoint),
+    }
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drops metric rows past the checkpoint, so a resumed run's log has each step once."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
