@@ -14,3 +14,13 @@ class UserError(Exception):
 
 class TrainingDiverged(UserError):
     """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class TrainingStopped(Exception):
+    """SIGINT/SIGTERM arrived during training; a resumable checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint) -> None:
+        import signal
+
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint

@@ -18,6 +18,7 @@ from hydra_edge.clustering import fit_clusters, load_clusters, save_clusters, su
 from hydra_edge.config import FinetuneConfig
 from hydra_edge.data import read_records, tokenize_records
 from hydra_edge.errors import UserError
+from hydra_edge.models import resolve_model_reference
 from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN, TINY_NAME
 
 RUN_CONFIG = "run_config.json"
@@ -64,8 +65,10 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     out = Path(config.out)
     started = time.perf_counter()
 
-    # 1. Data, validated before any model is loaded.
+    # 1. Model reference and data, validated before any model is loaded.
     is_tiny = config.model == TINY_NAME
+    if not is_tiny:
+        resolve_model_reference(config.model)
     data_files = config.data or ([str(DEMO_TRAIN)] if is_tiny else [])
     if not data_files:
         raise UserError("--data: no training file given; pass --data FILE.jsonl (the demo data is for --model tiny)")

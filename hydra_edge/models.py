@@ -65,6 +65,7 @@ def load_base(
     from hydra_edge.quant import bnb_config
 
     resolved = resolve_model_reference(reference)
+    _quiet_loading()
     device = device or pick_device()
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     try:
@@ -84,6 +85,22 @@ def load_base(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}  # frozen inputs: the reentrant variant would get no grads
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     return BaseModel(model, tokenizer, reference, resolved, quant)
+
+
+def _quiet_loading() -> None:
+    """Hides per-tensor loading bars and the notice about bitsandbytes' optional fused CPU
+    kernel (fetched from a model hub, which hydra-edge never does; the plain path is used)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -5,9 +5,6 @@ bitsandbytes is imported inside the functions, so `import hydra_edge` stays fast
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 QUANT_CHOICES = ("nf4", "fp4", "none")
 
 
@@ -15,6 +12,7 @@ def bnb_config(quant: str):
     """The `BitsAndBytesConfig` for `--quant nf4|fp4` (double quant, bf16 compute), or None."""
     if quant == "none":
         return None
+    import torch
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -25,12 +23,12 @@ def bnb_config(quant: str):
     )
 
 
-def is_linear4bit(module: nn.Module) -> bool:
+def is_linear4bit(module) -> bool:
     """True for a bitsandbytes `Linear4bit` (checked by name so bitsandbytes is not imported)."""
     return any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__)
 
 
-def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+def dequantized_weight(layer):
     """The weight a layer really multiplies by: NF4/FP4 weights dequantized, others as is.
 
     (out, in). The export base and the merge math use this, not the original checkpoint.

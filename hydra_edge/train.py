@@ -20,17 +20,9 @@ import torch
 
 from hydra_edge.checkpoint import load_checkpoint, save_checkpoint
 from hydra_edge.data import Sample, collate
-from hydra_edge.errors import TrainingDiverged
+from hydra_edge.errors import TrainingDiverged, TrainingStopped
 
 METRICS_FILE = "metrics.jsonl"
-
-
-class TrainingStopped(Exception):
-    """SIGINT/SIGTERM arrived; a resumable checkpoint was saved."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 @dataclass
@@ -115,7 +107,6 @@ def train_loop(
     on_step(step, model, skipped) is called after every optimizer step (tests use it).
     """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -138,10 +129,7 @@ def train_loop(
     cached_epoch = {0: per_epoch}
     device = accelerator.device
     run_start = time.perf_counter()
-    bar = tqdm(
-        total=settings.total_steps, initial=start_step, desc="train", unit="step",
-        disable=not accelerator.is_main_process, dynamic_ncols=True, file=sys.stderr,
-    )
+    bar = _progress(settings.total_steps, start_step, accelerator.is_main_process)
 
     def save(step: int) -> Path:
         trainer_state = {"bad_in_a_row": bad_in_a_row, "skipped_total": skipped_total, **(run_state or {})}
@@ -193,8 +181,7 @@ def train_loop(
             if accelerator.is_main_process:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(row)
             if on_step is not None:
                 on_step(step, accelerator.unwrap_model(model), skipped)
             if bad_in_a_row >= settings.max_bad_steps:
@@ -217,6 +204,40 @@ def train_loop(
         "train_time_s": time.perf_counter() - run_start,
         "checkpoint": str(final_checkpoint),
     }
+
+
+class _progress:
+    """A tqdm bar on a terminal (step, loss, lr, tokens/s, ETA); plain lines when piped."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.total, self.enabled, self.started, self.first = total, enabled, time.perf_counter(), initial
+        self.every = max(1, total // 20)
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            return
+        step = row["step"]
+        if step % self.every == 0 or step == self.total:
+            done = step - self.first
+            eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
+            print(
+                f"train: step {step}/{self.total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                f"tokens/s {row['tokens_per_s']:.0f} eta {eta:.0f}s",
+                file=sys.stderr, flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _null:

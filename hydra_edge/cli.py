@@ -1,0 +1,198 @@
+"""The `hydra-edge` command line (Typer).
+
+Heavy imports happen inside the commands so `hydra-edge --help` answers at once. Every error
+a user can cause ends as one line on stderr with exit code 2 (see `main`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from hydra_edge.config import FinetuneConfig, build_config, config_fields, read_yaml_config
+from hydra_edge.errors import TrainingStopped, UserError
+
+app = typer.Typer(
+    name="hydra-edge",
+    help="Fine-tune language models with HydraLoRA on a 4-bit base, then evaluate and chat.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _help(name: str) -> str:
+    return config_fields()[name].metadata["help"]
+
+
+def _opt(name: str, *flags: str):
+    return typer.Option(None, *(flags or ("--" + name.replace("_", "-"),)), help=_help(name), show_default=False)
+
+
+@app.command()
+def finetune(
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file with any of these settings; flags override it."),
+    model: Optional[str] = _opt("model"),
+    data: Optional[list[str]] = _opt("data"),
+    eval_data: Optional[str] = _opt("eval_data"),
+    heads: Optional[str] = _opt("heads"),
+    max_k: Optional[int] = _opt("max_k"),
+    rank: Optional[int] = _opt("rank"),
+    alpha: Optional[float] = _opt("alpha"),
+    dropout: Optional[float] = _opt("dropout"),
+    head_init: Optional[str] = _opt("head_init"),
+    targets: Optional[str] = _opt("targets"),
+    quant: Optional[str] = _opt("quant"),
+    gradient_checkpointing: Optional[bool] = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing", help=_help("gradient_checkpointing"), show_default=False
+    ),
+    mixed_precision: Optional[str] = _opt("mixed_precision"),
+    seq_len: Optional[int] = _opt("seq_len"),
+    batch_size: Optional[int] = _opt("batch_size"),
+    grad_accum: Optional[int] = _opt("grad_accum"),
+    lr: Optional[float] = _opt("lr"),
+    weight_decay: Optional[float] = _opt("weight_decay"),
+    epochs: Optional[float] = _opt("epochs"),
+    max_steps: Optional[int] = _opt("max_steps"),
+    warmup: Optional[float] = _opt("warmup"),
+    max_grad_norm: Optional[float] = _opt("max_grad_norm"),
+    seed: Optional[int] = _opt("seed"),
+    out: Optional[str] = _opt("out"),
+    save_every: Optional[int] = _opt("save_every"),
+    resume: Optional[bool] = typer.Option(None, "--resume", help=_help("resume"), show_default=False),
+    max_bad_steps: Optional[int] = _opt("max_bad_steps"),
+    max_new_tokens: Optional[int] = _opt("max_new_tokens"),
+) -> None:
+    """Train a HydraLoRA adapter. With no arguments: the tiny preset on the bundled demo data."""
+    cli_settings = {k: v for k, v in locals().items() if k != "config" and v is not None}
+    if "data" in cli_settings and not cli_settings["data"]:
+        del cli_settings["data"]
+    yaml_settings = read_yaml_config(config) if config else {}
+    settings = build_config(yaml_settings, cli_settings)
+    explicit = set(yaml_settings) | set(cli_settings)
+
+    from hydra_edge.finetune import run_finetune
+
+    result = run_finetune(settings, explicit)
+    train = result["train"]
+    print(f"trained {train['steps']} steps in {train['train_time_s']:.1f}s; final loss {train['final_loss']:.4f}; adapter: {result['adapter']}")
+    if "eval" in result:
+        scores = result["eval"]
+        em = scores["exact_match"]
+        em_text = "n/a" if em is None else f"{100 * em:.1f}%"
+        print(f"held-out: exact-match {em_text} on {scores['n']} rows, loss {scores['loss']:.4f}, perplexity {scores['perplexity']:.2f}")
+    print(f"total time {result['total_time_s']:.1f}s")
+
+
+def _print_scores(scores: dict) -> None:
+    def em(v):
+        return "   n/a" if v is None else f"{100 * v:5.1f}%"
+
+    print(f"{'cluster':>8} {'n':>5} {'loss':>8} {'ppl':>9} {'exact':>7}")
+    for c, s in scores["per_cluster"].items():
+        print(f"{c:>8} {s['n']:>5} {s['loss']:>8.4f} {s['perplexity']:>9.2f} {em(s['exact_match']):>7}")
+    print(f"{'all':>8} {scores['n']:>5} {scores['loss']:>8.4f} {scores['perplexity']:>9.2f} {em(scores['exact_match']):>7}")
+
+
+@app.command("eval")
+def eval_command(
+    adapter: str = typer.Option(..., "--adapter", help="Adapter folder (the --out of finetune)."),
+    data: str = typer.Option(..., "--data", help="Held-out .jsonl/.json file ('messages' or 'text' rows)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: loss, perplexity, exact_match, n, per_cluster."),
+    model: Optional[str] = typer.Option(None, "--model", help="Load the adapter onto this base instead of the one it names."),
+    seq_len: int = typer.Option(1024, "--seq-len", min=1, help="Truncate rows to this many tokens for the loss."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens generated per row for exact-match."),
+) -> None:
+    """Score an adapter: loss, perplexity and exact-match, overall and per cluster."""
+    from hydra_edge.data import read_records
+    from hydra_edge.evaluate import evaluate
+    from hydra_edge.inference import load_trained
+
+    records = read_records(data)
+    trained = load_trained(adapter, model)
+    scores = evaluate(trained.model, trained.tokenizer, records, trained.clusters, seq_len, max_new_tokens)
+    if as_json:
+        print(json.dumps(scores))
+    else:
+        _print_scores(scores)
+
+
+@app.command()
+def chat(
+    adapter: str = typer.Option(..., "--adapter", help="Adapter folder (the --out of finetune)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Answer this one prompt and exit (answer on stdout, routing on stderr)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    model: Optional[str] = typer.Option(None, "--model", help="Load the adapter onto this base instead of the one it names."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+) -> None:
+    """Chat with an adapter; tokens stream as they are generated and the routed cluster is shown."""
+    from hydra_edge.inference import load_trained, prompt_gate_mix, stream_answer
+
+    trained = load_trained(adapter, model)
+    history = [{"role": "system", "content": system}] if system else []
+
+    def answer(text: str) -> None:
+        messages = history + [{"role": "user", "content": text}]
+        cluster = int(trained.clusters.assign([text])[0])
+        mix = prompt_gate_mix(trained.model, trained.tokenizer, messages)
+        reply = stream_answer(
+            trained.model, trained.tokenizer, messages, max_new_tokens, temperature, top_p,
+            lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+        )
+        sys.stdout.write("\n")
+        gates = " ".join(f"h{i}={g:.2f}" for i, g in enumerate(mix))
+        print(f"[cluster {cluster} | gates {gates}]", file=sys.stderr, flush=True)
+        history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
+
+    if prompt is not None:
+        answer(prompt)
+        return
+    print("hydra-edge chat: type a message; /reset clears the history, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if text.strip() in ("/exit", "/quit"):
+            return
+        if text.strip() == "/reset":
+            del history[len([m for m in history if m["role"] == "system"]):]
+            continue
+        if text.strip():
+            answer(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: turns user errors into one line + exit 2, and a stop into its signal code."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = typer.main.get_command(app)
+    usage_error = typer.BadParameter.__base__  # the UsageError of the click that typer uses
+    try:
+        code = command.main(args=args or ["--help"], prog_name="hydra-edge", standalone_mode=False)
+    except usage_error as exc:
+        print(f"hydra-edge: error: {exc.format_message().rstrip('.')}; see --help", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("hydra-edge: aborted", file=sys.stderr)
+        sys.exit(130)
+    except UserError as exc:
+        print(f"hydra-edge: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as exc:
+        print(
+            f"hydra-edge: {exc}; checkpoint saved to {exc.checkpoint}. Continue with: hydra-edge finetune --out "
+            f"{exc.checkpoint.parent.parent} --resume",
+            file=sys.stderr,
+        )
+        sys.exit(128 + exc.signum)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+__all__ = ["app", "main", "FinetuneConfig"]

@@ -1,0 +1,38 @@
+"""Shared fixtures: one hydra-edge home per test session, so the tiny preset is built once."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HOME = tempfile.mkdtemp(prefix="hydra-edge-test-home-")
+os.environ["HYDRA_EDGE_HOME"] = _HOME
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `python -m hydra_edge ARGS` in a subprocess, as a user would from a shell."""
+    return subprocess.run(
+        [sys.executable, "-m", "hydra_edge", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy(),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from hydra_edge.tiny import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`hydra-edge finetune` with no arguments, run once: the embedded default end to end."""
+    cwd = tmp_path_factory.mktemp("demo")
+    result = run_cli("finetune", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "hydra-out", result

@@ -1,0 +1,170 @@
+"""The CLI end to end: the embedded default, the adapter contract, eval, chat and user errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+
+EVAL_KEYS = {"loss", "perplexity", "exact_match", "n", "per_cluster"}
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
+    assert "Traceback" not in result.stderr
+    assert len(lines) >= 1 and lines[-1].startswith("hydra-edge: error:"), result.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
+def test_default_finetune_learns_the_demo(demo_run):
+    out, result = demo_run
+    assert "held-out: exact-match" in result.stdout
+    scores = json.loads((out / "eval_results.json").read_text())
+    assert set(scores) == EVAL_KEYS
+    assert scores["exact_match"] >= 0.5, scores
+    assert scores["n"] == sum(c["n"] for c in scores["per_cluster"].values())
+
+
+def test_adapter_directory_contract(demo_run):
+    out, _ = demo_run
+    config = json.loads((out / "adapter_config.json").read_text())
+    for key in ("format_version", "base_model", "base_fingerprint", "quantization", "r", "alpha", "heads",
+                "dropout", "target_modules", "chat_template"):
+        assert key in config, key
+    assert config["quantization"] == "nf4" and config["base_model"] == "tiny"
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    r, n = config["r"], config["heads"]
+    assert len(weights) == 3 * len(config["target_modules"])
+    for module in config["target_modules"]:
+        a, b, router = (weights[f"{module}.hydra_{k}"] for k in ("A", "B", "router"))
+        assert a.shape[0] == r and b.shape[0] == n and b.shape[2] == r and router.shape == (n, a.shape[1])
+    assert all(m.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj") for m in config["target_modules"])
+    gates = load_file(str(out / "cluster_gates.safetensors"))
+    clusters = json.loads((out / "clusters.json").read_text())
+    assert len(gates) == clusters["k"] * len(config["target_modules"])
+    for value in gates.values():
+        assert value.shape == (n,) and abs(float(value.sum()) - 1) < 1e-4
+    assert (out / "clusters.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert {"loss", "lr", "tokens_per_s"} <= rows[0].keys()
+    assert not list(out.rglob("*.pkl")) and not list(out.rglob("*.bin"))
+
+
+def test_eval_json_matches_finetune_report(demo_run):
+    out, _ = demo_run
+    from hydra_edge.tiny import DEMO_EVAL
+
+    result = run_cli("eval", "--adapter", str(out), "--data", str(DEMO_EVAL), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads(result.stdout)
+    assert set(scores) == EVAL_KEYS
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert scores["exact_match"] == pytest.approx(saved["exact_match"], abs=0.03)
+    assert scores["n"] == saved["n"]
+
+
+def test_untrained_base_scores_zero(demo_run):
+    """Zeroing every head gives the base model back; it knows none of the demo's answers."""
+    out, _ = demo_run
+    from hydra_edge.data import read_records
+    from hydra_edge.evaluate import evaluate
+    from hydra_edge.inference import load_trained
+    from hydra_edge.tiny import DEMO_EVAL
+
+    trained = load_trained(out, device="cpu")
+    for name, param in trained.model.named_parameters():
+        if name.endswith("hydra_B"):
+            param.data.zero_()
+    scores = evaluate(trained.model, trained.tokenizer, read_records(DEMO_EVAL)[:20], trained.clusters, 128, 8)
+    assert scores["exact_match"] == 0.0
+
+
+def test_chat_prompt_answer_on_stdout_routing_on_stderr(demo_run):
+    out, _ = demo_run
+    result = run_cli("chat", "--adapter", str(out), "--prompt", "What is the capital of France?", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "Paris"
+    assert "[cluster " in result.stderr and "gates h0=" in result.stderr
+
+
+def test_adapter_on_a_different_base_is_refused(demo_run, tmp_path):
+    out, _ = demo_run
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hydra_edge.tiny import tiny_model_dir
+
+    other = tmp_path / "other-base"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_dir()).save_pretrained(other)
+    from hydra_edge.tiny import DEMO_EVAL
+
+    result = run_cli("eval", "--adapter", str(out), "--data", str(DEMO_EVAL), "--model", str(other))
+    assert_one_line_error(result, "fingerprint", str(other))
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["finetune", "--model", "./no/such/model", "--data", "x.jsonl"], "--model ./no/such/model"),
+        (["finetune", "--data", "missing.jsonl"], "--data missing.jsonl"),
+        (["finetune", "--rank", "abc"], "--rank"),
+        (["finetune", "--rank", "0"], "--rank"),
+        (["finetune", "--heads", "many"], "--heads"),
+        (["finetune", "--quant", "int3"], "--quant"),
+        (["finetune", "--targets", "nothing_like_this"], "--targets"),
+        (["finetune", "--no-such-flag"], "--no-such-flag"),
+        (["eval", "--adapter", "no-such-dir", "--data", "x.jsonl"], "x.jsonl"),
+        (["chat", "--adapter", "no-such-dir", "--prompt", "hi"], "--adapter no-such-dir"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(args, needle, tmp_path):
+    result = run_cli(*args, cwd=tmp_path)
+    assert_one_line_error(result, needle)
+
+
+def test_bad_data_line_is_named(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "also fine"}\n{not json\n')
+    result = run_cli("finetune", "--data", str(data), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert_one_line_error(result, f"{data}:3")
+
+
+def test_existing_run_is_not_overwritten(demo_run):
+    out, _ = demo_run
+    before = (out / "adapter_model.safetensors").read_bytes()
+    result = run_cli("finetune", "--out", str(out), "--max-steps", "1")
+    assert_one_line_error(result, "--resume")
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_yaml_config_with_flag_override(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 3\nheads: 2\nrank: 4\nquant: none\nseq-len: 64\n")
+    result = run_cli("finetune", "--config", str(config), "--rank", "2", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    adapter = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and adapter["heads"] == 2 and adapter["quantization"] == "none"
+    assert len((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_yaml_unknown_key_is_named(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 3\nlearning_rate: 0.1\n")
+    assert_one_line_error(run_cli("finetune", "--config", str(config)), "learning_rate")
+    config.write_text("rank: eight\n")
+    assert_one_line_error(run_cli("finetune", "--config", str(config)), "rank")
+
+
+def test_help_is_fast_and_module_entry_works():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "finetune" in result.stdout
+    result = run_cli("finetune", "--help")
+    assert "--heads" in result.stdout and "--resume" in result.stdout

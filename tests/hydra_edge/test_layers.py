@@ -1,0 +1,136 @@
+"""The HydraLoRA math: invariants against the base, PEFT's LoRA and a naive per-head loop."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from hydra_edge.layers import HydraLoRALinear
+
+IN, OUT, R = 32, 48, 4
+
+
+def naive_forward(layer: HydraLoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The reference implementation: one matmul per head, in a Python loop."""
+    gates = torch.softmax(x.float() @ layer.hydra_router.float().T, dim=-1)  # (B, T, N)
+    h = x @ layer.hydra_A.T  # (B, T, r)
+    delta = sum(gates[..., i : i + 1] * (h @ layer.hydra_B[i].T) for i in range(layer.num_heads))
+    return layer.base_layer(x) + layer.scaling * delta
+
+
+def randomize_heads(layer: HydraLoRALinear, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.hydra_B.copy_(torch.randn(layer.hydra_B.shape, generator=g) * 0.1)
+
+
+@pytest.fixture
+def linear():
+    torch.manual_seed(0)
+    return nn.Linear(IN, OUT)
+
+
+@pytest.fixture
+def nf4_linear(tiny_dir):
+    """A real bitsandbytes Linear4bit (NF4, double quant) taken from the tiny preset."""
+    from hydra_edge.models import load_base
+
+    base = load_base("tiny", quant="nf4", device="cpu")
+    layer = base.model.model.layers[0].mlp.up_proj
+    assert type(layer).__name__ == "Linear4bit"
+    return layer
+
+
+def test_zero_heads_equal_base_exactly(linear):
+    x = torch.randn(2, 5, IN)
+    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3)
+    assert torch.equal(layer(x), linear(x))
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 4])
+def test_batched_heads_equal_naive_loop(linear, num_heads):
+    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=num_heads)
+    randomize_heads(layer)
+    x = torch.randn(3, 7, IN)
+    assert_close(layer(x), naive_forward(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def peft_lora_output(base: nn.Module, A: torch.Tensor, B: torch.Tensor, alpha: float, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's LoRA (the test-only reference) on a copy of base, with the given A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    wrapper = nn.Sequential()
+    wrapper.add_module("proj", base)
+    peft_model = get_peft_model(wrapper, LoraConfig(r=A.shape[0], lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0))
+    lora_layer = peft_model.base_model.model.proj
+    with torch.no_grad():
+        lora_layer.lora_A["default"].weight.copy_(A)
+        lora_layer.lora_B["default"].weight.copy_(B)
+    peft_model.eval()
+    return peft_model(x)
+
+
+def test_one_head_equals_peft_lora(linear):
+    layer = HydraLoRALinear(copy.deepcopy(linear), R, alpha=16, num_heads=1)
+    randomize_heads(layer)
+    x = torch.randn(2, 6, IN)
+    expected = peft_lora_output(copy.deepcopy(linear), layer.hydra_A.detach(), layer.hydra_B[0].detach(), 16, x)
+    assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_nf4_zero_heads_equal_base(nf4_linear):
+    x = torch.randn(2, 5, nf4_linear.in_features, dtype=torch.bfloat16)
+    expected = nf4_linear(x)
+    layer = HydraLoRALinear(nf4_linear, R, alpha=16, num_heads=3)
+    assert layer.base_layer is nf4_linear  # wrapped, not copied
+    assert torch.equal(layer(x), expected)
+
+
+def test_nf4_batched_heads_equal_naive_loop(nf4_linear):
+    layer = HydraLoRALinear(nf4_linear, R, alpha=16, num_heads=4)
+    randomize_heads(layer)
+    x = torch.randn(2, 5, nf4_linear.in_features)
+    assert_close(layer(x).float(), naive_forward(layer, x).float(), atol=1e-4, rtol=1e-4)
+
+
+def test_nf4_one_head_equals_peft_lora(nf4_linear):
+    layer = HydraLoRALinear(nf4_linear, R, alpha=16, num_heads=1)
+    randomize_heads(layer)
+    x = torch.randn(2, 5, nf4_linear.in_features)
+    ours = layer(x).float()
+    expected = peft_lora_output(nf4_linear, layer.hydra_A.detach(), layer.hydra_B[0].detach(), 16, x).float()
+    assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_gates_are_float32_and_sum_to_one(linear):
+    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3)
+    x = torch.randn(2, 4, IN, dtype=torch.bfloat16)
+    gates = layer.gates(x)
+    assert gates.dtype == torch.float32 and gates.shape == (2, 4, 3)
+    assert_close(gates.sum(-1), torch.ones(2, 4))
+
+
+def test_only_adapter_parameters_train(linear):
+    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=2, dropout=0.1)
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"hydra_A", "hydra_B", "hydra_router"}
+    randomize_heads(layer)
+    layer(torch.randn(2, 3, IN)).sum().backward()
+    assert linear.weight.grad is None
+    assert all(getattr(layer, n).grad is not None for n in trainable)
+
+
+def test_random_head_init_gives_distinct_heads(linear):
+    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3, head_init="random")
+    assert not torch.equal(layer.hydra_B[0], layer.hydra_B[1])
+    assert layer.hydra_B.abs().max() > 0
+
+
+def test_dropout_only_on_adapter_path(linear):
+    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=2, dropout=0.5)
+    x = torch.randn(2, 3, IN)
+    layer.train()
+    # With zero heads the output is the base's, whatever dropout does to the A path.
+    assert torch.equal(layer(x), linear(x))

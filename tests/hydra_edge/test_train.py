@@ -1,0 +1,111 @@
+"""The training loop: the non-finite guard, and stop-by-signal + resume equals one straight run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hydra_edge.train as train_module
+from hydra_edge.adapter import adapter_state_dict
+from hydra_edge.config import build_config
+from hydra_edge.errors import TrainingDiverged
+from hydra_edge.finetune import run_finetune
+
+# fp32 end to end (no quantization, no autocast, no dropout) so runs are bit-comparable.
+FP32 = {"quant": "none", "mixed_precision": "no", "dropout": 0.0, "heads": "2", "batch_size": 4, "seq_len": 64}
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in adapter_state_dict(model).items()}
+
+
+def test_non_finite_loss_leaves_parameters_unchanged(tmp_path, monkeypatch):
+    bad_step = 3
+    calls = {"n": 0}
+    real_loss = train_module.compute_loss
+
+    def loss_with_nan(model, batch):
+        calls["n"] += 1
+        loss = real_loss(model, batch)
+        return loss * float("nan") if calls["n"] == bad_step else loss
+
+    monkeypatch.setattr(train_module, "compute_loss", loss_with_nan)
+    seen = {}
+
+    def on_step(step, model, skipped):
+        seen[step] = (snapshot(model), skipped)
+
+    config = build_config({}, {**FP32, "out": str(tmp_path / "run"), "max_steps": 5, "grad_accum": 1})
+    result = run_finetune(config, on_step=on_step)
+    assert result["train"]["skipped_steps"] == 1
+    assert seen[bad_step][1] is True and seen[bad_step - 1][1] is False
+    for key, before in seen[bad_step - 1][0].items():
+        assert torch.equal(seen[bad_step][0][key], before), key
+    # and the steps around it did change the parameters
+    assert any(not torch.equal(seen[bad_step + 1][0][k], v) for k, v in seen[bad_step][0].items())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, False, True, False, False]
+
+
+def test_consecutive_non_finite_steps_abort(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "compute_loss", lambda model, batch: model(**batch).loss * float("inf"))
+    config = build_config({}, {**FP32, "out": str(tmp_path / "run"), "max_steps": 10, "max_bad_steps": 3})
+    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+        run_finetune(config)
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "hydra_edge", "finetune", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=os.environ.copy(), **kw,
+    )
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, tiny_dir):
+    steps = 30
+    flags = ["--quant", "none", "--mixed-precision", "no", "--heads", "2", "--batch-size", "4", "--seq-len", "64",
+             "--max-steps", str(steps), "--save-every", "7", "--dropout", "0.1", "--grad-accum", "2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+
+    proc = _cli(*flags, "--out", str(stopped))
+    metrics = stopped / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "--resume" in err.splitlines()[-1]
+    stopped_at = len(metrics.read_text().splitlines())
+    assert 10 <= stopped_at < steps
+    assert (stopped / "checkpoints" / f"step-{stopped_at:06d}" / "trainer_state.json").is_file()
+
+    resumed = _cli("--out", str(stopped), "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+
+    full = _cli(*flags, "--out", str(straight))
+    _, err = full.communicate(timeout=600)
+    assert full.returncode == 0, err[-2000:]
+
+    assert _losses(stopped) == pytest.approx(_losses(straight), abs=1e-6)
+    assert len(_losses(stopped)) == steps
+    a = load_file(str(stopped / "adapter_model.safetensors"))
+    b = load_file(str(straight / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    assert not list((stopped / "checkpoints").glob(".tmp-*"))
