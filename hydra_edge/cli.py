@@ -78,6 +78,8 @@ def finetune(
     from hydra_edge.finetune import run_finetune
 
     result = run_finetune(settings, explicit)
+    if result.get("secondary_process"):
+        return
     train = result["train"]
     print(f"trained {train['steps']} steps in {train['train_time_s']:.1f}s; final loss {train['final_loss']:.4f}; adapter: {result['adapter']}")
     if "eval" in result:

@@ -20,7 +20,7 @@ from hydra_edge.errors import UserError
 
 CLUSTERS_JSON = "clusters.json"
 CLUSTERS_TENSORS = "clusters.safetensors"
-NGRAM_RANGE = (2, 4)
+NGRAM_RANGE = (1, 4)
 MAX_FEATURES = 20000
 SEED = 0
 

@@ -7,6 +7,7 @@ A YAML file gives the same keys (dashes or underscores); command-line flags over
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,8 @@ def config_fields() -> dict[str, dataclasses.Field]:
 def _check_type(name: str, value, annotation: str):
     """Checks a YAML value against the field's annotation; returns it (ints accepted as floats)."""
     hint = typing.get_type_hints(FinetuneConfig)[name]
-    allowed = typing.get_args(hint) or (hint,)
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(hint) if is_union else (hint,)
     if value is None and type(None) in allowed:
         return value
     for t in allowed:

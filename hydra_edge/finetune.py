@@ -61,7 +61,11 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     from hydra_edge.models import load_base
     from hydra_edge.train import LoopSettings, steps_for, train_loop
 
+    from accelerate import PartialState
+
+    process = PartialState(cpu=not torch.cuda.is_available())  # one per `accelerate launch` process
     config, resume_from = resolve_resume(config, explicit)
+    process.wait_for_everyone()  # every process checked --out before the main one writes to it
     out = Path(config.out)
     started = time.perf_counter()
 
@@ -83,9 +87,11 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         clusters = load_clusters(out)
         labels = clusters.assign([r.prompt_text for r in records])
     else:
+        # Deterministic, so every process gets the same clusters; the main one saves them.
         clusters, labels = fit_clusters([r.prompt_text for r in records], config.num_heads, config.max_k)
-        save_clusters(clusters, out)
-        atomic_write_text(out / RUN_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
+        if process.is_main_process:
+            save_clusters(clusters, out)
+            atomic_write_text(out / RUN_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
     for line in summary_lines(clusters):
         log(line)
     num_heads = clusters.k
@@ -118,6 +124,9 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         base.model, samples, settings, out, base.tokenizer.pad_token_id, config.mixed_precision,
         resume_from=resume_from, on_step=on_step,
     )
+
+    if not summary.pop("is_main_process"):
+        return {"train": summary, "adapter": str(out), "secondary_process": True}  # the main one writes
 
     # 5. The adapter, per-cluster gates, held-out score.
     adapter_config = {

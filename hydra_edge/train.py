@@ -119,9 +119,11 @@ def train_loop(
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
         start_step, bad_in_a_row, skipped_total = state["step"], state["bad_in_a_row"], state["skipped_total"]
-        _truncate_metrics(metrics_path, start_step)
-    elif metrics_path.exists():
+        if accelerator.is_main_process:
+            _truncate_metrics(metrics_path, start_step)
+    elif metrics_path.exists() and accelerator.is_main_process:
         metrics_path.unlink()
+    accelerator.wait_for_everyone()
 
     rank, world = accelerator.process_index, accelerator.num_processes
     per_epoch = epoch_batches(samples, 0, settings.seed, settings.batch_size, rank, world)
@@ -132,6 +134,10 @@ def train_loop(
     bar = _progress(settings.total_steps, start_step, accelerator.is_main_process)
 
     def save(step: int) -> Path:
+        """Every process reaches this; only the main one writes (DDP replicas are identical)."""
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return out_dir / "checkpoints" / f"step-{step:06d}"
         trainer_state = {"bad_in_a_row": bad_in_a_row, "skipped_total": skipped_total, **(run_state or {})}
         return save_checkpoint(out_dir, step, accelerator.unwrap_model(model), optimizer, scheduler, trainer_state)
 
@@ -203,6 +209,7 @@ def train_loop(
         "skipped_steps": skipped_total,
         "train_time_s": time.perf_counter() - run_start,
         "checkpoint": str(final_checkpoint),
+        "is_main_process": accelerator.is_main_process,
     }
 
 

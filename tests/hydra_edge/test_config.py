@@ -1,0 +1,51 @@
+"""Settings: YAML < flags < validation; the tiny preset only fills what nobody set."""
+
+import pytest
+
+from hydra_edge.config import TINY_PRESET_DEFAULTS, FinetuneConfig, build_config, read_yaml_config
+from hydra_edge.errors import UserError
+
+
+def test_flags_override_yaml_and_preset_fills_the_rest():
+    config = build_config({"lr": 0.01, "rank": 4}, {"rank": 2})
+    assert config.rank == 2 and config.lr == 0.01
+    assert config.max_steps == TINY_PRESET_DEFAULTS["max_steps"]
+
+
+def test_preset_does_not_apply_to_other_models():
+    config = build_config({}, {"model": "Qwen/Qwen2.5-0.5B-Instruct"})
+    assert config.lr == FinetuneConfig.lr and config.max_steps is None and config.seq_len == 1024
+
+
+def test_epochs_given_means_no_preset_step_count():
+    assert build_config({}, {"epochs": 2.0}).max_steps is None
+
+
+@pytest.mark.parametrize(
+    "settings, flag",
+    [({"rank": 0}, "--rank"), ({"dropout": 1.5}, "--dropout"), ({"heads": "0"}, "--heads"),
+     ({"quant": "int8"}, "--quant"), ({"lr": -1.0}, "--lr"), ({"mixed_precision": "fp8"}, "--mixed-precision")],
+)
+def test_bad_values_name_the_flag(settings, flag):
+    with pytest.raises(UserError, match=flag):
+        build_config({}, settings)
+
+
+def test_both_epochs_and_max_steps_refused():
+    with pytest.raises(UserError, match="not both"):
+        build_config({}, {"epochs": 1.0, "max_steps": 3})
+
+
+def test_yaml_types_and_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rank: 4\nalpha: 16\ndata: one.jsonl\nmax-steps: 10\n")
+    assert read_yaml_config(path) == {"rank": 4, "alpha": 16.0, "data": ["one.jsonl"], "max_steps": 10}
+    path.write_text("rank: [1]\n")
+    with pytest.raises(UserError, match="'rank'"):
+        read_yaml_config(path)
+    path.write_text("gradient_checkpointing: 3\n")
+    with pytest.raises(UserError, match="'gradient_checkpointing'"):
+        read_yaml_config(path)
+    path.write_text("rank: 4\n  bad indent: [\n")
+    with pytest.raises(UserError, match="invalid YAML"):
+        read_yaml_config(path)

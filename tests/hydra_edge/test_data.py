@@ -1,0 +1,104 @@
+"""Reading and rendering data: the loss mask covers assistant tokens only, problems name FILE:LINE."""
+
+import json
+
+import pytest
+
+from hydra_edge.data import IGNORE_INDEX, Record, read_records, tokenize_record, tokenize_records
+from hydra_edge.errors import UserError
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello there"},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_multi_turn_ids_and_loss_mask(tokenizer):
+    sample = tokenize_record(tokenizer, Record("t:1", messages=CONVERSATION), seq_len=512)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end == tokenizer.eos_token_id
+    # Hand-built expectation: the template's pieces, token by token.
+    expected_ids, expected_labels = [], []
+    for m in CONVERSATION:
+        header = encode(tokenizer, f"<|{m['role']}|>\n")
+        body = encode(tokenizer, m["content"]) + [end]
+        newline = encode(tokenizer, "\n")
+        expected_ids += header + body + newline
+        trained = m["role"] == "assistant"
+        expected_labels += [IGNORE_INDEX] * len(header) + (body if trained else [IGNORE_INDEX] * len(body)) + [IGNORE_INDEX] * len(newline)
+    assert sample.input_ids == expected_ids
+    assert sample.labels == expected_labels
+    learned = tokenizer.decode([t for t in sample.labels if t != IGNORE_INDEX])
+    assert learned == "Hello there<|end|>Paris<|end|>"
+
+
+def test_text_rows_learn_every_token_and_end_with_eos(tokenizer):
+    sample = tokenize_record(tokenizer, Record("t:1", text="plain text here"), seq_len=512)
+    assert sample.labels == sample.input_ids
+    assert sample.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_truncation_and_rows_left_without_targets(tokenizer):
+    long = Record("t:1", messages=[{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}])
+    sample = tokenize_record(tokenizer, long, seq_len=16)
+    assert sample.truncated and len(sample.input_ids) == 16
+    with pytest.raises(UserError, match="--seq-len 16"):
+        tokenize_records(tokenizer, [long], seq_len=16)
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no assistant turn"),
+        ('{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n', "unknown role 'robot'"),
+        ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}\n', "needs 'role' and 'content'"),
+        ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}\n', "non-empty string"),
+        ('{"text": 5}\n', "'text' must be a non-empty string"),
+        ('{"prompt": "x"}\n', "neither 'messages' nor 'text'"),
+        ('{"text": "ok"}\n{"text": "unterminated\n', "malformed JSON"),
+        ("[1, 2]\n", "expected a JSON object"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path, content, reason):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError) as err:
+        read_records(path)
+    line = content.count("\n") if "malformed" in reason else 1
+    assert str(err.value).startswith(f"{path}:{line}:") and reason in str(err.value)
+
+
+def test_file_level_problems(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match="empty"):
+        read_records(empty)
+    binary = tmp_path / "latin1.jsonl"
+    binary.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        read_records(binary)
+    with pytest.raises(UserError, match="unsupported file type"):
+        read_records(tmp_path / "x.csv" if (tmp_path / "x.csv").write_text("a") else None)
+
+
+def test_json_array_files(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"text": "a b"}, {"messages": CONVERSATION}]))
+    records = read_records(path)
+    assert [r.text for r in records] == ["a b", None]
+    assert records[1].reference_answer == "Paris"
+    assert records[1].prompt_text == "Be brief.\nHi\nCapital of France?"
