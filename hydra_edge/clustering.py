@@ -61,8 +61,21 @@ class ClusterModel:
 
     def top_terms(self, n: int = 8) -> list[list[str]]:
         """The heaviest n-grams of each centroid: a hint at what each cluster holds."""
-        inverse = {i: t for t, i in self.vocabulary.items()}
-        return [[inverse[i].strip() or inverse[i] for i in np.argsort(-row)[:n]] for row in self.centroids]
+        inverse = {i: t.strip() for t, i in self.vocabulary.items()}
+
+        def readable(term: str) -> bool:  # single Latin letters and spaces say nothing
+            return len(term) >= 2 or (len(term) == 1 and not term.isascii())
+
+        tops = []
+        for row in self.centroids:
+            terms = []
+            for i in np.argsort(-row):
+                if readable(inverse[int(i)]) and inverse[int(i)] not in terms:
+                    terms.append(inverse[int(i)])
+                if len(terms) == n:
+                    break
+            tops.append(terms)
+        return tops
 
 
 def elbow_k(inertia_by_k: dict[int, float]) -> int:

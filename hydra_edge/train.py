@@ -184,6 +184,8 @@ def train_loop(
                 "elapsed_s": time.perf_counter() - run_start, "epoch": (step * settings.grad_accum) / micro_per_epoch,
                 "skipped": skipped,
             }
+            if device.type == "cuda":
+                row["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             if accelerator.is_main_process:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
