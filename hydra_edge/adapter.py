@@ -130,24 +130,54 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], so
                 param.copy_(value.to(param.dtype))
 
 
-def base_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
-    """A cheap hash of the base weights: names, shapes, dtypes and a strided sample of values.
+def base_fingerprint(resolved: str, model: nn.Module, rows_per_tensor: int = 3) -> str:
+    """A cheap, device-independent hash of the base checkpoint's weights.
 
-    Computed before any adapter is injected (or skipping adapter parameters), on the weights
-    as loaded, so an NF4 base and its bf16 original have different fingerprints, as they
-    should: the adapter was trained against one of them.
+    Read from the checkpoint's safetensors files (names, shapes, dtypes and the first, middle
+    and last row of every tensor), so it does not depend on the device or on how the base was
+    quantized when loaded: the quantization is recorded beside it and reapplied on load.
+    Falls back to the loaded weights when the checkpoint has no safetensors files.
     """
     digest = hashlib.sha256()
+    files = _checkpoint_files(resolved)
+    if files:
+        from safetensors import safe_open
+
+        for path in files:
+            with safe_open(str(path), "pt") as f:
+                for name in sorted(f.keys()):
+                    part = f.get_slice(name)
+                    shape = part.get_shape()
+                    digest.update(f"{name}|{tuple(shape)}|{part.get_dtype()}|".encode())
+                    if not shape:
+                        rows = [f.get_tensor(name).reshape(1)]
+                    else:
+                        picks = sorted({0, shape[0] // 2, shape[0] - 1})[:rows_per_tensor]
+                        rows = [part[i : i + 1] for i in picks]
+                    for row in rows:
+                        digest.update(row.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return "st-" + digest.hexdigest()[:32]
     for name, tensor in sorted(model.state_dict().items()):
         if any(name.endswith(k) for k in ADAPTER_KEYS):
             continue
-        name = name.replace(".base_layer.", ".")
         flat = tensor.detach().reshape(-1)
-        stride = max(1, flat.numel() // samples_per_tensor)
-        sample = flat[::stride].cpu().contiguous().clone()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        sample = flat[:: max(1, flat.numel() // 4096)].cpu().contiguous().clone()
+        digest.update(f"{name.replace('.base_layer.', '.')}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(sample.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
+    return "sd-" + digest.hexdigest()[:32]
+
+
+def _checkpoint_files(resolved: str) -> list[Path]:
+    """The *.safetensors files of a local folder or of a Hub id already in the local cache."""
+    folder = Path(resolved)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(resolved, local_files_only=True, allow_patterns=["*.safetensors"]))
+        except Exception:  # not cached as a snapshot: use the loaded weights instead
+            return []
+    return sorted(folder.glob("*.safetensors"))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

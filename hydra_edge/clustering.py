@@ -4,7 +4,8 @@ The featurizer uses character n-grams inside word boundaries, so it works for an
 (Chinese has no spaces between words). The fit is saved as plain arrays (JSON vocabulary,
 safetensors idf + centroids) so assigning a text to a cluster needs no pickle.
 
-    <out>/clusters.json         k, elbow curve, sizes, featurizer settings, vocabulary
+    <out>/clusters.json         k, elbow curve, sizes, top terms, featurizer settings, the
+                                cluster id of every training row, vocabulary
     <out>/clusters.safetensors  idf [V], centroids [k, V]
 """
 
@@ -131,7 +132,8 @@ def fit_clusters(texts: list[str], heads: int | None, max_k: int = 8) -> tuple[C
     return model, labels
 
 
-def save_clusters(model: ClusterModel, out_dir: Path) -> None:
+def save_clusters(model: ClusterModel, out_dir: Path, labels: np.ndarray | None = None) -> None:
+    """Writes the fit; `labels` (the cluster id of each training row, in data order) is kept too."""
     import torch
     from safetensors.torch import save_file
 
@@ -144,6 +146,7 @@ def save_clusters(model: ClusterModel, out_dir: Path) -> None:
         "inertia_by_k": {str(k): v for k, v in sorted(model.inertia_by_k.items())},
         "featurizer": {"analyzer": "char_wb", "ngram_range": list(NGRAM_RANGE), "sublinear_tf": True},
         "top_terms": model.top_terms(),
+        "labels": [] if labels is None else [int(x) for x in labels],
         "vocabulary": model.vocabulary,
     }
     save_file(

@@ -90,7 +90,7 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         # Deterministic, so every process gets the same clusters; the main one saves them.
         clusters, labels = fit_clusters([r.prompt_text for r in records], config.num_heads, config.max_k)
         if process.is_main_process:
-            save_clusters(clusters, out)
+            save_clusters(clusters, out, labels)
             atomic_write_text(out / RUN_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
     for line in summary_lines(clusters):
         log(line)
@@ -99,7 +99,7 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     # 3. Base model + HydraLoRA.
     dtype = "fp32" if config.mixed_precision == "no" else "bf16"
     base = load_base(config.model, quant=config.quant, gradient_checkpointing=config.gradient_checkpointing, dtype=dtype)
-    fingerprint = base_fingerprint(base.model)
+    fingerprint = base_fingerprint(base.resolved, base.model)
     modules = find_target_modules(base.model, config.targets)
     torch.manual_seed(config.seed)
     inject_hydra_lora(base.model, modules, config.rank, config.alpha, num_heads, config.dropout, config.head_init)

@@ -38,7 +38,7 @@ def load_trained(adapter_dir: str | Path, model_override: str | None = None, dev
     config = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir)
     base = load_base(model_override or config["base_model"], quant=config["quantization"], device=device)
-    fingerprint = base_fingerprint(base.model)
+    fingerprint = base_fingerprint(base.resolved, base.model)
     if fingerprint != config["base_fingerprint"]:
         raise UserError(
             f"--adapter {adapter_dir}: trained on base {config['base_model']!r} "

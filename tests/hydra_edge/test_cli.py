@@ -168,3 +168,30 @@ def test_help_is_fast_and_module_entry_works():
     assert result.returncode == 0 and "finetune" in result.stdout
     result = run_cli("finetune", "--help")
     assert "--heads" in result.stdout and "--resume" in result.stdout
+
+
+def test_training_rows_keep_their_cluster_ids(demo_run):
+    out, _ = demo_run
+    from hydra_edge.tiny import DEMO_TRAIN
+
+    clusters = json.loads((out / "clusters.json").read_text())
+    rows = DEMO_TRAIN.read_text().splitlines()
+    assert len(clusters["labels"]) == len(rows)
+    assert sorted(set(clusters["labels"])) == list(range(clusters["k"]))
+    assert [clusters["labels"].count(c) for c in range(clusters["k"])] == clusters["sizes"]
+
+
+def test_chat_repl_streams_and_keeps_going(demo_run):
+    import subprocess
+    import sys
+
+    out, _ = demo_run
+    result = subprocess.run(
+        [sys.executable, "-m", "hydra_edge", "chat", "--adapter", str(out), "--max-new-tokens", "8"],
+        input="What is the capital of Italy?\n/reset\nWrite the number seven in digits.\n/exit\n",
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = [line.strip() for line in result.stdout.replace("> ", "\n").splitlines() if line.strip()]
+    assert answers == ["Rome", "7"], result.stdout
+    assert result.stderr.count("[cluster ") == 2
