@@ -7,12 +7,13 @@ model is loaded, so a mistake costs seconds, not a model load.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from hydra_edge import __version__
-from hydra_edge.adapter import atomic_write_text, base_fingerprint, find_target_modules, inject_hydra_lora, save_adapter
+from hydra_edge.adapter import WEIGHTS_FILE, atomic_write_text, base_fingerprint, find_target_modules, inject_hydra_lora, save_adapter
 from hydra_edge.checkpoint import list_checkpoints
 from hydra_edge.clustering import fit_clusters, load_clusters, save_clusters, summary_lines
 from hydra_edge.config import FinetuneConfig
@@ -28,18 +29,20 @@ RESUMABLE_OVERRIDES = ("max_steps", "epochs", "save_every", "max_bad_steps")
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Progress notes on stderr, from the main process only (RANK is set by torchrun/accelerate)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def resolve_resume(config: FinetuneConfig, explicit: set[str]) -> tuple[FinetuneConfig, Path | None]:
     """For --resume: the saved run's config (plus allowed overrides) and its latest checkpoint."""
     out = Path(config.out)
     if not config.resume:
-        if (out / RUN_CONFIG).exists():
+        if list_checkpoints(out) or (out / WEIGHTS_FILE).exists():
             raise UserError(
-                f"--out {out}: already holds a run; add --resume to continue it, or pick another --out"
+                f"--out {out}: already holds a trained run; add --resume to continue it, or pick another --out"
             )
-        return config, None
+        return config, None  # an empty folder, or a run that died before its first checkpoint
     if not (out / RUN_CONFIG).is_file():
         raise UserError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} missing); check --out")
     saved = json.loads((out / RUN_CONFIG).read_text())

@@ -160,7 +160,11 @@ def train_loop(
                     loss = compute_loss(model, batch)
                     accelerator.backward(loss / settings.grad_accum)
                 losses.append(loss.detach().float())
-            loss_value = float(torch.stack(losses).mean())
+            step_loss = torch.stack(losses).mean()
+            if world > 1:  # every process must see the same loss, so all skip a bad step together
+                step_loss = accelerator.reduce(step_loss.to(device), reduction="mean")
+                tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum"))
+            loss_value = float(step_loss)
             if settings.max_grad_norm > 0:
                 grad_norm = float(accelerator.clip_grad_norm_(params, settings.max_grad_norm))
             else:

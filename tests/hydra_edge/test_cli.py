@@ -109,6 +109,15 @@ def test_adapter_on_a_different_base_is_refused(demo_run, tmp_path):
     result = run_cli("eval", "--adapter", str(out), "--data", str(DEMO_EVAL), "--model", str(other))
     assert_one_line_error(result, "fingerprint", str(other))
 
+    # An unchanged copy of the base in another folder is the same base: accepted.
+    same = tmp_path / "same-base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir()).save_pretrained(same)
+    AutoTokenizer.from_pretrained(tiny_model_dir()).save_pretrained(same)
+    result = run_cli("chat", "--adapter", str(out), "--model", str(same), "--prompt", "What is the capital of Japan?",
+                     "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "Tokyo"
+
 
 @pytest.mark.parametrize(
     "args, needle",
@@ -135,6 +144,15 @@ def test_bad_data_line_is_named(tmp_path):
     data.write_text('{"text": "fine"}\n{"text": "also fine"}\n{not json\n')
     result = run_cli("finetune", "--data", str(data), "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert_one_line_error(result, f"{data}:3")
+
+
+def test_run_that_died_before_any_checkpoint_can_start_over(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "run_config.json").write_text("{}")
+    result = run_cli("finetune", "--out", str(out), "--max-steps", "2", "--heads", "2", "--seq-len", "64", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_existing_run_is_not_overwritten(demo_run):

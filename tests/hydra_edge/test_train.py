@@ -54,6 +54,27 @@ def test_non_finite_loss_leaves_parameters_unchanged(tmp_path, monkeypatch):
     assert [r["skipped"] for r in rows] == [False, False, True, False, False]
 
 
+def test_non_finite_gradient_with_finite_loss_is_skipped(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = train_module.compute_loss
+
+    def loss_with_nan_gradient(model, batch):
+        calls["n"] += 1
+        loss = real_loss(model, batch)
+        if calls["n"] == 2:
+            loss.register_hook(lambda grad: grad * float("nan"))  # the loss stays finite
+        return loss
+
+    monkeypatch.setattr(train_module, "compute_loss", loss_with_nan_gradient)
+    seen = {}
+    config = build_config({}, {**FP32, "out": str(tmp_path / "run"), "max_steps": 3, "grad_accum": 1})
+    run_finetune(config, on_step=lambda step, model, skipped: seen.setdefault(step, (snapshot(model), skipped)))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, True, False] and all(r["loss"] == r["loss"] for r in rows)
+    for key, before in seen[1][0].items():
+        assert torch.equal(seen[2][0][key], before), key
+
+
 def test_consecutive_non_finite_steps_abort(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "compute_loss", lambda model, batch: model(**batch).loss * float("inf"))
     config = build_config({}, {**FP32, "out": str(tmp_path / "run"), "max_steps": 10, "max_bad_steps": 3})
@@ -109,3 +130,19 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, tiny_dir):
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
     assert not list((stopped / "checkpoints").glob(".tmp-*"))
+
+
+def test_two_process_ddp_run_on_cpu(tmp_path, tiny_dir):
+    """torchrun (as accelerate launch would) with 2 CPU processes: one set of outputs, one log."""
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "hydra_edge", "finetune",
+         "--out", str(out), "--max-steps", "4", "--heads", "2", "--seq-len", "64", "--batch-size", "4",
+         "--save-every", "2", "--quant", "none"],
+        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "eval_results.json").is_file()
+    assert result.stderr.count("model: tiny") == 1  # only the main process reports
