@@ -7,7 +7,7 @@
 #   SMOKE_ALLOW_CPU=1 SMOKE_STEPS=4 bash benchmarks/gpu_smoke.sh   # dry run of the script on a CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
 STEPS="${SMOKE_STEPS:-30}"
 OUT="${SMOKE_OUT:-bench-out/gpu_smoke}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

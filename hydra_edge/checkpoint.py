@@ -94,7 +94,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
-        cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+        cuda_states = [rng[f"cuda{i}"] for i in range(sum(k.startswith("cuda") for k in rng))]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
     return state

@@ -12,6 +12,7 @@ safetensors idf + centroids) so assigning a text to a cluster needs no pickle.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,10 +150,9 @@ def save_clusters(model: ClusterModel, out_dir: Path, labels: np.ndarray | None 
         "labels": [] if labels is None else [int(x) for x in labels],
         "vocabulary": model.vocabulary,
     }
-    save_file(
-        {"idf": torch.from_numpy(model.idf), "centroids": torch.from_numpy(model.centroids)},
-        str(out_dir / CLUSTERS_TENSORS),
-    )
+    tmp = out_dir / f".{CLUSTERS_TENSORS}.tmp-{os.getpid()}"
+    save_file({"idf": torch.from_numpy(model.idf), "centroids": torch.from_numpy(model.centroids)}, str(tmp))
+    os.replace(tmp, out_dir / CLUSTERS_TENSORS)
     atomic_write_text(out_dir / CLUSTERS_JSON, json.dumps(meta, ensure_ascii=False) + "\n")
 
 

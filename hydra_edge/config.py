@@ -176,6 +176,11 @@ def read_yaml_config(path: str | Path) -> dict:
 
 def build_config(yaml_settings: dict, cli_settings: dict) -> FinetuneConfig:
     """YAML < flags; then preset defaults fill what neither set. Bad values -> UserError."""
+    yaml_settings = dict(yaml_settings)
+    if cli_settings.get("epochs") is not None:  # a flag beats the YAML's other way of saying length
+        yaml_settings.pop("max_steps", None)
+    if cli_settings.get("max_steps") is not None:
+        yaml_settings.pop("epochs", None)
     explicit = {**yaml_settings, **{k: v for k, v in cli_settings.items() if v is not None}}
     settings = dict(explicit)
     if settings.get("model", "tiny") == "tiny":

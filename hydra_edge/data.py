@@ -114,33 +114,55 @@ def read_records(path: str | Path) -> list[Record]:
     return records
 
 
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The tokenizer's chat template applied to messages, or a UserError saying why it can't be."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # ValueError (no template) or jinja2 TemplateError (template refuses)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the tokenizer's chat template cannot render this conversation ({first})") from exc
+
+
 def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns.
 
     Each span runs from where the generation prompt ends to the end of the turn (its closing
     EOS included, trailing whitespace excluded), found by rendering prefixes of the chat.
+    Templates that rewrite earlier turns (some move the system prompt or drop earlier
+    reasoning) do not render prefix by prefix; then only the final assistant turn is learned.
     """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = render_chat(tokenizer, messages)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        prefix = render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        upto = render_chat(tokenizer, messages[: i + 1])
         if not full.startswith(upto) or not upto.startswith(prefix):
-            raise UserError(
-                "the tokenizer's chat template does not render conversations prefix by prefix; "
-                "assistant-only loss needs one that does"
-            )
+            return full, _last_turn_span(tokenizer, messages, full)
         spans.append((len(prefix), len(upto.rstrip())))
     return full, spans
+
+
+def _last_turn_span(tokenizer, messages: list[dict], full: str) -> list[tuple[int, int]]:
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prefix = render_chat(tokenizer, messages[:last], add_generation_prompt=True)
+    upto = render_chat(tokenizer, messages[: last + 1])
+    if not (full.startswith(upto) and upto.startswith(prefix)):
+        raise UserError(
+            "the tokenizer's chat template does not render a conversation as its prefix plus the "
+            "assistant's answer, which assistant-only loss needs; use a model with a standard template"
+        )
+    return [(len(prefix), len(upto.rstrip()))]
 
 
 def tokenize_record(tokenizer, record: Record, seq_len: int) -> Sample:
     """Token ids and labels for one record, truncated to seq_len."""
     if record.text is not None:
-        ids = tokenizer(record.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        labels = list(ids)
+        ids = tokenizer(record.text, add_special_tokens=True)["input_ids"]  # BOS where the model wants one
+        if not ids or ids[-1] != tokenizer.eos_token_id:
+            ids = ids + [tokenizer.eos_token_id]
+        labels = [IGNORE_INDEX if t == tokenizer.bos_token_id and tokenizer.bos_token_id is not None else t for t in ids]
     else:
         full, spans = _assistant_spans(tokenizer, record.messages)
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -153,9 +175,11 @@ def tokenize_record(tokenizer, record: Record, seq_len: int) -> Sample:
     return Sample(ids[:seq_len], labels[:seq_len], record, truncated=truncated)
 
 
-def tokenize_records(tokenizer, records: list[Record], seq_len: int) -> list[Sample]:
-    """Tokenizes every record; drops those left with no loss tokens after truncation."""
+def tokenize_records(tokenizer, records: list[Record], seq_len: int, clusters: list[int] | None = None) -> list[Sample]:
+    """Tokenizes every record (with its cluster id); drops those left with no loss tokens."""
     samples = [tokenize_record(tokenizer, r, seq_len) for r in records]
+    for sample, cluster in zip(samples, clusters or [0] * len(samples)):
+        sample.cluster = int(cluster)
     kept = [s for s in samples if any(label != IGNORE_INDEX for label in s.labels)]
     if not kept:
         raise UserError(

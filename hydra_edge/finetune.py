@@ -110,13 +110,14 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     log(f"model: {base.reference} ({config.quant}), {len(modules)} modules adapted, heads={num_heads}, r={config.rank}, trainable params={trainable:,}")
 
     # 4. Tokenize, train.
-    samples = tokenize_records(base.tokenizer, records, config.seq_len)
-    for sample, label in zip(samples, labels.tolist()):
-        sample.cluster = label
+    samples = tokenize_records(base.tokenizer, records, config.seq_len, labels.tolist())
     truncated = sum(s.truncated for s in samples)
-    if truncated:
-        log(f"data: {truncated} samples truncated to --seq-len {config.seq_len}")
-    total_steps = config.max_steps or steps_for(len(samples), config.batch_size, config.grad_accum, config.epochs)
+    if truncated or len(samples) < len(records):
+        log(f"data: {truncated} samples truncated to --seq-len {config.seq_len}; "
+            f"{len(records) - len(samples)} dropped (no answer token left)")
+    total_steps = config.max_steps or steps_for(
+        len(samples), config.batch_size, config.grad_accum, config.epochs, process.num_processes
+    )
     warmup = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
     settings = LoopSettings(
         total_steps=total_steps, batch_size=config.batch_size, grad_accum=config.grad_accum, lr=config.lr,
@@ -137,6 +138,7 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         "base_model_resolved": base.resolved,
         "base_fingerprint": fingerprint,
         "quantization": config.quant,
+        "dtype": dtype,
         "r": config.rank,
         "alpha": config.alpha,
         "heads": num_heads,

@@ -10,6 +10,7 @@ For cluster c and module m, ḡ_{c,m} is the router's softmax averaged over ever
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -44,7 +45,8 @@ def mean_gates_per_cluster(
                 mask = batch["attention_mask"].to(device)  # (B, T)
                 for layer in layers.values():
                     layer.gate_sink.clear()
-                model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
+                # Only the gates matter: skip the (B, T, vocab) logits.
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False, logits_to_keep=1)
                 counts[c] += int(mask.sum())
                 for name, layer in layers.items():
                     gates = layer.gate_sink[-1]  # (B, T, N)
@@ -61,7 +63,10 @@ def save_cluster_gates(out_dir: Path, gates: dict[str, torch.Tensor], token_coun
     from safetensors.torch import save_file
 
     meta = {"k": str(len(token_counts)), "tokens_per_cluster": json.dumps(token_counts)}
-    save_file(gates, str(Path(out_dir) / GATES_FILE), metadata=meta)
+    final = Path(out_dir) / GATES_FILE
+    tmp = final.with_name(f".{GATES_FILE}.tmp-{os.getpid()}")
+    save_file(gates, str(tmp), metadata=meta)
+    os.replace(tmp, final)
 
 
 def load_cluster_gates(out_dir: Path) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from hydra_edge.adapter import (
     read_adapter_weights,
 )
 from hydra_edge.clustering import ClusterModel, load_clusters
+from hydra_edge.data import render_chat
 from hydra_edge.errors import UserError
 from hydra_edge.models import load_base
 
@@ -37,7 +38,10 @@ def load_trained(adapter_dir: str | Path, model_override: str | None = None, dev
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir)
-    base = load_base(model_override or config["base_model"], quant=config["quantization"], device=device)
+    base = load_base(
+        model_override or config["base_model"], quant=config["quantization"], device=device,
+        dtype=config.get("dtype", "bf16"),
+    )
     fingerprint = base_fingerprint(base.resolved, base.model)
     if fingerprint != config["base_fingerprint"]:
         raise UserError(
@@ -55,8 +59,23 @@ def load_trained(adapter_dir: str | Path, model_override: str | None = None, dev
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation rendered up to the assistant's turn."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def generation_config(model, tokenizer, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0):
+    """A clean GenerationConfig: greedy unless temperature > 0, no inherited penalties, and
+    stopping on every end token the model knows (its generation config's and the tokenizer's)."""
+    from transformers import GenerationConfig
+
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops] if stops is not None else [])
+    stops.add(tokenizer.eos_token_id)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id,
+        use_cache=True, **sampling,
+    )
 
 
 @torch.no_grad()
@@ -73,9 +92,8 @@ def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_t
             ids[row, width - len(seq):] = torch.tensor(seq)
             mask[row, width - len(seq):] = 1
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            input_ids=ids.to(device), attention_mask=mask.to(device),
+            generation_config=generation_config(model, tokenizer, max_new_tokens),
         )
         for row in out[:, width:]:
             answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
@@ -108,17 +126,27 @@ def stream_answer(model, tokenizer, messages: list[dict], max_new_tokens: int, t
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     kwargs = dict(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-        use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        streamer=streamer, **sampling,
+        input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+        generation_config=generation_config(model, tokenizer, max_new_tokens, temperature, top_p),
     )
-    worker = Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs), daemon=True)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except BaseException as exc:  # surface it in the caller instead of hanging the stream
+            failure.append(exc)
+            streamer.end()
+
+    worker = Thread(target=work, daemon=True)
     worker.start()
     pieces = []
     for piece in streamer:
         pieces.append(piece)
         on_text(piece)
     worker.join()
+    if failure:
+        raise failure[0]
     return "".join(pieces).strip()

@@ -9,6 +9,13 @@ from pathlib import Path
 from hydra_edge.errors import UserError
 from hydra_edge.tiny import TINY_NAME, tiny_model_dir
 
+# For tokenizers without a chat template: role headers as plain text, each turn closed by EOS.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] + ':\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### assistant:\n' }}{% endif %}"
+)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -84,6 +91,9 @@ def load_base(
         ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        # Base checkpoints often ship none; conversations still need one to be rendered.
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False}  # frozen inputs: the reentrant variant would get no grads
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hydra_edge.checkpoint import load_checkpoint, save_checkpoint
-from hydra_edge.data import Sample, collate
+from hydra_edge.data import IGNORE_INDEX, Sample, collate
 from hydra_edge.errors import TrainingDiverged, TrainingStopped
 
 METRICS_FILE = "metrics.jsonl"
@@ -147,22 +148,28 @@ def train_loop(
         while step < settings.total_steps:
             model.train()
             step_start = time.perf_counter()
-            losses, tokens = [], 0
+            micro_batches = []
             for micro in range(settings.grad_accum):
                 epoch, within = divmod(step * settings.grad_accum + micro, micro_per_epoch)
                 if epoch not in cached_epoch:
                     cached_epoch.clear()
                     cached_epoch[epoch] = epoch_batches(samples, epoch, settings.seed, settings.batch_size, rank, world)
-                batch = {k: v.to(device) for k, v in collate(cached_epoch[epoch][within], pad_id).items()}
+                micro_batches.append(collate(cached_epoch[epoch][within], pad_id))
+            # Each micro-batch's mean loss is weighted by its share of the step's target tokens,
+            # so the step's loss is the mean over all its tokens, however they fall into batches.
+            targets = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]
+            total_targets = max(1, sum(targets))
+            step_loss, tokens = torch.zeros((), device=device), 0
+            for micro, (batch, n_targets) in enumerate(zip(micro_batches, targets)):
+                batch = {k: v.to(device) for k, v in batch.items()}
                 tokens += int(batch["attention_mask"].sum())
                 sync = micro == settings.grad_accum - 1
                 with accelerator.autocast(), (accelerator.no_sync(model) if not sync and world > 1 else _null()):
-                    loss = compute_loss(model, batch)
-                    accelerator.backward(loss / settings.grad_accum)
-                losses.append(loss.detach().float())
-            step_loss = torch.stack(losses).mean()
+                    loss = compute_loss(model, batch) * (n_targets / total_targets)
+                    accelerator.backward(loss)
+                step_loss = step_loss + loss.detach().float()
             if world > 1:  # every process must see the same loss, so all skip a bad step together
-                step_loss = accelerator.reduce(step_loss.to(device), reduction="mean")
+                step_loss = accelerator.reduce(step_loss, reduction="mean")
                 tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum"))
             loss_value = float(step_loss)
             if settings.max_grad_norm > 0:
@@ -202,9 +209,13 @@ def train_loop(
                     f"step {step}: {bad_in_a_row} steps in a row had a non-finite loss or gradient; "
                     "lower --lr or check the data (the last good checkpoint is kept)"
                 )
-            if stop.signum is not None:
+            signum = stop.signum
+            if world > 1:  # stop together, or one process would wait in save() while others train
+                anyone = accelerator.reduce(torch.tensor(int(signum is not None), device=device), reduction="sum")
+                signum = signum or (signal.SIGTERM if int(anyone) else None)
+            if signum is not None:
                 bar.close()
-                raise TrainingStopped(stop.signum, step, save(step))
+                raise TrainingStopped(signum, step, save(step))
             if settings.save_every and step % settings.save_every == 0 and step < settings.total_steps:
                 save(step)
     bar.close()
@@ -265,5 +276,13 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drops metric rows past the checkpoint, so a resumed run's log has each step once."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line torn by a hard kill
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

@@ -13,9 +13,10 @@ EVAL_KEYS = {"loss", "perplexity", "exact_match", "n", "per_cluster"}
 
 def assert_one_line_error(result, *needles):
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
     assert "Traceback" not in result.stderr
-    assert len(lines) >= 1 and lines[-1].startswith("hydra-edge: error:"), result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("hydra-edge: error:"), result.stderr[-2000:]
+    lines = errors
     for needle in needles:
         assert needle in lines[-1], lines[-1]
 
@@ -179,6 +180,20 @@ def test_yaml_unknown_key_is_named(tmp_path):
     assert_one_line_error(run_cli("finetune", "--config", str(config)), "learning_rate")
     config.write_text("rank: eight\n")
     assert_one_line_error(run_cli("finetune", "--config", str(config)), "rank")
+
+
+def test_help_does_not_import_the_heavy_libraries():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from hydra_edge.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes', 'sklearn') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_help_is_fast_and_module_entry_works():

@@ -82,6 +82,34 @@ def test_bad_rows_name_file_and_line(tmp_path, content, reason):
     assert str(err.value).startswith(f"{path}:{line}:") and reason in str(err.value)
 
 
+def test_dropped_rows_keep_every_other_row_with_its_cluster(tokenizer):
+    def conversation(text):
+        return Record("t", messages=[{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}])
+
+    records = [conversation("short"), conversation("word " * 100), conversation("also short")]
+    samples = tokenize_records(tokenizer, records, seq_len=24, clusters=[5, 6, 7])
+    assert [(s.record.messages[0]["content"], s.cluster) for s in samples] == [("short", 5), ("also short", 7)]
+
+
+def test_tokenizer_without_chat_template_gets_the_default(tmp_path, tiny_dir):
+    import shutil
+
+    from hydra_edge.models import DEFAULT_CHAT_TEMPLATE, load_base
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_dir, plain)
+    for name in ("chat_template.jinja",):
+        (plain / name).unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    base = load_base(str(plain), quant="none", device="cpu")
+    assert base.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    sample = tokenize_record(base.tokenizer, Record("t", messages=CONVERSATION), seq_len=512)
+    learned = base.tokenizer.decode([t for t in sample.labels if t != IGNORE_INDEX])
+    assert learned == "Hello there<|end|>Paris<|end|>"
+
+
 def test_file_level_problems(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

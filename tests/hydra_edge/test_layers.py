@@ -134,3 +134,11 @@ def test_dropout_only_on_adapter_path(linear):
     layer.train()
     # With zero heads the output is the base's, whatever dropout does to the A path.
     assert torch.equal(layer(x), linear(x))
+    randomize_heads(layer)
+    assert not torch.equal(layer(x), layer(x))  # dropout now changes the branch in training
+    layer.eval()
+    assert_close(layer(x), naive_forward(layer, x), atol=1e-5, rtol=1e-5)  # and never touches the gates
+    layer.train()
+    torch.manual_seed(3)
+    gates_train = layer.gates(x)
+    assert torch.equal(gates_train, layer.gates(x))
