@@ -31,6 +31,7 @@ class BaseModel:
 def resolve_model_reference(reference: str) -> str:
     """`tiny` -> the cached preset folder; an existing folder -> itself; a Hub id -> itself."""
     if reference == TINY_NAME:
+        _quiet_loading()
         return str(tiny_model_dir())
     path = Path(reference).expanduser()
     if path.exists():
