@@ -38,6 +38,8 @@ def finetune(
     config: Optional[str] = typer.Option(None, "--config", help="YAML file with any of these settings; flags override it."),
     model: Optional[str] = _opt("model"),
     data: Optional[list[str]] = _opt("data"),
+    format: Optional[str] = _opt("format"),
+    skip_invalid: Optional[bool] = typer.Option(None, "--skip-invalid", help=_help("skip_invalid"), show_default=False),
     eval_data: Optional[str] = _opt("eval_data"),
     heads: Optional[str] = _opt("heads"),
     max_k: Optional[int] = _opt("max_k"),
@@ -52,6 +54,8 @@ def finetune(
     ),
     mixed_precision: Optional[str] = _opt("mixed_precision"),
     seq_len: Optional[int] = _opt("seq_len"),
+    overlong: Optional[str] = _opt("overlong"),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help=_help("packing"), show_default=False),
     batch_size: Optional[int] = _opt("batch_size"),
     grad_accum: Optional[int] = _opt("grad_accum"),
     lr: Optional[float] = _opt("lr"),
@@ -105,6 +109,7 @@ def eval_command(
     adapter: str = typer.Option(..., "--adapter", help="Adapter folder (the --out of finetune)."),
     data: str = typer.Option(..., "--data", help="Held-out .jsonl/.json file ('messages' or 'text' rows)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: loss, perplexity, exact_match, n, per_cluster."),
+    format: str = typer.Option("auto", "--format", help="Row format of --data (auto, alpaca, sharegpt, messages, prompt_completion, text)."),
     model: Optional[str] = typer.Option(None, "--model", help="Load the adapter onto this base instead of the one it names."),
     seq_len: int = typer.Option(1024, "--seq-len", min=1, help="Truncate rows to this many tokens for the loss."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens generated per row for exact-match."),
@@ -114,7 +119,7 @@ def eval_command(
     from hydra_edge.evaluate import evaluate
     from hydra_edge.inference import load_trained
 
-    records = read_records(data)
+    records = read_records(data, format)
     trained = load_trained(adapter, model)
     scores = evaluate(trained.model, trained.tokenizer, records, trained.clusters, seq_len, max_new_tokens)
     if as_json:
@@ -171,6 +176,12 @@ def chat(
             answer(text)
 
 
+from hydra_edge.cli_data import clusters, data_app  # noqa: E402  (registered after the core commands)
+
+app.add_typer(data_app, name="data")
+app.command("clusters")(clusters)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: turns user errors into one line + exit 2, and a stop into its signal code."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -185,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         print("hydra-edge: aborted", file=sys.stderr)
         sys.exit(130)
     except UserError as exc:
+        for line in getattr(exc, "lines", []):  # DataProblems: one FILE:LINE line per bad row
+            print(line, file=sys.stderr)
         print(f"hydra-edge: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as exc:

@@ -1,19 +1,23 @@
-"""Finding the data's intrinsic components: TF-IDF + k-means, with k chosen at the elbow.
+"""Finding the data's intrinsic components: TF-IDF + LSA + k-means, k chosen at the elbow.
 
 The featurizer uses character n-grams inside word boundaries, so it works for any script
-(Chinese has no spaces between words). The fit is saved as plain arrays (JSON vocabulary,
-safetensors idf + centroids) so assigning a text to a cluster needs no pickle.
+(Chinese has no spaces between words, code has few). The sparse TF-IDF rows are projected
+onto a few latent directions (LSA, truncated SVD) and L2-normalised before k-means: in the raw
+n-gram space short texts are nearly orthogonal and k-means splits on noise; in the latent space
+it finds languages, scripts and task families. The fit is saved as plain arrays (JSON
+vocabulary and top terms; safetensors idf, projection and centroids), so assigning a text to
+a cluster needs no pickle.
 
     <out>/clusters.json         k, elbow curve, sizes, top terms, featurizer settings, the
                                 cluster id of every training row, vocabulary
-    <out>/clusters.safetensors  idf [V], centroids [k, V]
+    <out>/clusters.safetensors  idf [V], projection [d, V], centroids [k, d]
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ CLUSTERS_JSON = "clusters.json"
 CLUSTERS_TENSORS = "clusters.safetensors"
 NGRAM_RANGE = (1, 4)
 MAX_FEATURES = 20000
+LSA_DIMS = 16
 SEED = 0
 
 
@@ -31,9 +36,11 @@ SEED = 0
 class ClusterModel:
     vocabulary: dict[str, int]
     idf: np.ndarray  # (V,)
-    centroids: np.ndarray  # (k, V), rows L2-normalised space of the TF-IDF features
+    projection: np.ndarray  # (d, V): LSA directions; d == 0 (tiny data) means none
+    centroids: np.ndarray  # (k, d), in the L2-normalised latent space
     inertia_by_k: dict[int, float]
     sizes: list[int]
+    top_terms_by_cluster: list[list[str]] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -48,36 +55,53 @@ class ClusterModel:
         vec.idf_ = self.idf
         return vec
 
-    def features(self, texts: list[str]):
-        """TF-IDF rows, L2-normalised. (n, V) sparse."""
-        return self._vectorizer().transform(texts)
+    def features(self, texts: list[str]) -> np.ndarray:
+        """Latent features, L2-normalised. (n, d)"""
+        return _project(self._vectorizer().transform(texts), self.projection)
 
     def assign(self, texts: list[str]) -> np.ndarray:
         """The nearest centroid of each text. (n,) int."""
         if self.k == 1:
             return np.zeros(len(texts), dtype=np.int64)
-        x = self.features(texts)  # (n, V)
+        x = self.features(texts)  # (n, d)
         # ||x - c||^2 = ||x||^2 - 2 x·c + ||c||^2; ||x||^2 is the same for every centroid.
         scores = 2 * (x @ self.centroids.T) - (self.centroids**2).sum(axis=1)[None, :]
         return np.asarray(scores).argmax(axis=1)
 
     def top_terms(self, n: int = 8) -> list[list[str]]:
-        """The heaviest n-grams of each centroid: a hint at what each cluster holds."""
-        inverse = {i: t.strip() for t, i in self.vocabulary.items()}
+        """The heaviest n-grams of each cluster (found at fit time): a hint at what it holds."""
+        return [terms[:n] for terms in self.top_terms_by_cluster]
 
-        def readable(term: str) -> bool:  # single Latin letters and spaces say nothing
-            return len(term) >= 2 or (len(term) == 1 and not term.isascii())
 
-        tops = []
-        for row in self.centroids:
-            terms = []
-            for i in np.argsort(-row):
-                if readable(inverse[int(i)]) and inverse[int(i)] not in terms:
-                    terms.append(inverse[int(i)])
-                if len(terms) == n:
-                    break
-            tops.append(terms)
-        return tops
+def _project(tfidf, projection: np.ndarray) -> np.ndarray:
+    """(n, V) sparse TF-IDF -> (n, d) dense, L2-normalised rows."""
+    from sklearn.preprocessing import normalize
+
+    if projection.shape[0] == 0:
+        return normalize(tfidf).toarray()
+    return normalize(np.asarray(tfidf @ projection.T))
+
+
+def _top_terms(tfidf, labels: np.ndarray, k: int, vocabulary: dict[str, int], n: int = 8) -> list[list[str]]:
+    """Per cluster, the n-grams with the largest mean TF-IDF weight among its rows."""
+    inverse = {i: t.strip() for t, i in vocabulary.items()}
+
+    def readable(term: str) -> bool:  # single Latin letters and spaces say nothing
+        return len(term) >= 2 or (len(term) == 1 and not term.isascii())
+
+    lengths = np.array([len(inverse[i]) for i in range(len(inverse))])
+    tops = []
+    for c in range(k):
+        weights = np.asarray(tfidf[labels == c].mean(axis=0)).ravel()  # (V,)
+        terms: list[str] = []
+        for i in np.argsort(-weights * np.sqrt(lengths)):  # longer n-grams read better
+            term = inverse[int(i)]
+            if readable(term) and not any(term in t for t in terms):
+                terms.append(term)
+            if len(terms) == n:
+                break
+        tops.append(terms)
+    return tops
 
 
 def elbow_k(inertia_by_k: dict[int, float]) -> int:
@@ -99,12 +123,19 @@ def fit_clusters(texts: list[str], heads: int | None, max_k: int = 8) -> tuple[C
     Returns the model and the cluster id of every text.
     """
     from sklearn.cluster import KMeans
+    from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vec = TfidfVectorizer(
         analyzer="char_wb", ngram_range=NGRAM_RANGE, sublinear_tf=True, max_features=MAX_FEATURES
     )
-    x = vec.fit_transform(texts)  # (n, V)
+    tfidf = vec.fit_transform(texts)  # (n, V) sparse
+    dims = min(max(LSA_DIMS, 2 * max_k), tfidf.shape[0] - 1, tfidf.shape[1] - 1)
+    if dims >= 2:
+        projection = TruncatedSVD(dims, random_state=SEED).fit(tfidf).components_  # (d, V)
+    else:
+        projection = np.zeros((0, tfidf.shape[1]))
+    x = _project(tfidf, projection)  # (n, d)
     distinct = len(set(texts))
     if heads is None:
         candidates = [k for k in range(2, max_k + 1) if k <= distinct]
@@ -123,12 +154,15 @@ def fit_clusters(texts: list[str], heads: int | None, max_k: int = 8) -> tuple[C
     k = elbow_k(inertia) if heads is None else heads
     km = fits[k]
     labels = km.labels_.astype(np.int64)
+    vocabulary = {t: int(i) for t, i in vec.vocabulary_.items()}
     model = ClusterModel(
-        vocabulary={t: int(i) for t, i in vec.vocabulary_.items()},
+        vocabulary=vocabulary,
         idf=vec.idf_.astype(np.float64),
+        projection=np.asarray(projection, dtype=np.float64),
         centroids=np.asarray(km.cluster_centers_, dtype=np.float64),
         inertia_by_k=inertia,
         sizes=np.bincount(labels, minlength=k).tolist(),
+        top_terms_by_cluster=_top_terms(tfidf, labels, k, vocabulary),
     )
     return model, labels
 
@@ -145,13 +179,15 @@ def save_clusters(model: ClusterModel, out_dir: Path, labels: np.ndarray | None 
         "k": model.k,
         "sizes": model.sizes,
         "inertia_by_k": {str(k): v for k, v in sorted(model.inertia_by_k.items())},
-        "featurizer": {"analyzer": "char_wb", "ngram_range": list(NGRAM_RANGE), "sublinear_tf": True},
+        "featurizer": {"analyzer": "char_wb", "ngram_range": list(NGRAM_RANGE), "sublinear_tf": True,
+                       "lsa_dims": int(model.projection.shape[0]), "l2_normalised": True},
         "top_terms": model.top_terms(),
         "labels": [] if labels is None else [int(x) for x in labels],
         "vocabulary": model.vocabulary,
     }
     tmp = out_dir / f".{CLUSTERS_TENSORS}.tmp-{os.getpid()}"
-    save_file({"idf": torch.from_numpy(model.idf), "centroids": torch.from_numpy(model.centroids)}, str(tmp))
+    arrays = {"idf": model.idf, "projection": model.projection, "centroids": model.centroids}
+    save_file({name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}, str(tmp))
     os.replace(tmp, out_dir / CLUSTERS_TENSORS)
     atomic_write_text(out_dir / CLUSTERS_JSON, json.dumps(meta, ensure_ascii=False) + "\n")
 
@@ -167,9 +203,11 @@ def load_clusters(out_dir: Path) -> ClusterModel:
     return ClusterModel(
         vocabulary=meta["vocabulary"],
         idf=arrays["idf"],
+        projection=arrays["projection"],
         centroids=arrays["centroids"],
         inertia_by_k={int(k): v for k, v in meta["inertia_by_k"].items()},
         sizes=meta["sizes"],
+        top_terms_by_cluster=meta["top_terms"],
     )
 
 

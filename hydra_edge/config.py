@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra_edge.errors import UserError
+from hydra_edge.data import OVERLONG_CHOICES
+from hydra_edge.formats import FORMATS
 from hydra_edge.quant import QUANT_CHOICES
 
 MIXED_PRECISION_CHOICES = ("bf16", "no")
@@ -29,6 +31,8 @@ def _f(default, help: str, **kw):
 class FinetuneConfig:
     model: str = _f("tiny", "Base model: 'tiny' (built-in preset), a Hugging Face id, or a local folder.")
     data: list[str] = _f([], "Training data files (.jsonl/.json; 'messages' or 'text' rows). Default with tiny: the bundled demo.")
+    format: str = _f("auto", "Row format of --data: auto, alpaca, sharegpt, messages, prompt_completion or text.")
+    skip_invalid: bool = _f(False, "Train on the valid rows and report the invalid ones by reason, instead of stopping.")
     eval_data: str | None = _f(None, "Held-out file scored after training. Default with tiny: the demo's held-out split.")
     heads: str = _f("auto", "Number of B heads: 'auto' (k-means elbow over the prompts) or N (1 = plain LoRA).")
     max_k: int = _f(8, "Largest k tried by --heads auto.")
@@ -40,7 +44,9 @@ class FinetuneConfig:
     quant: str = _f("nf4", "Base quantization: nf4 (double quant, bf16 compute), fp4, or none.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
     mixed_precision: str = _f("bf16", "bf16 autocast, or 'no' for float32 (with --quant none: exact fp32).")
-    seq_len: int = _f(1024, "Maximum tokens per sample; longer samples are truncated.")
+    seq_len: int = _f(1024, "Maximum tokens per sample (per packed row with --packing).")
+    overlong: str = _f("truncate", "Samples longer than --seq-len: truncate or drop.")
+    packing: bool = _f(False, "Pack short samples into --seq-len rows; attention never crosses samples.")
     batch_size: int = _f(4, "Samples per micro-batch (per process).")
     grad_accum: int = _f(4, "Micro-batches accumulated per optimizer step.")
     lr: float = _f(2e-4, "Peak learning rate (AdamW, cosine decay).")
@@ -90,6 +96,10 @@ class FinetuneConfig:
             problems.append(f"--quant {self.quant}: use one of {', '.join(QUANT_CHOICES)}")
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             problems.append(f"--mixed-precision {self.mixed_precision}: use one of {', '.join(MIXED_PRECISION_CHOICES)}")
+        if self.format not in ("auto",) + FORMATS:
+            problems.append(f"--format {self.format}: use auto or one of {', '.join(FORMATS)}")
+        if self.overlong not in OVERLONG_CHOICES:
+            problems.append(f"--overlong {self.overlong}: use truncate or drop")
         if self.head_init not in ("zero", "random"):
             problems.append(f"--head-init {self.head_init}: use zero or random")
         if problems:

@@ -1,27 +1,30 @@
-"""Reading training data and rendering it into token ids with a loss mask.
+"""Loading training data and rendering it into token ids with a loss mask.
 
-Formats here: OpenAI-style `messages` (role/content) and plain `text`, in JSONL or a JSON
-array. Conversations are rendered by the tokenizer's chat template; the loss covers assistant
-tokens only (`text`: every token). Problems are reported as `FILE:LINE: reason`.
+Files and formats are read by `sources.py` and `formats.py`; this module validates every row
+before any model is loaded, then renders conversations with the tokenizer's chat template.
+The loss covers assistant tokens only (`text` rows: every token), and every sample ends with
+the tokenizer's EOS so the tuned model learns to stop.
 """
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra_edge.errors import UserError
+from hydra_edge.formats import FORMATS, RowProblem, detect_format, normalize
+from hydra_edge.sources import read_rows
 
-ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
+OVERLONG_CHOICES = ("truncate", "drop")
 
 
 @dataclass
 class Record:
-    """One row of a data file, before tokenization."""
+    """One valid row of a data file, before tokenization."""
 
-    source: str  # "FILE:LINE", for messages about this row
+    source: str  # "FILE:LINE" or "FILE:row N", for messages about this row
     messages: list[dict] | None = None
     text: str | None = None
 
@@ -42,76 +45,97 @@ class Record:
 
 @dataclass
 class Sample:
-    """A tokenized record: ids and labels (IGNORE_INDEX where no loss), plus its cluster."""
+    """A tokenized record: ids and labels (IGNORE_INDEX where no loss), plus its cluster.
+
+    position_ids is set only for packed samples (several records in one row; positions restart
+    at each record, which is how the model keeps attention inside each of them)."""
 
     input_ids: list[int]
     labels: list[int]
-    record: Record
+    record: Record | None
     cluster: int = 0
     truncated: bool = field(default=False)
+    overlong: bool = field(default=False)
+    position_ids: list[int] | None = None
 
 
-def _parse_record(obj, source: str) -> Record:
-    if not isinstance(obj, dict):
-        raise UserError(f"{source}: expected a JSON object, got {type(obj).__name__}")
-    if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise UserError(f"{source}: 'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise UserError(f"{source}: messages[{i}] needs 'role' and 'content'")
-            if m["role"] not in ROLES:
-                raise UserError(
-                    f"{source}: messages[{i}] has unknown role {m['role']!r} "
-                    f"(use one of {', '.join(ROLES)})"
-                )
-            if not isinstance(m["content"], str) or not m["content"].strip():
-                raise UserError(f"{source}: messages[{i}].content must be a non-empty string")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise UserError(f"{source}: conversation has no assistant turn to learn from")
-        return Record(source, messages=[{"role": m["role"], "content": m["content"]} for m in messages])
-    if "text" in obj:
-        if not isinstance(obj["text"], str) or not obj["text"].strip():
-            raise UserError(f"{source}: 'text' must be a non-empty string")
-        return Record(source, text=obj["text"])
-    raise UserError(
-        f"{source}: row has neither 'messages' nor 'text' (keys: {', '.join(sorted(obj)) or 'none'})"
-    )
+@dataclass
+class Problem:
+    location: str
+    reason: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.reason} ({self.detail})"
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """All rows of a .jsonl or .json file, or a UserError naming the first bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--data {path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not valid UTF-8 (byte {exc.start}); re-save it as UTF-8") from exc
-    records = []
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
-        if not isinstance(rows, list):
-            raise UserError(f"{path}: a .json data file must hold an array of rows")
-        records = [_parse_record(r, f"{path}:row {i + 1}") for i, r in enumerate(rows)]
-    elif path.suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
+class DataProblems(UserError):
+    """Invalid rows: one `FILE:LINE: reason` line each, then what to do."""
+
+    def __init__(self, problems: list[Problem], total: int, limit: int) -> None:
+        lines = [str(p) for p in problems[:limit]]
+        if len(problems) > limit:
+            lines.append(f"... and {len(problems) - limit} more")
+        summary = (
+            f"{len(problems)} invalid row{'s' if len(problems) != 1 else ''} in the data (of {total}); "
+            "fix them, or pass --skip-invalid to train on the valid rows"
+        )
+        super().__init__(summary)
+        self.problems, self.lines = problems, lines
+
+
+@dataclass
+class LoadedData:
+    records: list[Record]
+    formats: dict[str, str]  # file -> format used
+    skipped: Counter  # reason -> rows skipped (with skip_invalid)
+    problems: list[Problem]
+
+
+def _file_format(rows, fmt: str) -> str | None:
+    if fmt != "auto":
+        return fmt
+    seen = Counter(detect_format(r.value) for r in rows[:100] if r.problem is None)
+    seen.pop(None, None)
+    return seen.most_common(1)[0][0] if seen else None
+
+
+def load_records(paths: list[str], fmt: str = "auto", skip_invalid: bool = False, max_problems: int = 20) -> LoadedData:
+    """Reads and validates every row of every file; raises DataProblems unless skip_invalid."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: use auto or one of {', '.join(FORMATS)}")
+    records, problems, formats, total = [], [], {}, 0
+    for path in paths:
+        rows = list(read_rows(path))
+        file_fmt = _file_format(rows, fmt)
+        formats[str(path)] = file_fmt or "unknown"
+        for row in rows:
+            if row.problem is not None:
+                if row.problem[0] != "empty file":
+                    total += 1
+                problems.append(Problem(row.location, *row.problem))
+                continue
+            total += 1
+            if file_fmt is None:
+                problems.append(Problem(row.location, "unknown format", "no messages, conversations, "
+                                        "instruction/output, prompt/completion or text field"))
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from exc
-            records.append(_parse_record(obj, f"{path}:{lineno}"))
-    else:
-        raise UserError(f"--data {path}: unsupported file type {path.suffix!r}; use .jsonl or .json")
+                messages, text = normalize(row.value, file_fmt)
+            except RowProblem as problem:
+                problems.append(Problem(row.location, problem.reason, problem.detail))
+                continue
+            records.append(Record(row.location, messages=messages, text=text))
+    if problems and not skip_invalid:
+        raise DataProblems(problems, total, max_problems)
     if not records:
-        raise UserError(f"{path}: no rows; the file is empty")
-    return records
+        raise UserError(f"--data {', '.join(map(str, paths))}: no valid rows to train on")
+    return LoadedData(records, formats, Counter(p.reason for p in problems), problems)
+
+
+def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
+    """All rows of one file, strictly validated."""
+    return load_records([str(path)], fmt).records
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -172,33 +196,85 @@ def tokenize_record(tokenizer, record: Record, seq_len: int) -> Sample:
             inside = any(s <= start < e for s, e in spans) and end > start
             labels.append(token_id if inside else IGNORE_INDEX)
     truncated = len(ids) > seq_len
-    return Sample(ids[:seq_len], labels[:seq_len], record, truncated=truncated)
+    return Sample(ids[:seq_len], labels[:seq_len], record, truncated=truncated, overlong=truncated)
 
 
-def tokenize_records(tokenizer, records: list[Record], seq_len: int, clusters: list[int] | None = None) -> list[Sample]:
-    """Tokenizes every record (with its cluster id); drops those left with no loss tokens."""
+@dataclass
+class TokenizedData:
+    samples: list[Sample]
+    truncated: int  # samples cut to seq_len (--overlong truncate)
+    dropped_overlong: int  # samples longer than seq_len left out (--overlong drop)
+    dropped_no_target: int  # samples with no loss token left after truncation
+
+
+def tokenize_records(
+    tokenizer, records: list[Record], seq_len: int, clusters: list[int] | None = None, overlong: str = "truncate"
+) -> TokenizedData:
+    """Tokenizes every record (with its cluster id); applies --overlong; drops rows with no target."""
+    if overlong not in OVERLONG_CHOICES:
+        raise UserError(f"--overlong {overlong}: use truncate or drop")
     samples = [tokenize_record(tokenizer, r, seq_len) for r in records]
     for sample, cluster in zip(samples, clusters or [0] * len(samples)):
         sample.cluster = int(cluster)
+    long_ones = sum(s.truncated for s in samples)
+    if overlong == "drop":
+        samples = [s for s in samples if not s.truncated]
     kept = [s for s in samples if any(label != IGNORE_INDEX for label in s.labels)]
     if not kept:
         raise UserError(
             f"no row has a trainable token within --seq-len {seq_len}; raise --seq-len"
+            + (" or use --overlong truncate" if overlong == "drop" else "")
         )
-    return kept
+    return TokenizedData(
+        kept,
+        truncated=long_ones if overlong == "truncate" else 0,
+        dropped_overlong=long_ones if overlong == "drop" else 0,
+        dropped_no_target=len(samples) - len(kept),
+    )
+
+
+def pack_samples(samples: list[Sample], seq_len: int) -> list[Sample]:
+    """Concatenates short samples into rows of at most seq_len tokens (first fit, in order).
+
+    Positions restart at 0 for every sample in a row; the model turns that into a block-diagonal
+    causal mask, so attention never crosses from one sample into another. The first label of
+    every sample after the first is ignored: it would be predicted from the previous sample.
+    """
+    packed: list[Sample] = []
+    current: Sample | None = None
+    for s in samples:
+        if current is None or len(current.input_ids) + len(s.input_ids) > seq_len:
+            current = Sample([], [], None, cluster=s.cluster, position_ids=[])
+            packed.append(current)
+        labels = list(s.labels)
+        if current.input_ids:
+            labels[0] = IGNORE_INDEX
+        current.input_ids += s.input_ids
+        current.labels += labels
+        current.position_ids += list(range(len(s.input_ids)))
+    return packed
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict:
-    """Right-pads a batch. input_ids/labels/attention_mask: (B, T)."""
+    """Right-pads a batch into the model's inputs: input_ids/labels (B, T), and either
+    attention_mask (B, T) or, for packed samples, position_ids (B, T) with no attention_mask
+    (padding then forms its own segment, and its labels are ignored)."""
     import torch
 
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
+    packed = any(s.position_ids is not None for s in samples)
+    positions = torch.zeros((len(samples), width), dtype=torch.long)
     for row, s in enumerate(samples):
         n = len(s.input_ids)
         ids[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(s.labels)
         mask[row, :n] = 1
+        if packed:
+            positions[row, :n] = torch.tensor(s.position_ids if s.position_ids is not None else list(range(n)))
+            positions[row, n:] = torch.arange(width - n)
+    if packed:
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}

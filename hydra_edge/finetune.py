@@ -17,7 +17,7 @@ from hydra_edge.adapter import WEIGHTS_FILE, atomic_write_text, base_fingerprint
 from hydra_edge.checkpoint import list_checkpoints
 from hydra_edge.clustering import fit_clusters, load_clusters, save_clusters, summary_lines
 from hydra_edge.config import FinetuneConfig
-from hydra_edge.data import read_records, tokenize_records
+from hydra_edge.data import load_records, pack_samples, read_records, tokenize_records
 from hydra_edge.errors import UserError
 from hydra_edge.models import resolve_model_reference
 from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN, TINY_NAME
@@ -80,9 +80,14 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     if not data_files:
         raise UserError("--data: no training file given; pass --data FILE.jsonl (the demo data is for --model tiny)")
     eval_file = config.eval_data or (str(DEMO_EVAL) if is_tiny and not config.data else None)
-    records = [r for path in data_files for r in read_records(path)]
+    loaded = load_records(data_files, config.format, config.skip_invalid)
+    records = loaded.records
     eval_records = read_records(eval_file) if eval_file else []
-    log(f"data: {len(records)} training rows from {', '.join(data_files)}" + (f"; {len(eval_records)} held-out rows" if eval_records else ""))
+    formats = ", ".join(f"{Path(f).name} ({fmt})" for f, fmt in loaded.formats.items())
+    log(f"data: {len(records)} training rows from {formats}" + (f"; {len(eval_records)} held-out rows" if eval_records else ""))
+    if loaded.skipped:
+        counts = ", ".join(f"{reason}: {n}" for reason, n in loaded.skipped.most_common())
+        log(f"data: skipped {sum(loaded.skipped.values())} invalid rows ({counts})")
 
     # 2. Clusters -> number of heads.
     out.mkdir(parents=True, exist_ok=True)
@@ -110,13 +115,19 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     log(f"model: {base.reference} ({config.quant}), {len(modules)} modules adapted, heads={num_heads}, r={config.rank}, trainable params={trainable:,}")
 
     # 4. Tokenize, train.
-    samples = tokenize_records(base.tokenizer, records, config.seq_len, labels.tolist())
-    truncated = sum(s.truncated for s in samples)
-    if truncated or len(samples) < len(records):
-        log(f"data: {truncated} samples truncated to --seq-len {config.seq_len}; "
-            f"{len(records) - len(samples)} dropped (no answer token left)")
+    tokenized = tokenize_records(base.tokenizer, records, config.seq_len, labels.tolist(), config.overlong)
+    samples = tokenized.samples
+    if tokenized.truncated:
+        log(f"data: {tokenized.truncated} samples longer than --seq-len {config.seq_len} truncated")
+    if tokenized.dropped_overlong:
+        log(f"data: {tokenized.dropped_overlong} samples longer than --seq-len {config.seq_len} dropped (--overlong drop)")
+    if tokenized.dropped_no_target:
+        log(f"data: {tokenized.dropped_no_target} samples dropped (no answer token within --seq-len)")
+    train_samples = pack_samples(samples, config.seq_len) if config.packing else samples
+    if config.packing:
+        log(f"data: packed {len(samples)} samples into {len(train_samples)} rows of <= {config.seq_len} tokens")
     total_steps = config.max_steps or steps_for(
-        len(samples), config.batch_size, config.grad_accum, config.epochs, process.num_processes
+        len(train_samples), config.batch_size, config.grad_accum, config.epochs, process.num_processes
     )
     warmup = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
     settings = LoopSettings(
@@ -125,7 +136,7 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         seed=config.seed, save_every=config.save_every, max_bad_steps=config.max_bad_steps,
     )
     summary = train_loop(
-        base.model, samples, settings, out, base.tokenizer.pad_token_id, config.mixed_precision,
+        base.model, train_samples, settings, out, base.tokenizer.pad_token_id, config.mixed_precision,
         resume_from=resume_from, on_step=on_step,
     )
 

@@ -50,6 +50,28 @@ def resolve_model_reference(reference: str) -> str:
     return reference
 
 
+def load_tokenizer(reference: str, resolved: str | None = None):
+    """The base's tokenizer, with a pad token and a chat template even when it ships none."""
+    from transformers import AutoTokenizer
+
+    resolved = resolved or resolve_model_reference(reference)
+    _quiet_loading()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"--model {reference}: its tokenizer could not be loaded ({first_line}); check the id or path, "
+            "and for a Hub id that it was downloaded (no internet here?)"
+        ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        # Base checkpoints often ship none; conversations still need one to be rendered.
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
 def pick_device() -> str:
     import torch
 
@@ -68,7 +90,7 @@ def load_base(
     dtype is the dtype of the non-quantized weights ("bf16" or "fp32").
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from hydra_edge.quant import bnb_config
 
@@ -76,8 +98,8 @@ def load_base(
     _quiet_loading()
     device = device or pick_device()
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    tokenizer = load_tokenizer(reference, resolved)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved)
         model = AutoModelForCausalLM.from_pretrained(
             resolved,
             quantization_config=bnb_config(quant),
@@ -90,11 +112,6 @@ def load_base(
             f"--model {reference}: could not be loaded ({first_line}); check the id or path, "
             "and for a Hub id that it was downloaded (no internet here?)"
         ) from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if not getattr(tokenizer, "chat_template", None):
-        # Base checkpoints often ship none; conversations still need one to be rendered.
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False}  # frozen inputs: the reentrant variant would get no grads
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name

@@ -154,15 +154,16 @@ def train_loop(
                 if epoch not in cached_epoch:
                     cached_epoch.clear()
                     cached_epoch[epoch] = epoch_batches(samples, epoch, settings.seed, settings.batch_size, rank, world)
-                micro_batches.append(collate(cached_epoch[epoch][within], pad_id))
+                micro_batches.append(cached_epoch[epoch][within])
             # Each micro-batch's mean loss is weighted by its share of the step's target tokens,
             # so the step's loss is the mean over all its tokens, however they fall into batches.
+            tokens = sum(len(s.input_ids) for group in micro_batches for s in group)
+            micro_batches = [collate(group, pad_id) for group in micro_batches]
             targets = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]
             total_targets = max(1, sum(targets))
-            step_loss, tokens = torch.zeros((), device=device), 0
+            step_loss = torch.zeros((), device=device)
             for micro, (batch, n_targets) in enumerate(zip(micro_batches, targets)):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                tokens += int(batch["attention_mask"].sum())
                 sync = micro == settings.grad_accum - 1
                 with accelerator.autocast(), (accelerator.no_sync(model) if not sync and world > 1 else _null()):
                     loss = compute_loss(model, batch) * (n_targets / total_targets)

@@ -1,6 +1,7 @@
 """Clusters: k from the elbow, the demo's task families recovered, and a pickle-free round trip."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,3 +65,20 @@ def test_one_head_is_one_cluster_and_too_many_heads_refused():
     assert model.assign(["anything"]).tolist() == [0]
     with pytest.raises(UserError, match="--heads 5"):
         fit_clusters(["a", "b", "c"], heads=5)
+
+
+def test_mixed_language_fixture_clusters_by_language(tmp_path):
+    from conftest import run_cli
+
+    fixture = Path(__file__).resolve().parent.parent / "fixtures" / "mixed_language.jsonl"
+    languages = [json.loads(line)["language"] for line in fixture.read_text(encoding="utf-8").splitlines()]
+    plot = tmp_path / "elbow.png"
+    result = run_cli("clusters", "--data", str(fixture), "--json", "--plot", str(plot))
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout)
+    assert {"k", "sizes", "top_terms", "labels"} <= found.keys()
+    assert len(found["labels"]) == len(languages) and sum(found["sizes"]) == len(languages)
+    assert adjusted_rand_score(languages, found["labels"]) >= 0.8
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    text = run_cli("clusters", "--data", str(fixture))
+    assert f"k={found['k']}" in text.stdout and "top terms" in text.stdout and "inertia" in text.stdout

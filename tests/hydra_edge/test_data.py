@@ -58,28 +58,14 @@ def test_truncation_and_rows_left_without_targets(tokenizer):
     assert sample.truncated and len(sample.input_ids) == 16
     with pytest.raises(UserError, match="--seq-len 16"):
         tokenize_records(tokenizer, [long], seq_len=16)
-
-
-@pytest.mark.parametrize(
-    "content, reason",
-    [
-        ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no assistant turn"),
-        ('{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n', "unknown role 'robot'"),
-        ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}\n', "needs 'role' and 'content'"),
-        ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}\n', "non-empty string"),
-        ('{"text": 5}\n', "'text' must be a non-empty string"),
-        ('{"prompt": "x"}\n', "neither 'messages' nor 'text'"),
-        ('{"text": "ok"}\n{"text": "unterminated\n', "malformed JSON"),
-        ("[1, 2]\n", "expected a JSON object"),
-    ],
-)
-def test_bad_rows_name_file_and_line(tmp_path, content, reason):
-    path = tmp_path / "data.jsonl"
-    path.write_text(content)
-    with pytest.raises(UserError) as err:
-        read_records(path)
-    line = content.count("\n") if "malformed" in reason else 1
-    assert str(err.value).startswith(f"{path}:{line}:") and reason in str(err.value)
+    short = Record("t:2", messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
+    truncating = tokenize_records(tokenizer, [long, short], seq_len=16)
+    assert (truncating.truncated, truncating.dropped_no_target, len(truncating.samples)) == (1, 1, 1)
+    long_answer = Record("t:3", messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok " * 40}])
+    dropping = tokenize_records(tokenizer, [long_answer, short], seq_len=16, overlong="drop")
+    assert (dropping.dropped_overlong, [s.record.source for s in dropping.samples]) == (1, ["t:2"])
+    keeping = tokenize_records(tokenizer, [long_answer, short], seq_len=16, overlong="truncate")
+    assert (keeping.truncated, len(keeping.samples)) == (1, 2)
 
 
 def test_dropped_rows_keep_every_other_row_with_its_cluster(tokenizer):
@@ -87,7 +73,7 @@ def test_dropped_rows_keep_every_other_row_with_its_cluster(tokenizer):
         return Record("t", messages=[{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}])
 
     records = [conversation("short"), conversation("word " * 100), conversation("also short")]
-    samples = tokenize_records(tokenizer, records, seq_len=24, clusters=[5, 6, 7])
+    samples = tokenize_records(tokenizer, records, seq_len=24, clusters=[5, 6, 7]).samples
     assert [(s.record.messages[0]["content"], s.cluster) for s in samples] == [("short", 5), ("also short", 7)]
 
 
@@ -110,23 +96,10 @@ def test_tokenizer_without_chat_template_gets_the_default(tmp_path, tiny_dir):
     assert learned == "Hello there<|end|>Paris<|end|>"
 
 
-def test_file_level_problems(tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    with pytest.raises(UserError, match="empty"):
-        read_records(empty)
-    binary = tmp_path / "latin1.jsonl"
-    binary.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
-    with pytest.raises(UserError, match="not valid UTF-8"):
-        read_records(binary)
-    with pytest.raises(UserError, match="unsupported file type"):
-        read_records(tmp_path / "x.csv" if (tmp_path / "x.csv").write_text("a") else None)
-
-
 def test_json_array_files(tmp_path):
     path = tmp_path / "data.json"
-    path.write_text(json.dumps([{"text": "a b"}, {"messages": CONVERSATION}]))
+    path.write_text(json.dumps([{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}]))
     records = read_records(path)
-    assert [r.text for r in records] == ["a b", None]
-    assert records[1].reference_answer == "Paris"
-    assert records[1].prompt_text == "Be brief.\nHi\nCapital of France?"
+    assert [r.source for r in records] == [f"{path}:row 1", f"{path}:row 2"]
+    assert records[0].reference_answer == "Paris"
+    assert records[0].prompt_text == "Be brief.\nHi\nCapital of France?"

@@ -1,0 +1,177 @@
+"""Reading rows out of data files, each with the place it came from.
+
+Supported: `.jsonl`, `.json` (an array), `.csv`, `.parquet`, and a folder written by Hugging Face
+`datasets` (`save_to_disk`, a Dataset or a DatasetDict, whose `train` split is used). Every row
+is yielded as `RawRow(location, value)`; a row that cannot even be decoded is yielded with a
+`problem` instead, so validation can report every bad row, not just the first.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from hydra_edge.errors import UserError
+
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+# CSV cells are strings; these columns hold lists and arrive JSON-encoded.
+JSON_COLUMNS = ("messages", "conversations")
+
+
+@dataclass
+class RawRow:
+    location: str  # "FILE:LINE" (text files) or "FILE:row N" (CSV/Parquet/datasets)
+    value: object = None
+    problem: tuple[str, str] | None = None  # (reason, detail) when the row could not be decoded
+
+
+def describe_source(path: Path) -> str:
+    if path.is_dir():
+        return "datasets folder"
+    return path.suffix.lstrip(".")
+
+
+def read_rows(path: str | Path) -> Iterator[RawRow]:
+    """Every row of one data file or datasets folder, in order."""
+    path = Path(path)
+    if path.is_dir():
+        yield from _datasets_folder(path)
+        return
+    if not path.is_file():
+        raise UserError(f"--data {path}: no such file or folder")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise UserError(
+            f"--data {path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv, .parquet "
+            "or a folder saved by datasets.save_to_disk"
+        )
+    if path.stat().st_size == 0:
+        yield RawRow(f"{path}:1", problem=("empty file", "the file has no rows"))
+        return
+    yield from {".jsonl": _jsonl, ".json": _json_array, ".csv": _csv, ".parquet": _parquet}[suffix](path)
+
+
+def _jsonl(path: Path) -> Iterator[RawRow]:
+    data = path.read_bytes()
+    any_row = False
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        any_row = True
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield RawRow(where, problem=("invalid UTF-8", f"byte {exc.start} of the line; re-save the file as UTF-8"))
+            continue
+        try:
+            yield RawRow(where, json.loads(line))
+        except json.JSONDecodeError as exc:
+            yield RawRow(where, problem=("malformed JSON", f"{exc.msg} at column {exc.colno}"))
+    if not any_row:
+        yield RawRow(f"{path}:1", problem=("empty file", "the file has no rows"))
+
+
+def _decode_whole(path: Path) -> tuple[str | None, RawRow | None]:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig"), None
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        return None, RawRow(f"{path}:{line}", problem=("invalid UTF-8", "re-save the file as UTF-8"))
+
+
+def _json_array(path: Path) -> Iterator[RawRow]:
+    text, bad = _decode_whole(path)
+    if bad:
+        yield bad
+        return
+    if not text.strip():
+        yield RawRow(f"{path}:1", problem=("empty file", "the file has no rows"))
+        return
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        yield RawRow(f"{path}:{exc.lineno}", problem=("malformed JSON", f"{exc.msg} at column {exc.colno}"))
+        return
+    if not isinstance(rows, list):
+        yield RawRow(f"{path}:1", problem=("wrong type", "a .json data file must hold an array of rows"))
+        return
+    if not rows:
+        yield RawRow(f"{path}:1", problem=("empty file", "the array has no rows"))
+    for i, row in enumerate(rows, start=1):
+        yield RawRow(f"{path}:row {i}", row)
+
+
+def _csv(path: Path) -> Iterator[RawRow]:
+    text, bad = _decode_whole(path)
+    if bad:
+        yield bad
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    any_row = False
+    for i, row in enumerate(reader, start=1):
+        any_row = True
+        where = f"{path}:row {i}"
+        if None in row:
+            yield RawRow(where, problem=("malformed CSV", "more cells than header columns"))
+            continue
+        decoded, problem = {}, None
+        for key, value in row.items():
+            if key in JSON_COLUMNS and value is not None and value.strip():
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    problem = ("malformed JSON", f"column '{key}': {exc.msg}")
+                    break
+            decoded[key] = value if value != "" else None
+        yield RawRow(where, problem=problem) if problem else RawRow(where, decoded)
+    if not any_row:
+        yield RawRow(f"{path}:1", problem=("empty file", "no rows below the header"))
+
+
+def _parquet(path: Path) -> Iterator[RawRow]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(str(path))
+    except Exception as exc:  # pyarrow raises ArrowInvalid and friends for damaged files
+        raise UserError(f"{path}: not a readable Parquet file ({exc})") from exc
+    yield from _arrow_batches(path, table.iter_batches(batch_size=4096), table.metadata.num_rows)
+
+
+def _datasets_folder(folder: Path) -> Iterator[RawRow]:
+    """A `save_to_disk` folder: state.json names the Arrow stream files (DatasetDict: use train)."""
+    import pyarrow as pa
+
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        split = "train" if "train" in splits else splits[0]
+        folder = folder / split
+    state_file = folder / "state.json"
+    if not state_file.is_file():
+        raise UserError(
+            f"--data {folder}: a folder must be one written by datasets' save_to_disk (state.json missing)"
+        )
+    files = [folder / f["filename"] for f in json.loads(state_file.read_text())["_data_files"]]
+
+    def batches():
+        for file in files:
+            with pa.memory_map(str(file)) as source:
+                yield from pa.ipc.open_stream(source)
+
+    yield from _arrow_batches(folder, batches(), None)
+
+
+def _arrow_batches(path: Path, batches, expected_rows: int | None) -> Iterator[RawRow]:
+    index = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            index += 1
+            yield RawRow(f"{path}:row {index}", row)
+    if index == 0:
+        yield RawRow(f"{path}:1", problem=("empty file", "no rows"))
