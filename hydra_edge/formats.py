@@ -57,60 +57,45 @@ def _string(row: dict, key: str, fmt: str, required: bool = True) -> str | None:
     return value
 
 
-def _check_conversation(messages: list[dict], field: str) -> list[dict]:
-    if not any(m["role"] == "assistant" for m in messages):
+def _turns(
+    row: dict, field: str, role_key: str, text_key: str, roles: dict[str, str], hint: str, fold_case: bool = False
+) -> list[dict]:
+    """Checks a list of turns and maps it to {role, content} messages."""
+    turns = row.get(field)
+    if not isinstance(turns, list):
+        raise RowProblem("wrong type", f"'{field}' must be a list, got {type(turns).__name__}")
+    if not turns:
+        raise RowProblem("empty field", f"'{field}' is an empty list")
+    out = []
+    for i, m in enumerate(turns):
+        if not isinstance(m, dict):
+            raise RowProblem("wrong type", f"{field}[{i}] must be an object, got {type(m).__name__}")
+        for key in (role_key, text_key):
+            if key not in m or m[key] is None:
+                raise RowProblem("missing field", f"{field}[{i}] needs '{key}'")
+        if not isinstance(m[role_key], str) or not isinstance(m[text_key], str):
+            raise RowProblem("wrong type", f"{field}[{i}].{role_key} and .{text_key} must be strings")
+        role = roles.get(m[role_key].lower() if fold_case else m[role_key])
+        if role is None:
+            raise RowProblem("unknown role", f"{field}[{i}].{role_key} is {m[role_key]!r}; use {hint}")
+        if not m[text_key].strip():
+            raise RowProblem("empty field", f"{field}[{i}].{text_key} is empty")
+        out.append({"role": role, "content": m[text_key]})
+    if not any(m["role"] == "assistant" for m in out):
         raise RowProblem("no assistant turn", f"'{field}' has no assistant message to learn from")
-    return messages
+    return out
 
 
 def _messages(row: dict) -> list[dict]:
-    turns = row.get("messages")
-    if not isinstance(turns, list):
-        raise RowProblem("wrong type", f"'messages' must be a list, got {type(turns).__name__}")
-    if not turns:
-        raise RowProblem("empty field", "'messages' is an empty list")
-    out = []
-    for i, m in enumerate(turns):
-        if not isinstance(m, dict):
-            raise RowProblem("wrong type", f"messages[{i}] must be an object, got {type(m).__name__}")
-        for key in ("role", "content"):
-            if key not in m or m[key] is None:
-                raise RowProblem("missing field", f"messages[{i}] needs '{key}'")
-        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
-            raise RowProblem("wrong type", f"messages[{i}].role and .content must be strings")
-        if m["role"] not in ROLES:
-            raise RowProblem("unknown role", f"messages[{i}].role is {m['role']!r}; use system, user or assistant")
-        if not m["content"].strip():
-            raise RowProblem("empty field", f"messages[{i}].content is empty")
-        out.append({"role": m["role"], "content": m["content"]})
-    return _check_conversation(out, "messages")
+    return _turns(row, "messages", "role", "content", {r: r for r in ROLES}, "system, user or assistant")
 
 
 def _sharegpt(row: dict) -> list[dict]:
-    turns = row.get("conversations")
-    if not isinstance(turns, list):
-        raise RowProblem("wrong type", f"'conversations' must be a list, got {type(turns).__name__}")
-    if not turns:
-        raise RowProblem("empty field", "'conversations' is an empty list")
-    out = []
+    messages = _turns(row, "conversations", "from", "value", SHAREGPT_ROLES, "human, gpt or system", fold_case=True)
     system = row.get("system")
     if isinstance(system, str) and system.strip():
-        out.append({"role": "system", "content": system})
-    for i, m in enumerate(turns):
-        if not isinstance(m, dict):
-            raise RowProblem("wrong type", f"conversations[{i}] must be an object, got {type(m).__name__}")
-        for key in ("from", "value"):
-            if key not in m or m[key] is None:
-                raise RowProblem("missing field", f"conversations[{i}] needs '{key}'")
-        if not isinstance(m["from"], str) or not isinstance(m["value"], str):
-            raise RowProblem("wrong type", f"conversations[{i}].from and .value must be strings")
-        role = SHAREGPT_ROLES.get(m["from"].lower())
-        if role is None:
-            raise RowProblem("unknown role", f"conversations[{i}].from is {m['from']!r}; use human, gpt or system")
-        if not m["value"].strip():
-            raise RowProblem("empty field", f"conversations[{i}].value is empty")
-        out.append({"role": role, "content": m["value"]})
-    return _check_conversation(out, "conversations")
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
 
 
 def _alpaca(row: dict) -> list[dict]:

@@ -59,17 +59,21 @@ def load_tokenizer(reference: str, resolved: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"--model {reference}: its tokenizer could not be loaded ({first_line}); check the id or path, "
-            "and for a Hub id that it was downloaded (no internet here?)"
-        ) from exc
+        raise _load_error(reference, "its tokenizer could not be loaded", exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
         # Base checkpoints often ship none; conversations still need one to be rendered.
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     return tokenizer
+
+
+def _load_error(reference: str, what: str, exc: Exception) -> UserError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(
+        f"--model {reference}: {what} ({first_line}); check the id or path, "
+        "and for a Hub id that it was downloaded (no internet here?)"
+    )
 
 
 def pick_device() -> str:
@@ -107,11 +111,7 @@ def load_base(
             device_map={"": device},
         )
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"--model {reference}: could not be loaded ({first_line}); check the id or path, "
-            "and for a Hub id that it was downloaded (no internet here?)"
-        ) from exc
+        raise _load_error(reference, "could not be loaded", exc) from exc
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False}  # frozen inputs: the reentrant variant would get no grads
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
