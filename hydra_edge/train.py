@@ -109,6 +109,7 @@ def train_loop(
     """
     from accelerate import Accelerator
 
+    _forget_previous_accelerator()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -263,6 +264,16 @@ class _progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _forget_previous_accelerator() -> None:
+    """accelerate keeps one global state per process; a second run in the same process (tests,
+    a notebook, the UI) may want another precision. The process group itself is kept."""
+    from accelerate.state import AcceleratorState
+
+    reset = getattr(AcceleratorState, "_reset_state", None)
+    if reset is not None:
+        reset()
 
 
 class _null:

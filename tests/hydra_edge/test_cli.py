@@ -144,7 +144,8 @@ def test_bad_data_line_is_named(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "fine"}\n{"text": "also fine"}\n{not json\n')
     result = run_cli("finetune", "--data", str(data), "--out", str(tmp_path / "o"), cwd=tmp_path)
-    assert_one_line_error(result, f"{data}:3")
+    assert_one_line_error(result, "1 invalid row", "--skip-invalid")
+    assert result.stderr.splitlines()[0].startswith(f"{data}:3: malformed JSON")
 
 
 def test_run_that_died_before_any_checkpoint_can_start_over(tmp_path):
