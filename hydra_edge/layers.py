@@ -54,6 +54,9 @@ class HydraLoRALinear(nn.Module):
         # When a list, forward() appends the float32 gates (B, T, N) it computed; used to
         # measure per-cluster mean gates after training.
         self.gate_sink: list[torch.Tensor] | None = None
+        # When set ((N,) float32), every token uses these gates instead of the router's: the
+        # per-cluster merge that export ships (B̄_c = Σ_i ḡ_{c,i} B_i), computed in PyTorch.
+        self.fixed_gates: torch.Tensor | None = None
         self.reset_adapter_parameters()
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
@@ -73,6 +76,8 @@ class HydraLoRALinear(nn.Module):
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token head weights, computed in float32 on the raw input. (..., in) -> (..., N)."""
+        if self.fixed_gates is not None:
+            return self.fixed_gates.to(x.device, torch.float32).expand(*x.shape[:-1], self.num_heads)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.hydra_router.float())  # (B, T, N)
             return torch.softmax(logits, dim=-1)

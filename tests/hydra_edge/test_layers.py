@@ -142,3 +142,15 @@ def test_dropout_only_on_adapter_path(linear):
     torch.manual_seed(3)
     gates_train = layer.gates(x)
     assert torch.equal(gates_train, layer.gates(x))
+
+
+def test_fixed_gates_equal_one_merged_lora(linear):
+    """With gates fixed to ḡ, the heads collapse into one LoRA: B̄ = Σ_i ḡ_i B_i (DESIGN.md §5)."""
+    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3)
+    randomize_heads(layer)
+    gates = torch.tensor([0.2, 0.5, 0.3])
+    layer.fixed_gates = gates
+    x = torch.randn(2, 5, IN)
+    merged_b = torch.einsum("n,nor->or", gates, layer.hydra_B.detach())  # (out, r)
+    expected = linear(x) + layer.scaling * (x @ layer.hydra_A.detach().T) @ merged_b.T
+    assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
