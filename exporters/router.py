@@ -57,7 +57,8 @@ class RequestRouter:
         featurizer = meta["featurizer"]
         if featurizer.get("analyzer") != "char_wb" or not featurizer.get("sublinear_tf"):
             raise ValueError(f"{folder / ROUTER_JSON}: unsupported featurizer {featurizer}")
-        return cls(meta["vocabulary"], arrays["idf"], arrays["projection"], arrays["centroids"],
+        projection = arrays.get("projection", np.zeros((0, len(arrays["idf"]))))  # fits without LSA
+        return cls(meta["vocabulary"], arrays["idf"], projection, arrays["centroids"],
                    tuple(featurizer["ngram_range"]))
 
     @property

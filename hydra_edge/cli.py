@@ -182,9 +182,18 @@ app.add_typer(data_app, name="data")
 app.command("clusters")(clusters)
 
 
+def _register_plugins() -> None:
+    """Adds the commands of installed layers above the core (export, ui) via entry points."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="hydra_edge.commands"):
+        entry.load()(app)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: turns user errors into one line + exit 2, and a stop into its signal code."""
     args = sys.argv[1:] if argv is None else list(argv)
+    _register_plugins()
     command = typer.main.get_command(app)
     usage_error = typer.BadParameter.__base__  # the UsageError of the click that typer uses
     try:

@@ -203,7 +203,7 @@ def load_clusters(out_dir: Path) -> ClusterModel:
     return ClusterModel(
         vocabulary=meta["vocabulary"],
         idf=arrays["idf"],
-        projection=arrays["projection"],
+        projection=arrays.get("projection", np.zeros((0, len(arrays["idf"])))),  # fits without LSA
         centroids=arrays["centroids"],
         inertia_by_k={int(k): v for k, v in meta["inertia_by_k"].items()},
         sizes=meta["sizes"],

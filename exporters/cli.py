@@ -1,0 +1,28 @@
+"""The `export` command, registered onto the core CLI through the `hydra_edge.commands` entry point
+(so hydra_edge/ never imports exporters/)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+
+def export_command(
+    adapter: str = typer.Option(..., "--adapter", help="Adapter folder (the --out of finetune)."),
+    out: str = typer.Option(..., "--out", help="New folder for the export."),
+    mode: str = typer.Option("merged", "--mode", help="merged: one full ONNX model per cluster."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32."),
+    device: str = typer.Option("cpu", "--device", help="cpu."),
+) -> None:
+    """Export the adapter to ONNX Runtime: per-cluster merged heads, validated against PyTorch."""
+    from hydra_edge.exporters.onnx_export import export
+
+    manifest = export(adapter, out, mode, precision, device, log=lambda m: print(m, file=sys.stderr, flush=True))
+    worst = max(v["max_abs_logit_diff"] for v in manifest["validation"]["per_cluster"].values())
+    print(f"exported {len(manifest['clusters'])} clusters ({mode}, {precision}, {device}) to {out}; "
+          f"validation max |logit diff| {worst:.2e} <= {manifest['validation']['tolerance']:g}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_command)

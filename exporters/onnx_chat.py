@@ -1,0 +1,58 @@
+"""Chatting with an export: route the request, pick that cluster's model, stream tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra_edge.data import render_chat
+from hydra_edge.exporters.onnx_export import verify_export
+from hydra_edge.exporters.router import RequestRouter
+
+
+class OnnxChat:
+    """Loads each cluster's ONNX model on first use (onnxruntime-genai)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.manifest = verify_export(self.folder)
+        self.router = RequestRouter.from_dir(self.folder / "router")
+        self._models: dict[int, tuple] = {}
+
+    def _model(self, cluster: int):
+        if cluster not in self._models:
+            import onnxruntime_genai as og
+            from transformers import AutoTokenizer
+
+            model_dir = self.folder / "models" / f"cluster_{cluster}"
+            model = og.Model(str(model_dir))
+            self._models[cluster] = (model, og.Tokenizer(model), AutoTokenizer.from_pretrained(model_dir))
+        return self._models[cluster]
+
+    def route(self, messages: list[dict]) -> int:
+        prompt = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
+        return int(self.router.route([prompt])[0])
+
+    def answer(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, on_text=None) -> tuple[int, str]:
+        """(cluster, answer); on_text(piece) is called as tokens arrive."""
+        import onnxruntime_genai as og
+
+        cluster = self.route(messages)
+        model, tokenizer, hf_tokenizer = self._model(cluster)
+        ids = tokenizer.encode(render_chat(hf_tokenizer, messages, add_generation_prompt=True))
+        params = og.GeneratorParams(model)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        params.set_search_options(max_length=len(ids) + max_new_tokens, **sampling)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        stream, pieces = tokenizer.create_stream(), []
+        while not generator.is_done():
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            if token == hf_tokenizer.eos_token_id:
+                break
+            piece = stream.decode(token)
+            pieces.append(piece)
+            if on_text is not None and piece:
+                on_text(piece)
+        return cluster, "".join(pieces).strip()

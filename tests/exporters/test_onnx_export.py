@@ -1,0 +1,102 @@
+"""ONNX export (merged mode): validated logits, same greedy tokens as PyTorch, tamper checks."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import run_cli
+from hydra_edge.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def exported(trained_adapter, tmp_path_factory):
+    from hydra_edge.exporters.onnx_export import export
+
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    manifest = export(trained_adapter, out, log=lambda m: None)
+    return out, manifest
+
+
+def test_export_layout_and_validation(exported, trained_adapter):
+    out, manifest = exported
+    config = json.loads((trained_adapter / "adapter_config.json").read_text())
+    assert manifest["mode"] == "merged" and manifest["precision"] == "fp32"
+    assert manifest["base"]["weights"] == "dequantized nf4"
+    assert len(manifest["clusters"]) == config["heads"]
+    for cluster in manifest["clusters"]:
+        assert (out / "models" / f"cluster_{cluster}" / "model.onnx").is_file()
+        assert (out / "peft" / f"cluster_{cluster}" / "adapter_model.safetensors").is_file()
+        assert manifest["validation"]["per_cluster"][str(cluster)]["max_abs_logit_diff"] <= 1e-3
+    assert (out / "router" / "clusters.safetensors").is_file()
+    assert not list(out.parent.glob(".export-*"))  # the work folder was renamed into place
+
+
+def test_onnx_greedy_tokens_equal_pytorch_on_every_demo_prompt(exported, trained_adapter):
+    import torch  # noqa: F401
+
+    from hydra_edge.data import read_records
+    from hydra_edge.exporters.merge import cluster_gates, hydra_on_plain_base
+    from hydra_edge.exporters.onnx_chat import OnnxChat
+    from hydra_edge.inference import generate_greedy
+    from hydra_edge.tiny import DEMO_EVAL
+
+    out, _ = exported
+    chat = OnnxChat(out)
+    gates = cluster_gates(trained_adapter)
+    conversations = [r.messages[:-1] for r in read_records(DEMO_EVAL)]
+    by_cluster: dict[int, list[int]] = {}
+    for i, conv in enumerate(conversations):
+        by_cluster.setdefault(chat.route(conv), []).append(i)
+    assert len(by_cluster) >= 2
+    for cluster, rows in by_cluster.items():
+        model, tokenizer = hydra_on_plain_base(out / "peft" / "base", trained_adapter, gates[cluster])
+        expected = generate_greedy(model, tokenizer, [conversations[i] for i in rows], max_new_tokens=32)
+        for i, reference in zip(rows, expected):
+            routed, answer = chat.answer(conversations[i], max_new_tokens=32)
+            assert routed == cluster and answer == reference, (conversations[i], answer, reference)
+
+
+def test_tampered_exports_are_refused(exported, tmp_path):
+    from hydra_edge.exporters.onnx_export import verify_export
+
+    out, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    verify_export(copy)
+    data = copy / "models" / "cluster_0" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="changed since export"):
+        verify_export(copy)
+
+    import onnx
+
+    escaped = tmp_path / "escaped"
+    shutil.copytree(out, escaped)
+    model_file = escaped / "models" / "cluster_0" / "model.onnx"
+    graph = onnx.load(str(model_file), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../../../outside.data"
+    onnx.save(graph, str(model_file))
+    manifest_path = escaped / "export_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    from hydra_edge.exporters.onnx_export import _sha256
+
+    manifest["files"]["models/cluster_0/model.onnx"] = _sha256(model_file)  # a consistent-looking manifest
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="outside its folder"):
+        verify_export(escaped)
+
+
+def test_export_cli_errors(trained_adapter, exported, tmp_path):
+    out, _ = exported
+    result = run_cli("export", "--adapter", str(trained_adapter), "--out", str(out))
+    assert result.returncode == 2 and "not empty" in result.stderr.splitlines()[-1]
+    result = run_cli("export", "--adapter", str(trained_adapter), "--out", str(tmp_path / "x"), "--mode", "sideways")
+    assert result.returncode == 2 and "--mode sideways" in result.stderr.splitlines()[-1]
+    result = run_cli("export", "--adapter", str(tmp_path / "nothing"), "--out", str(tmp_path / "y"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
