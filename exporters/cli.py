@@ -11,7 +11,8 @@ import typer
 def export_command(
     adapter: str = typer.Option(..., "--adapter", help="Adapter folder (the --out of finetune)."),
     out: str = typer.Option(..., "--out", help="New folder for the export."),
-    mode: str = typer.Option("merged", "--mode", help="merged: one full ONNX model per cluster."),
+    mode: str = typer.Option("adapters", "--mode", help="adapters: one base model + one adapter file per cluster; "
+                             "merged: one full ONNX model per cluster."),
     precision: str = typer.Option("fp32", "--precision", help="fp32."),
     device: str = typer.Option("cpu", "--device", help="cpu."),
 ) -> None:

@@ -19,14 +19,21 @@ class OnnxChat:
         self._models: dict[int, tuple] = {}
 
     def _model(self, cluster: int):
-        if cluster not in self._models:
+        """(model, genai tokenizer, HF tokenizer, adapters or None) serving this cluster."""
+        key = "base" if self.manifest["mode"] == "adapters" else f"cluster_{cluster}"
+        if key not in self._models:
             import onnxruntime_genai as og
             from transformers import AutoTokenizer
 
-            model_dir = self.folder / "models" / f"cluster_{cluster}"
+            model_dir = self.folder / "models" / key
             model = og.Model(str(model_dir))
-            self._models[cluster] = (model, og.Tokenizer(model), AutoTokenizer.from_pretrained(model_dir))
-        return self._models[cluster]
+            adapters = None
+            if key == "base":
+                adapters = og.Adapters(model)
+                for c in self.manifest["clusters"]:
+                    adapters.load(str(self.folder / "adapters" / f"cluster_{c}.onnx_adapter"), f"cluster_{c}")
+            self._models[key] = (model, og.Tokenizer(model), AutoTokenizer.from_pretrained(model_dir), adapters)
+        return self._models[key]
 
     def route(self, messages: list[dict]) -> int:
         prompt = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
@@ -38,12 +45,14 @@ class OnnxChat:
         import onnxruntime_genai as og
 
         cluster = self.route(messages)
-        model, tokenizer, hf_tokenizer = self._model(cluster)
+        model, tokenizer, hf_tokenizer, adapters = self._model(cluster)
         ids = tokenizer.encode(render_chat(hf_tokenizer, messages, add_generation_prompt=True))
         params = og.GeneratorParams(model)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         params.set_search_options(max_length=len(ids) + max_new_tokens, **sampling)
         generator = og.Generator(model, params)
+        if adapters is not None:
+            generator.set_active_adapter(adapters, f"cluster_{cluster}")
         generator.append_tokens(ids)
         stream, pieces = tokenizer.create_stream(), []
         while not generator.is_done():

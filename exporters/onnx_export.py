@@ -1,15 +1,24 @@
 """`hydra-edge export`: a trained adapter -> ONNX Runtime models, validated against PyTorch.
 
-Merged mode (this module's first mode): for each cluster c, W <- W_deq + (alpha/r) · B̄_c · A is
-folded into a float32 copy of the dequantized base, and onnxruntime-genai's model builder turns
-that folder into an ONNX decoder (KV cache, fused attention). The request router ships as plain
-arrays. Every export is validated: the ONNX logits must match the PyTorch model with the same
-per-cluster gates within a stated tolerance, or the export fails (and leaves nothing behind).
+For each cluster c the heads collapse into one LoRA, B̄_c = Σ_i ḡ_{c,i} B_i, on a float32 copy of
+the dequantized base, and onnxruntime-genai's model builder makes the ONNX decoder (KV cache,
+fused attention):
+
+- `adapters` (default): one base model whose LoRA weights are graph inputs, plus one
+  `.onnx_adapter` file per cluster that onnxruntime-genai activates per request; the base is
+  stored once.
+- `merged`: one full ONNX model per cluster with (A, B̄_c) folded into the weights.
+
+The request router ships as plain arrays. Every export is validated: the ONNX logits must match
+the PyTorch model with the same per-cluster gates within a stated tolerance, or the export fails
+and leaves nothing behind.
 
     <out>/export_manifest.json      mode, precision, base + fingerprint, clusters, validation,
                                     sha256 of every file
     <out>/router/                   clusters.json + clusters.safetensors (numpy-only routing)
-    <out>/models/cluster_<c>/       genai_config.json, model.onnx, model.onnx.data, tokenizer
+    <out>/models/base/              adapters mode: the decoder with LoRA inputs
+    <out>/adapters/cluster_<c>.onnx_adapter
+    <out>/models/cluster_<c>/       merged mode: genai_config.json, model.onnx, model.onnx.data
     <out>/peft/base/                the dequantized base as a float32 HF folder
     <out>/peft/cluster_<c>/         LoRA (A, B̄_c) in PEFT format, for PEFT / vLLM / TGI
 """
@@ -28,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hydra_edge.adapter import hydra_layers
 from hydra_edge.errors import UserError
 from hydra_edge.exporters.merge import (
     check_exportable, cluster_gates, fold_cluster_into_base, hydra_on_plain_base, merged_heads, save_plain_base,
@@ -35,34 +45,41 @@ from hydra_edge.exporters.merge import (
 )
 
 MANIFEST = "export_manifest.json"
-MODES = ("merged",)
+MODES = ("adapters", "merged")
 PRECISIONS = ("fp32",)
 TOLERANCE = {"fp32": 1e-3}
 VALIDATION_PROMPTS = 4
 
 
-def build_onnx(hf_dir: Path, out_dir: Path, precision: str, device: str, cache_dir: Path) -> None:
-    """Runs onnxruntime-genai's model builder on an HF folder."""
+def build_onnx(hf_dir: Path, out_dir: Path, precision: str, device: str, cache_dir: Path,
+               adapter_path: Path | None = None) -> None:
+    """Runs onnxruntime-genai's model builder on an HF folder (with a PEFT LoRA: LoRA branches)."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
            "-p", precision, "-e", device, "-c", str(cache_dir)]
+    if adapter_path is not None:
+        cmd += ["--extra_options", f"adapter_path={adapter_path}"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"export: the ONNX model builder failed ({tail[0]})")
 
 
-def onnx_logits(model_dir: Path, input_ids: list[int]) -> np.ndarray:
-    """Full-sequence logits of an exported decoder, run with an empty KV cache. (T, vocab)"""
+def onnx_logits(model_dir: Path, input_ids: list[int], extra_feeds: dict | None = None) -> np.ndarray:
+    """Full-sequence logits of an exported decoder, run with an empty KV cache. (T, vocab)
+    extra_feeds: graph inputs to override (an adapter's LoRA weights)."""
     import onnxruntime as ort
 
     decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the LoRA inputs are overridable initializers on purpose
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
     feeds = {"input_ids": np.array([input_ids], dtype=np.int64),
              "attention_mask": np.ones((1, len(input_ids)), dtype=np.int64)}
     empty_cache = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
     for spec in session.get_inputs():
         if spec.name.startswith("past_key_values"):
             feeds[spec.name] = empty_cache
+    feeds.update(extra_feeds or {})
     return session.run(["logits"], feeds)[0][0]
 
 
@@ -92,7 +109,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export(adapter_dir: str | Path, out_dir: str | Path, mode: str = "merged", precision: str = "fp32",
+def export(adapter_dir: str | Path, out_dir: str | Path, mode: str = "adapters", precision: str = "fp32",
            device: str = "cpu", log=print) -> dict:
     """Builds, validates and writes the export; returns the manifest."""
     from hydra_edge.inference import prompt_ids
@@ -117,22 +134,21 @@ def export(adapter_dir: str | Path, out_dir: str | Path, mode: str = "merged", p
         log("export: writing the dequantized base")
         plain = save_plain_base(config, work / "peft" / "base")
         prompts = validation_prompts(adapter_dir)
+        reference, tokenizer = hydra_on_plain_base(plain, adapter_dir)
+        builder = _build_adapters if mode == "adapters" else _build_merged
+        feeds_by_cluster = builder(work, plain, heads_by_cluster, scaling, precision, device, log)
         validation = {}
         for cluster, heads in heads_by_cluster.items():
-            log(f"export: cluster {cluster}: folding B̄_c·A into the base and building ONNX ({precision}, {device})")
-            reference, tokenizer = hydra_on_plain_base(plain, adapter_dir, gates_by_cluster[cluster])
-            folded_dir = work / "tmp" / f"folded_{cluster}"
-            folded = _fold(plain, heads, scaling)
-            folded.save_pretrained(folded_dir)
-            tokenizer.save_pretrained(folded_dir)
-            model_dir = work / "models" / f"cluster_{cluster}"
-            build_onnx(folded_dir, model_dir, precision, device, work / "tmp" / "cache")
+            for name, layer in hydra_layers(reference).items():  # this cluster's merged computation
+                layer.fixed_gates = gates_by_cluster[cluster][name]
+            model_dir = work / "models" / ("base" if mode == "adapters" else f"cluster_{cluster}")
             worst = 0.0
             for messages in prompts:
                 ids = prompt_ids(tokenizer, messages)
                 with torch.no_grad():
                     expected = reference(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-                worst = max(worst, float(np.abs(onnx_logits(model_dir, ids) - expected).max()))
+                got = onnx_logits(model_dir, ids, feeds_by_cluster.get(cluster))
+                worst = max(worst, float(np.abs(got - expected).max()))
             validation[str(cluster)] = {"max_abs_logit_diff": worst, "prompts": len(prompts)}
             if worst > TOLERANCE[precision]:
                 raise UserError(
@@ -162,6 +178,71 @@ def export(adapter_dir: str | Path, out_dir: str | Path, mode: str = "merged", p
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _build_merged(work: Path, plain: Path, heads_by_cluster, scaling, precision, device, log) -> dict:
+    """One full ONNX model per cluster, (A, B̄_c) folded into the weights."""
+    for cluster, heads in heads_by_cluster.items():
+        log(f"export: cluster {cluster}: folding B̄_c·A into the base and building ONNX ({precision}, {device})")
+        folded_dir = work / "tmp" / f"folded_{cluster}"
+        _fold(plain, heads, scaling).save_pretrained(folded_dir)
+        shutil.copytree(plain, folded_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+        build_onnx(folded_dir, work / "models" / f"cluster_{cluster}", precision, device, work / "tmp" / "cache")
+    return {}
+
+
+def _build_adapters(work: Path, plain: Path, heads_by_cluster, scaling, precision, device, log) -> dict:
+    """One base ONNX model whose LoRA weights are graph inputs, plus one adapter file per cluster.
+
+    The builder (`adapter_path=`) emits MatMul(lora_A) -> MatMul(lora_B, pre-scaled) -> Add per
+    module with the weights as initializers; those become graph inputs whose zero-valued
+    initializers are the defaults (no adapter active = the base). Returns {cluster: feeds}."""
+    import onnxruntime as ort
+
+    first = next(iter(heads_by_cluster))
+    log(f"export: building the base ONNX model with LoRA inputs ({precision}, {device})")
+    rank = next(iter(heads_by_cluster[first].values()))[0].shape[0]
+    template = write_peft_adapter(work / "tmp" / "template", str(plain), rank, float(rank), heads_by_cluster[first])
+    model_dir = work / "models" / "base"
+    build_onnx(plain, model_dir, precision, device, work / "tmp" / "cache", adapter_path=template)
+    lora_names = _lora_initializers_to_inputs(model_dir)
+    (work / "adapters").mkdir()
+    feeds_by_cluster = {}
+    for cluster, heads in heads_by_cluster.items():
+        params = {}
+        for module, (a, b) in heads.items():
+            params[f"{module}.lora_A.MatMul.weight"] = np.ascontiguousarray(a.numpy().T)  # (in, r)
+            params[f"{module}.lora_B.MatMul.weight"] = np.ascontiguousarray((scaling * b).numpy().T)  # (r, out)
+        missing = set(lora_names) ^ set(params)
+        if missing:
+            raise UserError(f"export: the builder's LoRA weights do not match the adapter's modules ({sorted(missing)[:2]})")
+        adapter = ort.AdapterFormat()
+        adapter.set_adapter_version(1)
+        adapter.set_model_version(1)
+        adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
+        adapter.export_adapter(str(work / "adapters" / f"cluster_{cluster}.onnx_adapter"))
+        feeds_by_cluster[cluster] = params
+    return feeds_by_cluster
+
+
+def _lora_initializers_to_inputs(model_dir: Path) -> list[str]:
+    """Turns every LoRA weight initializer into a graph input with a zero default."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = model_dir / "model.onnx"
+    graph_model = onnx.load(str(path))
+    names = []
+    for init in graph_model.graph.initializer:
+        if ".lora_A.MatMul.weight" in init.name or ".lora_B.MatMul.weight" in init.name:
+            zeros = np.zeros_like(numpy_helper.to_array(init))
+            init.CopyFrom(numpy_helper.from_array(zeros, init.name))
+            graph_model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(zeros.shape)))
+            names.append(init.name)
+    (model_dir / "model.onnx.data").unlink()
+    onnx.save_model(graph_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    return names
 
 
 def _fold(plain_dir: Path, heads, scaling: float):

@@ -1,4 +1,4 @@
-"""ONNX export (merged mode): validated logits, same greedy tokens as PyTorch, tamper checks."""
+"""ONNX export (adapters and merged modes): validated logits, same greedy tokens as PyTorch, tamper checks."""
 
 import json
 import shutil
@@ -9,24 +9,31 @@ from conftest import run_cli
 from hydra_edge.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def exported(trained_adapter, tmp_path_factory):
+@pytest.fixture(scope="module", params=["adapters", "merged"])
+def exported(request, trained_adapter, tmp_path_factory):
     from hydra_edge.exporters.onnx_export import export
 
-    out = tmp_path_factory.mktemp("export") / "onnx"
-    manifest = export(trained_adapter, out, log=lambda m: None)
+    out = tmp_path_factory.mktemp(f"export-{request.param}") / "onnx"
+    manifest = export(trained_adapter, out, mode=request.param, log=lambda m: None)
     return out, manifest
+
+
+def model_dirs(out, manifest):
+    if manifest["mode"] == "adapters":
+        return [out / "models" / "base"]
+    return [out / "models" / f"cluster_{c}" for c in manifest["clusters"]]
 
 
 def test_export_layout_and_validation(exported, trained_adapter):
     out, manifest = exported
     config = json.loads((trained_adapter / "adapter_config.json").read_text())
-    assert manifest["mode"] == "merged" and manifest["precision"] == "fp32"
-    assert manifest["base"]["weights"] == "dequantized nf4"
+    assert manifest["precision"] == "fp32" and manifest["base"]["weights"] == "dequantized nf4"
     assert len(manifest["clusters"]) == config["heads"]
+    assert all((d / "model.onnx").is_file() for d in model_dirs(out, manifest))
     for cluster in manifest["clusters"]:
-        assert (out / "models" / f"cluster_{cluster}" / "model.onnx").is_file()
         assert (out / "peft" / f"cluster_{cluster}" / "adapter_model.safetensors").is_file()
+        if manifest["mode"] == "adapters":
+            assert (out / "adapters" / f"cluster_{cluster}.onnx_adapter").is_file()
         assert manifest["validation"]["per_cluster"][str(cluster)]["max_abs_logit_diff"] <= 1e-3
     assert (out / "router" / "clusters.safetensors").is_file()
     assert not list(out.parent.glob(".export-*"))  # the work folder was renamed into place
@@ -60,11 +67,12 @@ def test_onnx_greedy_tokens_equal_pytorch_on_every_demo_prompt(exported, trained
 def test_tampered_exports_are_refused(exported, tmp_path):
     from hydra_edge.exporters.onnx_export import verify_export
 
-    out, _ = exported
+    out, manifest = exported
+    model_dir = model_dirs(out, manifest)[0].name
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     verify_export(copy)
-    data = copy / "models" / "cluster_0" / "model.onnx.data"
+    data = copy / "models" / model_dir / "model.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0xFF
     data.write_bytes(bytes(raw))
@@ -75,7 +83,7 @@ def test_tampered_exports_are_refused(exported, tmp_path):
 
     escaped = tmp_path / "escaped"
     shutil.copytree(out, escaped)
-    model_file = escaped / "models" / "cluster_0" / "model.onnx"
+    model_file = escaped / "models" / model_dir / "model.onnx"
     graph = onnx.load(str(model_file), load_external_data=False)
     for tensor in graph.graph.initializer:
         for entry in tensor.external_data:
@@ -86,7 +94,7 @@ def test_tampered_exports_are_refused(exported, tmp_path):
     manifest = json.loads(manifest_path.read_text())
     from hydra_edge.exporters.onnx_export import _sha256
 
-    manifest["files"]["models/cluster_0/model.onnx"] = _sha256(model_file)  # a consistent-looking manifest
+    manifest["files"][f"models/{model_dir}/model.onnx"] = _sha256(model_file)  # a consistent-looking manifest
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="outside its folder"):
         verify_export(escaped)
