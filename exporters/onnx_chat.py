@@ -1,7 +1,12 @@
-"""Chatting with an export: route the request, pick that cluster's model, stream tokens."""
+"""Serving an export: route the request, pick that cluster's model (or adapter), stream tokens.
+
+`OnnxChat` is the `onnx` engine behind `hydra-edge chat --onnx` and `eval --onnx` (found
+through the `hydra_edge.engines` entry point, so hydra_edge/ never imports this module).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from hydra_edge.data import render_chat
@@ -16,7 +21,9 @@ class OnnxChat:
         self.folder = Path(folder)
         self.manifest = verify_export(self.folder)
         self.router = RequestRouter.from_dir(self.folder / "router")
-        self._models: dict[int, tuple] = {}
+        self._models: dict[str, tuple] = {}
+        self._sessions: dict[str, object] = {}
+        self._adapter_feeds: dict[int, dict] = {}
 
     def _model(self, cluster: int):
         """(model, genai tokenizer, HF tokenizer, adapters or None) serving this cluster."""
@@ -37,7 +44,48 @@ class OnnxChat:
 
     def route(self, messages: list[dict]) -> int:
         prompt = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
-        return int(self.router.route([prompt])[0])
+        return self.route_text(prompt)
+
+    def route_text(self, text: str) -> int:
+        return int(self.router.route([text])[0])
+
+    def tokenizer(self, cluster: int):
+        """The Hugging Face tokenizer (and chat template) of the model serving this cluster."""
+        return self._model(cluster)[2]
+
+    def logits(self, cluster: int, input_ids: list[int]):
+        """Teacher-forced logits of one sequence with this cluster's weights. (T, vocab) numpy"""
+        import numpy as np
+        import onnxruntime as ort
+
+        key = "base" if self.manifest["mode"] == "adapters" else f"cluster_{cluster}"
+        model_dir = self.folder / "models" / key
+        if key not in self._sessions:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self._sessions[key] = (ort.InferenceSession(str(model_dir / "model.onnx"), options,
+                                                        providers=["CPUExecutionProvider"]),
+                                   json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"])
+        session, decoder = self._sessions[key]
+        feeds = {"input_ids": np.array([input_ids], dtype=np.int64),
+                 "attention_mask": np.ones((1, len(input_ids)), dtype=np.int64)}
+        empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
+        for spec in session.get_inputs():
+            if spec.name.startswith("past_key_values"):
+                feeds[spec.name] = empty
+        if key == "base":
+            feeds.update(self._adapter_params(cluster))
+        return session.run(["logits"], feeds)[0][0]
+
+    def _adapter_params(self, cluster: int) -> dict:
+        if cluster not in self._adapter_feeds:
+            import numpy as np
+            import onnxruntime as ort
+
+            adapter = ort.AdapterFormat.read_adapter(str(self.folder / "adapters" / f"cluster_{cluster}.onnx_adapter"))
+            # copy: the arrays would otherwise point into the adapter object's memory
+            self._adapter_feeds[cluster] = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
+        return self._adapter_feeds[cluster]
 
     def answer(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, on_text=None) -> tuple[int, str]:

@@ -106,8 +106,9 @@ def _print_scores(scores: dict) -> None:
 
 @app.command("eval")
 def eval_command(
-    adapter: str = typer.Option(..., "--adapter", help="Adapter folder (the --out of finetune)."),
-    data: str = typer.Option(..., "--data", help="Held-out .jsonl/.json file ('messages' or 'text' rows)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter folder (the --out of finetune)."),
+    onnx: Optional[str] = typer.Option(None, "--onnx", help="Or an export folder (the --out of export)."),
+    data: str = typer.Option(..., "--data", help="Held-out data file (any format finetune reads)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: loss, perplexity, exact_match, n, per_cluster."),
     format: str = typer.Option("auto", "--format", help="Row format of --data (auto, alpaca, sharegpt, messages, prompt_completion, text)."),
     model: Optional[str] = typer.Option(None, "--model", help="Load the adapter onto this base instead of the one it names."),
@@ -120,8 +121,14 @@ def eval_command(
     from hydra_edge.inference import load_trained
 
     records = read_records(data, format)
-    trained = load_trained(adapter, model)
-    scores = evaluate(trained.model, trained.tokenizer, records, trained.clusters, seq_len, max_new_tokens)
+    if _one_source(adapter, onnx) == "onnx":
+        from hydra_edge.engines import load_engine
+        from hydra_edge.evaluate import evaluate_engine
+
+        scores = evaluate_engine(load_engine("onnx", onnx), records, seq_len, max_new_tokens)
+    else:
+        trained = load_trained(adapter, model)
+        scores = evaluate(trained.model, trained.tokenizer, records, trained.clusters, seq_len, max_new_tokens)
     if as_json:
         print(json.dumps(scores))
     else:
@@ -130,7 +137,8 @@ def eval_command(
 
 @app.command()
 def chat(
-    adapter: str = typer.Option(..., "--adapter", help="Adapter folder (the --out of finetune)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter folder (the --out of finetune)."),
+    onnx: Optional[str] = typer.Option(None, "--onnx", help="Or an export folder (the --out of export)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Answer this one prompt and exit (answer on stdout, routing on stderr)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     model: Optional[str] = typer.Option(None, "--model", help="Load the adapter onto this base instead of the one it names."),
@@ -139,22 +147,38 @@ def chat(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
 ) -> None:
     """Chat with an adapter; tokens stream as they are generated and the routed cluster is shown."""
-    from hydra_edge.inference import load_trained, prompt_gate_mix, stream_answer
-
-    trained = load_trained(adapter, model)
     history = [{"role": "system", "content": system}] if system else []
 
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if _one_source(adapter, onnx) == "onnx":
+        from hydra_edge.engines import load_engine
+
+        engine = load_engine("onnx", onnx)
+
+        def reply_to(messages: list[dict]) -> str:
+            cluster, reply = engine.answer(messages, max_new_tokens, temperature, top_p, show)
+            sys.stdout.write("\n")
+            print(f"[cluster {cluster} | onnx {engine.manifest['mode']}]", file=sys.stderr, flush=True)
+            return reply
+    else:
+        from hydra_edge.inference import load_trained, prompt_gate_mix, stream_answer
+
+        trained = load_trained(adapter, model)
+
+        def reply_to(messages: list[dict]) -> str:
+            cluster = int(trained.clusters.assign([messages[-1]["content"]])[0])
+            mix = prompt_gate_mix(trained.model, trained.tokenizer, messages)
+            reply = stream_answer(trained.model, trained.tokenizer, messages, max_new_tokens, temperature, top_p, show)
+            sys.stdout.write("\n")
+            gates = " ".join(f"h{i}={g:.2f}" for i, g in enumerate(mix))
+            print(f"[cluster {cluster} | gates {gates}]", file=sys.stderr, flush=True)
+            return reply
+
     def answer(text: str) -> None:
-        messages = history + [{"role": "user", "content": text}]
-        cluster = int(trained.clusters.assign([text])[0])
-        mix = prompt_gate_mix(trained.model, trained.tokenizer, messages)
-        reply = stream_answer(
-            trained.model, trained.tokenizer, messages, max_new_tokens, temperature, top_p,
-            lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
-        )
-        sys.stdout.write("\n")
-        gates = " ".join(f"h{i}={g:.2f}" for i, g in enumerate(mix))
-        print(f"[cluster {cluster} | gates {gates}]", file=sys.stderr, flush=True)
+        reply = reply_to(history + [{"role": "user", "content": text}])
         history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
 
     if prompt is not None:
@@ -188,6 +212,12 @@ def _register_plugins() -> None:
 
     for entry in entry_points(group="hydra_edge.commands"):
         entry.load()(app)
+
+
+def _one_source(adapter: str | None, onnx: str | None) -> str:
+    if bool(adapter) == bool(onnx):
+        raise UserError("give either --adapter DIR (PyTorch) or --onnx DIR (an export), not both or neither")
+    return "onnx" if onnx else "adapter"
 
 
 def main(argv: list[str] | None = None) -> None:

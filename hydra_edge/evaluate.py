@@ -48,6 +48,34 @@ def evaluate(model, tokenizer, records: list[Record], clusters: ClusterModel, se
     answers = generate_greedy(model, tokenizer, [records[i].messages[:-1] for i in with_answer], max_new_tokens)
     correct = {i: answers[j] == records[i].reference_answer.strip() for j, i in enumerate(with_answer)}
 
+    return _scores(token_losses, correct, cluster_ids)
+
+
+def evaluate_engine(engine, records: list[Record], seq_len: int, max_new_tokens: int) -> dict:
+    """The same scores for an export served by an engine (hydra_edge/engines.py): each row is
+    routed to its cluster, scored with that cluster's weights and answered greedily."""
+    import numpy as np
+
+    clusters, token_losses, correct = [], [], {}
+    for i, record in enumerate(records):
+        cluster = engine.route_text(record.prompt_text)
+        clusters.append(cluster)
+        sample = tokenize_record(engine.tokenizer(cluster), record, seq_len)
+        logits = engine.logits(cluster, sample.input_ids)[:-1]  # (T-1, V)
+        labels = np.array(sample.labels[1:])
+        valid = labels != IGNORE_INDEX
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        token_losses.append((float(-log_probs[valid, labels[valid]].sum()), int(valid.sum())))
+        if record.reference_answer is not None:
+            _, answer = engine.answer(record.messages[:-1], max_new_tokens=max_new_tokens)
+            correct[i] = answer == record.reference_answer.strip()
+    return _scores(token_losses, correct, clusters)
+
+
+def _scores(token_losses: list[tuple[float, int]], correct: dict[int, bool], cluster_ids: list[int]) -> dict:
+    """{"loss", "perplexity", "exact_match", "n", "per_cluster"} from per-row results."""
+
     def score(indices: list[int]) -> dict:
         loss_sum = sum(token_losses[i][0] for i in indices)
         tokens = sum(token_losses[i][1] for i in indices)
@@ -60,7 +88,7 @@ def evaluate(model, tokenizer, records: list[Record], clusters: ClusterModel, se
             "n": len(indices),
         }
 
-    result = score(list(range(len(records))))
+    result = score(list(range(len(token_losses))))
     result["per_cluster"] = {
         str(c): score([i for i, ci in enumerate(cluster_ids) if ci == c]) for c in sorted(set(cluster_ids))
     }

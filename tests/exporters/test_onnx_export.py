@@ -108,3 +108,19 @@ def test_export_cli_errors(trained_adapter, exported, tmp_path):
     assert result.returncode == 2 and "--mode sideways" in result.stderr.splitlines()[-1]
     result = run_cli("export", "--adapter", str(tmp_path / "nothing"), "--out", str(tmp_path / "y"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_chat_and_eval_on_an_export_from_the_cli(exported, trained_adapter):
+    from hydra_edge.tiny import DEMO_EVAL
+
+    out, manifest = exported
+    chat = run_cli("chat", "--onnx", str(out), "--prompt", "What is the capital of Peru?", "--max-new-tokens", "8")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.strip() and f"onnx {manifest['mode']}]" in chat.stderr and "[cluster " in chat.stderr
+    result = run_cli("eval", "--onnx", str(out), "--data", str(DEMO_EVAL), "--json", "--max-new-tokens", "16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads(result.stdout)
+    assert set(scores) == {"loss", "perplexity", "exact_match", "n", "per_cluster"}
+    assert scores["n"] == 79 and 0 < scores["loss"] < 20 and scores["exact_match"] is not None
+    both = run_cli("chat", "--onnx", str(out), "--adapter", str(trained_adapter), "--prompt", "hi")
+    assert both.returncode == 2 and "either --adapter" in both.stderr
