@@ -1,0 +1,131 @@
+"""Decode speed and time to first token: an ONNX export vs PyTorch eager, side by side.
+
+Both sides run the same per-cluster model: PyTorch is the float32 dequantized base with the
+HydraLoRA layers fixed to the cluster's mean gates (what the export computes), generating with
+`model.generate` (KV cache, greedy); ONNX is the export served by onnxruntime-genai. Each side
+generates --new-tokens tokens for the same prompts; the table shows median time to first token
+and decode tokens/s (tokens after the first / time after the first), then writes JSON.
+
+    python benchmarks/onnx_speed.py --adapter hydra-out --export hydra-onnx
+    python benchmarks/onnx_speed.py --adapter hydra-out --export hydra-onnx --threads 2 --json bench-out/onnx_speed.json
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = ["What is the capital of Japan?", "Give the antonym of the word early.", "Write the number eight in digits.",
+           "Classify the sentiment of this review: The meal was superb.", "Tell me a short story about a lighthouse."]
+
+
+def pytorch_side(export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: int) -> list[tuple[float, float]]:
+    from transformers import GenerationConfig
+
+    from hydra_edge.adapter import hydra_layers
+    from hydra_edge.exporters.merge import cluster_gates, hydra_on_plain_base
+    from hydra_edge.inference import prompt_ids
+
+    model, tokenizer = hydra_on_plain_base(export_dir / "peft" / "base", adapter_dir)
+    gates = cluster_gates(adapter_dir)
+    results = []
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        for name, layer in hydra_layers(model).items():
+            layer.fixed_gates = gates[cluster_of(messages)][name]
+        ids = torch.tensor([prompt_ids(tokenizer, messages)])
+        timings = []
+
+        class FirstToken:  # a streamer that notes when the first new token arrives
+            def __init__(self):
+                self.calls = 0
+
+            def put(self, value):
+                self.calls += 1
+                if self.calls == 2:  # the first call carries the prompt
+                    timings.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                 streamer=FirstToken())
+        end = time.perf_counter()
+        produced = out.shape[1] - ids.shape[1]
+        results.append((timings[0] - start, (produced - 1) / (end - timings[0])))
+    return results
+
+
+def onnx_side(export_dir: Path, new_tokens: int) -> list[tuple[float, float]]:
+    import onnxruntime_genai as og
+
+    from hydra_edge.data import render_chat
+    from hydra_edge.exporters.onnx_chat import OnnxChat
+
+    chat = OnnxChat(export_dir)
+    results = []
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        cluster = chat.route(messages)
+        model, tokenizer, hf_tokenizer, adapters = chat._model(cluster)
+        ids = tokenizer.encode(render_chat(hf_tokenizer, messages, add_generation_prompt=True))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
+        start = time.perf_counter()
+        generator = og.Generator(model, params)
+        if adapters is not None:
+            generator.set_active_adapter(adapters, f"cluster_{cluster}")
+        generator.append_tokens(ids)
+        generator.generate_next_token()
+        first = time.perf_counter()
+        produced = 1
+        while not generator.is_done():
+            generator.generate_next_token()
+            produced += 1
+        end = time.perf_counter()
+        results.append((first - start, (produced - 1) / (end - first)))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", type=Path, required=True)
+    parser.add_argument("--export", type=Path, required=True)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (ONNX Runtime uses its default)")
+    parser.add_argument("--json", type=Path, default=Path("bench-out/onnx_speed.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from hydra_edge.exporters.onnx_chat import OnnxChat
+
+    router = OnnxChat(args.export)
+    onnx_runs = onnx_side(args.export, args.new_tokens)
+    onnx_runs = onnx_side(args.export, args.new_tokens)  # second pass: sessions warm
+    torch_runs = pytorch_side(args.export, args.adapter, router.route, args.new_tokens)
+    rows = []
+    for label, runs in (("PyTorch eager", torch_runs), (f"ONNX ({router.manifest['mode']}, {router.manifest['precision']})", onnx_runs)):
+        rows.append({"runtime": label, "ttft_ms": 1000 * statistics.median(r[0] for r in runs),
+                     "decode_tokens_per_s": statistics.median(r[1] for r in runs)})
+    speedup = rows[1]["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
+    print(f"{args.new_tokens} new tokens x {len(PROMPTS)} prompts, torch threads {torch.get_num_threads()}")
+    print(f"{'runtime':<24} {'TTFT ms':>9} {'decode tok/s':>13}")
+    for r in rows:
+        print(f"{r['runtime']:<24} {r['ttft_ms']:>9.1f} {r['decode_tokens_per_s']:>13.1f}")
+    print(f"ONNX decode speed-up: {speedup:.1f}x")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"rows": rows, "speedup": speedup, "new_tokens": args.new_tokens}, indent=2) + "\n")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
