@@ -6,11 +6,10 @@ through the `hydra_edge.engines` entry point, so hydra_edge/ never imports this 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from hydra_edge.data import render_chat
-from hydra_edge.exporters.onnx_export import verify_export
+from hydra_edge.exporters.onnx_export import open_decoder, run_decoder, verify_export
 from hydra_edge.exporters.router import RequestRouter
 
 
@@ -55,27 +54,11 @@ class OnnxChat:
 
     def logits(self, cluster: int, input_ids: list[int]):
         """Teacher-forced logits of one sequence with this cluster's weights. (T, vocab) numpy"""
-        import numpy as np
-        import onnxruntime as ort
-
         key = "base" if self.manifest["mode"] == "adapters" else f"cluster_{cluster}"
-        model_dir = self.folder / "models" / key
         if key not in self._sessions:
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            self._sessions[key] = (ort.InferenceSession(str(model_dir / "model.onnx"), options,
-                                                        providers=["CPUExecutionProvider"]),
-                                   json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"])
-        session, decoder = self._sessions[key]
-        feeds = {"input_ids": np.array([input_ids], dtype=np.int64),
-                 "attention_mask": np.ones((1, len(input_ids)), dtype=np.int64)}
-        empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
-        for spec in session.get_inputs():
-            if spec.name.startswith("past_key_values"):
-                feeds[spec.name] = empty
-        if key == "base":
-            feeds.update(self._adapter_params(cluster))
-        return session.run(["logits"], feeds)[0][0]
+            self._sessions[key] = open_decoder(self.folder / "models" / key)
+        feeds = self._adapter_params(cluster) if key == "base" else None
+        return run_decoder(*self._sessions[key], input_ids, feeds)
 
     def _adapter_params(self, cluster: int) -> dict:
         if cluster not in self._adapter_feeds:

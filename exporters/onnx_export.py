@@ -64,15 +64,19 @@ def build_onnx(hf_dir: Path, out_dir: Path, precision: str, device: str, cache_d
         raise UserError(f"export: the ONNX model builder failed ({tail[0]})")
 
 
-def onnx_logits(model_dir: Path, input_ids: list[int], extra_feeds: dict | None = None) -> np.ndarray:
-    """Full-sequence logits of an exported decoder, run with an empty KV cache. (T, vocab)
-    extra_feeds: graph inputs to override (an adapter's LoRA weights)."""
+def open_decoder(model_dir: Path):
+    """(onnxruntime session, genai decoder config) of an exported decoder."""
     import onnxruntime as ort
 
-    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the LoRA inputs are overridable initializers on purpose
     session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return session, json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+
+
+def run_decoder(session, decoder: dict, input_ids: list[int], extra_feeds: dict | None = None) -> np.ndarray:
+    """Full-sequence logits with an empty KV cache. (T, vocab)
+    extra_feeds: graph inputs to override (an adapter's LoRA weights)."""
     feeds = {"input_ids": np.array([input_ids], dtype=np.int64),
              "attention_mask": np.ones((1, len(input_ids)), dtype=np.int64)}
     empty_cache = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
@@ -81,6 +85,10 @@ def onnx_logits(model_dir: Path, input_ids: list[int], extra_feeds: dict | None 
             feeds[spec.name] = empty_cache
     feeds.update(extra_feeds or {})
     return session.run(["logits"], feeds)[0][0]
+
+
+def onnx_logits(model_dir: Path, input_ids: list[int], extra_feeds: dict | None = None) -> np.ndarray:
+    return run_decoder(*open_decoder(model_dir), input_ids, extra_feeds)
 
 
 def validation_prompts(adapter_dir: Path, count: int = VALIDATION_PROMPTS) -> list[list[dict]]:
