@@ -12,7 +12,7 @@ def export_command(
     adapter: str = typer.Option(..., "--adapter", help="Adapter folder (the --out of finetune)."),
     out: str = typer.Option(..., "--out", help="New folder for the export."),
     mode: str = typer.Option("adapters", "--mode", help="adapters: one base model + one adapter file per cluster; "
-                             "merged: one full ONNX model per cluster."),
+                             "merged: one full ONNX model per cluster; dynamic: router + all heads per token."),
     precision: str = typer.Option("fp32", "--precision", help="fp32."),
     device: str = typer.Option("cpu", "--device", help="cpu."),
 ) -> None:
@@ -20,7 +20,7 @@ def export_command(
     from hydra_edge.exporters.onnx_export import export
 
     manifest = export(adapter, out, mode, precision, device, log=lambda m: print(m, file=sys.stderr, flush=True))
-    worst = max(v["max_abs_logit_diff"] for v in manifest["validation"]["per_cluster"].values())
+    worst = max(v["max_abs_logit_diff"] for v in manifest["validation"]["checks"].values())
     print(f"exported {len(manifest['clusters'])} clusters ({mode}, {precision}, {device}) to {out}; "
           f"validation max |logit diff| {worst:.2e} <= {manifest['validation']['tolerance']:g}")
 

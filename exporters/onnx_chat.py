@@ -24,9 +24,14 @@ class OnnxChat:
         self._sessions: dict[str, object] = {}
         self._adapter_feeds: dict[int, dict] = {}
 
+    def _key(self, cluster: int) -> str:
+        """The models/ folder serving a cluster: one shared base (adapters), one model that
+        routes per token by itself (dynamic), or the cluster's own model (merged)."""
+        return {"adapters": "base", "dynamic": "dynamic"}.get(self.manifest["mode"], f"cluster_{cluster}")
+
     def _model(self, cluster: int):
         """(model, genai tokenizer, HF tokenizer, adapters or None) serving this cluster."""
-        key = "base" if self.manifest["mode"] == "adapters" else f"cluster_{cluster}"
+        key = self._key(cluster)
         if key not in self._models:
             import onnxruntime_genai as og
             from transformers import AutoTokenizer
@@ -54,7 +59,7 @@ class OnnxChat:
 
     def logits(self, cluster: int, input_ids: list[int]):
         """Teacher-forced logits of one sequence with this cluster's weights. (T, vocab) numpy"""
-        key = "base" if self.manifest["mode"] == "adapters" else f"cluster_{cluster}"
+        key = self._key(cluster)
         if key not in self._sessions:
             self._sessions[key] = open_decoder(self.folder / "models" / key)
         feeds = self._adapter_params(cluster) if key == "base" else None

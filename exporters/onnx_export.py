@@ -8,6 +8,8 @@ fused attention):
   `.onnx_adapter` file per cluster that onnxruntime-genai activates per request; the base is
   stored once.
 - `merged`: one full ONNX model per cluster with (A, B̄_c) folded into the weights.
+- `dynamic`: one ONNX model that computes the per-token router and all heads, exactly as in
+  training (no per-cluster approximation).
 
 The request router ships as plain arrays. Every export is validated: the ONNX logits must match
 the PyTorch model with the same per-cluster gates within a stated tolerance, or the export fails
@@ -19,6 +21,7 @@ and leaves nothing behind.
     <out>/models/base/              adapters mode: the decoder with LoRA inputs
     <out>/adapters/cluster_<c>.onnx_adapter
     <out>/models/cluster_<c>/       merged mode: genai_config.json, model.onnx, model.onnx.data
+    <out>/models/dynamic/           dynamic mode: the decoder with the router and heads inside
     <out>/peft/base/                the dequantized base as a float32 HF folder
     <out>/peft/cluster_<c>/         LoRA (A, B̄_c) in PEFT format, for PEFT / vLLM / TGI
 """
@@ -45,7 +48,7 @@ from hydra_edge.exporters.merge import (
 )
 
 MANIFEST = "export_manifest.json"
-MODES = ("adapters", "merged")
+MODES = ("adapters", "merged", "dynamic")
 PRECISIONS = ("fp32",)
 TOLERANCE = {"fp32": 1e-3}
 VALIDATION_PROMPTS = 4
@@ -143,27 +146,34 @@ def export(adapter_dir: str | Path, out_dir: str | Path, mode: str = "adapters",
         plain = save_plain_base(config, work / "peft" / "base")
         prompts = validation_prompts(adapter_dir)
         reference, tokenizer = hydra_on_plain_base(plain, adapter_dir)
-        builder = _build_adapters if mode == "adapters" else _build_merged
-        feeds_by_cluster = builder(work, plain, heads_by_cluster, scaling, precision, device, log)
+        if mode == "dynamic":
+            feeds_by_cluster = _build_dynamic(work, plain, adapter_dir, config, precision, device, log)
+        else:
+            builder = _build_adapters if mode == "adapters" else _build_merged
+            feeds_by_cluster = builder(work, plain, heads_by_cluster, scaling, precision, device, log)
+        # What each exported model must reproduce: the dynamic model itself, or each cluster's
+        # merged computation (the same adapter with every layer's gates fixed to ḡ_c).
+        targets = [("dynamic", None)] if mode == "dynamic" else [(c, gates_by_cluster[c]) for c in heads_by_cluster]
         validation = {}
-        for cluster, heads in heads_by_cluster.items():
-            for name, layer in hydra_layers(reference).items():  # this cluster's merged computation
-                layer.fixed_gates = gates_by_cluster[cluster][name]
-            model_dir = work / "models" / ("base" if mode == "adapters" else f"cluster_{cluster}")
+        for target, gates in targets:
+            for name, layer in hydra_layers(reference).items():
+                layer.fixed_gates = None if gates is None else gates[name]
+            model_dir = work / "models" / {"adapters": "base", "dynamic": "dynamic"}.get(mode, f"cluster_{target}")
             worst = 0.0
             for messages in prompts:
                 ids = prompt_ids(tokenizer, messages)
                 with torch.no_grad():
                     expected = reference(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-                got = onnx_logits(model_dir, ids, feeds_by_cluster.get(cluster))
+                got = onnx_logits(model_dir, ids, feeds_by_cluster.get(target))
                 worst = max(worst, float(np.abs(got - expected).max()))
-            validation[str(cluster)] = {"max_abs_logit_diff": worst, "prompts": len(prompts)}
+            validation[str(target)] = {"max_abs_logit_diff": worst, "prompts": len(prompts)}
             if worst > TOLERANCE[precision]:
                 raise UserError(
-                    f"export: validation failed for cluster {cluster}: max |ONNX - PyTorch| logit difference "
-                    f"{worst:.3g} > tolerance {TOLERANCE[precision]:g}; nothing was written to {out_dir}"
+                    f"export: validation failed for {'' if target == 'dynamic' else 'cluster '}{target}: max |ONNX - "
+                    f"PyTorch| logit difference {worst:.3g} > tolerance {TOLERANCE[precision]:g}; nothing was written to {out_dir}"
                 )
-            log(f"export: cluster {cluster} validated (max |logit diff| {worst:.2e} <= {TOLERANCE[precision]:g})")
+            log(f"export: {target} validated (max |logit diff| {worst:.2e} <= {TOLERANCE[precision]:g})")
+        for cluster, heads in heads_by_cluster.items():
             write_peft_adapter(work / "peft" / f"cluster_{cluster}", "../base", config["r"], config["alpha"], heads)
         shutil.rmtree(work / "tmp")
         (work / "router").mkdir()
@@ -175,7 +185,7 @@ def export(adapter_dir: str | Path, out_dir: str | Path, mode: str = "adapters",
             "base": {"model": config["base_model"], "fingerprint": config["base_fingerprint"],
                      "weights": f"dequantized {config['quantization']}" if config["quantization"] != "none" else "as trained"},
             "clusters": sorted(int(c) for c in heads_by_cluster), "heads": config["heads"], "r": config["r"],
-            "alpha": config["alpha"], "validation": {"tolerance": TOLERANCE[precision], "per_cluster": validation},
+            "alpha": config["alpha"], "validation": {"tolerance": TOLERANCE[precision], "checks": validation},
         }
         manifest["files"] = {str(p.relative_to(work)): _sha256(p) for p in sorted(work.rglob("*")) if p.is_file()}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -231,6 +241,77 @@ def _build_adapters(work: Path, plain: Path, heads_by_cluster, scaling, precisio
         adapter.export_adapter(str(work / "adapters" / f"cluster_{cluster}.onnx_adapter"))
         feeds_by_cluster[cluster] = params
     return feeds_by_cluster
+
+
+def _build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: dict, precision, device, log) -> dict:
+    """One ONNX model that runs the router and all heads per token, exactly as in training.
+
+    The builder's LoRA branch per module, MatMul(x, Aᵀ) -> MatMul(h, B_scaledᵀ), is rewritten to
+        g = Softmax(MatMul(x, W_routerᵀ))                  (B, T, N)
+        gh = Reshape(Unsqueeze(g, -1) * Unsqueeze(h, -2))    (B, T, N·r)
+        delta = MatMul(gh, B_cat)                           B_cat: (N·r, out), scaled by alpha/r
+    i.e. the layer's own flattened computation (hydra_edge/layers.py)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from hydra_edge.adapter import read_adapter_weights
+
+    weights = read_adapter_weights(adapter_dir)
+    modules = config["target_modules"]
+    scaling = config["alpha"] / config["r"]
+    log(f"export: building the dynamic ONNX model (router + {config['heads']} heads per module; {precision}, {device})")
+    template_heads = {m: (weights[f"{m}.hydra_A"].float(), weights[f"{m}.hydra_B"][0].float()) for m in modules}
+    template = write_peft_adapter(work / "tmp" / "template", str(plain), config["r"], float(config["r"]), template_heads)
+    model_dir = work / "models" / "dynamic"
+    build_onnx(plain, model_dir, precision, device, work / "tmp" / "cache", adapter_path=template)
+
+    path = model_dir / "model.onnx"
+    graph_model = onnx.load(str(path))
+    graph = graph_model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    new_nodes, rewritten = [], 0
+    axes = {"-1": numpy_helper.from_array(np.array([-1], dtype=np.int64), "hydra_axes_last"),
+            "-2": numpy_helper.from_array(np.array([-2], dtype=np.int64), "hydra_axes_second_last"),
+            "shape": numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), "hydra_shape_flatten_heads")}
+    graph.initializer.extend(axes.values())
+    for node in graph.node:
+        new_nodes.append(node)
+        if node.op_type != "MatMul" or not node.input[1].endswith(".lora_B.MatMul.weight"):
+            continue
+        module = node.input[1][: -len(".lora_B.MatMul.weight")]
+        a_node = producers[node.input[0]]  # MatMul(x, lora_A)
+        x, h = a_node.input[0], node.input[0]
+        heads = weights[f"{module}.hydra_B"].float()  # (N, out, r)
+        n_heads, out_features, rank = heads.shape
+        b_cat = (scaling * heads.permute(0, 2, 1).reshape(n_heads * rank, out_features)).numpy()  # (N·r, out)
+        prefix = f"/hydra/{module}"
+        router_name, b_name = f"{module}.hydra_router_T", f"{module}.hydra_B_cat"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weights[f"{module}.hydra_router"].float().numpy().T), router_name))
+        initializers[node.input[1]].CopyFrom(numpy_helper.from_array(b_cat, node.input[1]))
+        initializers[a_node.input[1]].CopyFrom(numpy_helper.from_array(
+            np.ascontiguousarray(weights[f"{module}.hydra_A"].float().numpy().T), a_node.input[1]))
+        gate_nodes = [
+            helper.make_node("MatMul", [x, router_name], [f"{prefix}/router_logits"], name=f"{prefix}/router/MatMul"),
+            helper.make_node("Softmax", [f"{prefix}/router_logits"], [f"{prefix}/gates"], name=f"{prefix}/Softmax", axis=-1),
+            helper.make_node("Unsqueeze", [f"{prefix}/gates", "hydra_axes_last"], [f"{prefix}/gates_u"], name=f"{prefix}/UnsqueezeG"),
+            helper.make_node("Unsqueeze", [h, "hydra_axes_second_last"], [f"{prefix}/h_u"], name=f"{prefix}/UnsqueezeH"),
+            helper.make_node("Mul", [f"{prefix}/gates_u", f"{prefix}/h_u"], [f"{prefix}/gh"], name=f"{prefix}/Mul"),
+            helper.make_node("Reshape", [f"{prefix}/gh", "hydra_shape_flatten_heads"], [f"{prefix}/gh_flat"], name=f"{prefix}/Reshape"),
+        ]
+        new_nodes[-1:] = gate_nodes + [node]
+        node.input[0] = f"{prefix}/gh_flat"
+        node.input[1] = b_name
+        initializers[f"{module}.lora_B.MatMul.weight"].name = b_name
+        rewritten += 1
+    if rewritten != len(modules):
+        raise UserError(f"export: found {rewritten} LoRA branches in the built model, expected {len(modules)}")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    (model_dir / "model.onnx.data").unlink()
+    onnx.save_model(graph_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    return {}
 
 
 def _lora_initializers_to_inputs(model_dir: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""ONNX export (adapters and merged modes): validated logits, same greedy tokens as PyTorch, tamper checks."""
+"""ONNX export (adapters, merged, dynamic): validated logits, same greedy tokens as PyTorch, tamper checks."""
 
 import json
 import shutil
@@ -9,7 +9,7 @@ from conftest import run_cli
 from hydra_edge.errors import UserError
 
 
-@pytest.fixture(scope="module", params=["adapters", "merged"])
+@pytest.fixture(scope="module", params=["adapters", "merged", "dynamic"])
 def exported(request, trained_adapter, tmp_path_factory):
     from hydra_edge.exporters.onnx_export import export
 
@@ -19,8 +19,8 @@ def exported(request, trained_adapter, tmp_path_factory):
 
 
 def model_dirs(out, manifest):
-    if manifest["mode"] == "adapters":
-        return [out / "models" / "base"]
+    if manifest["mode"] in ("adapters", "dynamic"):
+        return [out / "models" / ("base" if manifest["mode"] == "adapters" else "dynamic")]
     return [out / "models" / f"cluster_{c}" for c in manifest["clusters"]]
 
 
@@ -34,7 +34,10 @@ def test_export_layout_and_validation(exported, trained_adapter):
         assert (out / "peft" / f"cluster_{cluster}" / "adapter_model.safetensors").is_file()
         if manifest["mode"] == "adapters":
             assert (out / "adapters" / f"cluster_{cluster}.onnx_adapter").is_file()
-        assert manifest["validation"]["per_cluster"][str(cluster)]["max_abs_logit_diff"] <= 1e-3
+    checks = manifest["validation"]["checks"]
+    expected = ["dynamic"] if manifest["mode"] == "dynamic" else [str(c) for c in manifest["clusters"]]
+    assert sorted(checks) == sorted(expected)
+    assert all(check["max_abs_logit_diff"] <= 1e-3 for check in checks.values())
     assert (out / "router" / "clusters.safetensors").is_file()
     assert not list(out.parent.glob(".export-*"))  # the work folder was renamed into place
 
@@ -56,8 +59,9 @@ def test_onnx_greedy_tokens_equal_pytorch_on_every_demo_prompt(exported, trained
     for i, conv in enumerate(conversations):
         by_cluster.setdefault(chat.route(conv), []).append(i)
     assert len(by_cluster) >= 2
+    dynamic = chat.manifest["mode"] == "dynamic"  # the router and all heads run per token, as in training
     for cluster, rows in by_cluster.items():
-        model, tokenizer = hydra_on_plain_base(out / "peft" / "base", trained_adapter, gates[cluster])
+        model, tokenizer = hydra_on_plain_base(out / "peft" / "base", trained_adapter, None if dynamic else gates[cluster])
         expected = generate_greedy(model, tokenizer, [conversations[i] for i in rows], max_new_tokens=32)
         for i, reference in zip(rows, expected):
             routed, answer = chat.answer(conversations[i], max_new_tokens=32)
