@@ -1,7 +1,7 @@
 """Decode speed and time to first token: an ONNX export vs PyTorch eager, side by side.
 
-Both sides run the same per-cluster model: PyTorch is the float32 dequantized base with the
-HydraLoRA layers fixed to the cluster's mean gates (what the export computes), generating with
+Both sides run the same model: PyTorch is the float32 dequantized base with the HydraLoRA layers
+(fixed to the cluster's mean gates, or with the per-token router for a dynamic export), generating with
 `model.generate` (KV cache, greedy); ONNX is the export served by onnxruntime-genai. Each side
 generates --new-tokens tokens for the same prompts; the table shows median time to first token
 and decode tokens/s (tokens after the first / time after the first), then writes JSON.
@@ -23,7 +23,7 @@ PROMPTS = ["What is the capital of Japan?", "Give the antonym of the word early.
            "Classify the sentiment of this review: The meal was superb.", "Tell me a short story about a lighthouse."]
 
 
-def pytorch_side(export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: int) -> list[tuple[float, float]]:
+def pytorch_side(export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: int, dynamic: bool) -> list[tuple[float, float]]:
     from transformers import GenerationConfig
 
     from hydra_edge.adapter import hydra_layers
@@ -35,8 +35,8 @@ def pytorch_side(export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: in
     results = []
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
-        for name, layer in hydra_layers(model).items():
-            layer.fixed_gates = gates[cluster_of(messages)][name]
+        for name, layer in hydra_layers(model).items():  # dynamic exports keep the per-token router
+            layer.fixed_gates = None if dynamic else gates[cluster_of(messages)][name]
         ids = torch.tensor([prompt_ids(tokenizer, messages)])
         timings = []
 
@@ -111,7 +111,8 @@ def main() -> None:
     router = OnnxChat(args.export)
     onnx_runs = onnx_side(args.export, args.new_tokens)
     onnx_runs = onnx_side(args.export, args.new_tokens)  # second pass: sessions warm
-    torch_runs = pytorch_side(args.export, args.adapter, router.route, args.new_tokens)
+    torch_runs = pytorch_side(args.export, args.adapter, router.route, args.new_tokens,
+                              router.manifest["mode"] == "dynamic")
     rows = []
     for label, runs in (("PyTorch eager", torch_runs), (f"ONNX ({router.manifest['mode']}, {router.manifest['precision']})", onnx_runs)):
         rows.append({"runtime": label, "ttft_ms": 1000 * statistics.median(r[0] for r in runs),
