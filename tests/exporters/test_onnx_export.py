@@ -128,3 +128,37 @@ def test_chat_and_eval_on_an_export_from_the_cli(exported, trained_adapter):
     assert scores["n"] == 79 and 0 < scores["loss"] < 20 and scores["exact_match"] is not None
     both = run_cli("chat", "--onnx", str(out), "--adapter", str(trained_adapter), "--prompt", "hi")
     assert both.returncode == 2 and "either --adapter" in both.stderr
+
+
+@pytest.mark.parametrize("mode", ["adapters", "dynamic"])
+def test_int4_export_keeps_lora_float_and_validates(trained_adapter, tmp_path, mode):
+    import onnx
+
+    from hydra_edge.exporters.onnx_chat import OnnxChat
+    from hydra_edge.exporters.onnx_export import export
+
+    manifest = export(trained_adapter, tmp_path / "int4", mode=mode, precision="int4", log=lambda m: None)
+    assert manifest["precision"] == "int4" and "agreement" in manifest["validation"]["criteria"]
+    for check in manifest["validation"]["checks"].values():
+        assert check["top1_agreement"] >= 0.75 and check["relative_error"] <= 0.25
+    model_dir = tmp_path / "int4" / "models" / ("base" if mode == "adapters" else "dynamic")
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    assert "MatMulNBits" in ops  # the base is int4
+    lora = [i.name for i in graph.initializer if ".lora_A." in i.name or ".hydra_" in i.name or ".lora_B." in i.name]
+    assert lora and not any(name.endswith(("_Q4", "_scales")) for name in lora)  # the adapters are not
+    cluster, answer = OnnxChat(tmp_path / "int4").answer([{"role": "user", "content": "What is the capital of Peru?"}], 8)
+    assert isinstance(cluster, int) and answer
+
+
+def test_validation_rejects_a_wrong_model():
+    import numpy as np
+
+    from hydra_edge.exporters.onnx_export import compare_logits, validation_problem
+
+    rng = np.random.default_rng(0)
+    expected = rng.normal(size=(40, 64))
+    assert validation_problem(compare_logits(expected + 1e-5, expected), "fp32") is None
+    assert "tolerance" in validation_problem(compare_logits(expected + 0.01, expected), "fp32")
+    assert validation_problem(compare_logits(expected + rng.normal(scale=0.1, size=expected.shape), expected), "int4") is None
+    assert "agreement" in validation_problem(compare_logits(rng.normal(size=(40, 64)), expected), "int4")
