@@ -211,7 +211,12 @@ def _register_plugins() -> None:
     from importlib.metadata import entry_points
 
     for entry in entry_points(group="hydra_edge.commands"):
-        entry.load()(app)
+        try:
+            register = entry.load()
+        except ImportError as exc:  # a broken or partial install: the other commands still work
+            print(f"hydra-edge: warning: the '{entry.name}' command is unavailable ({exc})", file=sys.stderr)
+            continue
+        register(app)
 
 
 def _one_source(adapter: str | None, onnx: str | None) -> str:

@@ -192,7 +192,7 @@ def train_loop(
             step += 1
             elapsed = time.perf_counter() - step_start
             row = {
-                "step": step, "loss": loss_value, "lr": lr_now, "grad_norm": grad_norm,
+                "step": step, "total_steps": settings.total_steps, "loss": loss_value, "lr": lr_now, "grad_norm": grad_norm,
                 "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9), "step_time_s": elapsed,
                 "elapsed_s": time.perf_counter() - run_start, "epoch": (step * settings.grad_accum) / micro_per_epoch,
                 "skipped": skipped,
