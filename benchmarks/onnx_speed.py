@@ -7,7 +7,10 @@ generates --new-tokens tokens for the same prompts; the table shows median time 
 and decode tokens/s (tokens after the first / time after the first), then writes JSON.
 
     python benchmarks/onnx_speed.py --adapter hydra-out --export hydra-onnx
-    python benchmarks/onnx_speed.py --adapter hydra-out --export hydra-onnx --threads 2 --json bench-out/onnx_speed.json
+    python benchmarks/onnx_speed.py --adapter hydra-out --export onnx-fp32 onnx-int4 --json bench-out/onnx_speed.json
+
+Several exports of the same adapter (fp32 and int4, say) are measured in one run against one
+PyTorch baseline; they must share a mode (dynamic vs per-cluster gates decides the baseline).
 """
 
 import argparse
@@ -98,7 +101,7 @@ def onnx_side(export_dir: Path, new_tokens: int) -> list[tuple[float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", type=Path, required=True)
-    parser.add_argument("--export", type=Path, required=True)
+    parser.add_argument("--export", type=Path, nargs="+", required=True, help="one or more exports of --adapter")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (ONNX Runtime uses its default)")
     parser.add_argument("--json", type=Path, default=Path("bench-out/onnx_speed.json"))
@@ -108,23 +111,30 @@ def main() -> None:
 
     from hydra_edge.exporters.onnx_chat import OnnxChat
 
-    router = OnnxChat(args.export)
-    onnx_runs = onnx_side(args.export, args.new_tokens)
-    onnx_runs = onnx_side(args.export, args.new_tokens)  # second pass: sessions warm
-    torch_runs = pytorch_side(args.export, args.adapter, router.route, args.new_tokens,
-                              router.manifest["mode"] == "dynamic")
+    routers = [OnnxChat(folder) for folder in args.export]
+    modes = {r.manifest["mode"] == "dynamic" for r in routers}
+    if len(modes) > 1:
+        sys.exit("onnx_speed: mix of dynamic and per-cluster exports; measure them in separate runs")
+    runs_by_label = {}
+    for folder, router in zip(args.export, routers):
+        onnx_side(folder, args.new_tokens)  # first pass: sessions and caches warm up
+        label = f"ONNX ({router.manifest['mode']}, {router.manifest['precision']})"
+        runs_by_label[label] = onnx_side(folder, args.new_tokens)
+    # The PyTorch model is the same for every export: the dequantized base (from the first).
+    torch_runs = pytorch_side(args.export[0], args.adapter, routers[0].route, args.new_tokens, modes.pop())
     rows = []
-    for label, runs in (("PyTorch eager", torch_runs), (f"ONNX ({router.manifest['mode']}, {router.manifest['precision']})", onnx_runs)):
+    for label, runs in {"PyTorch eager": torch_runs, **runs_by_label}.items():
         rows.append({"runtime": label, "ttft_ms": 1000 * statistics.median(r[0] for r in runs),
                      "decode_tokens_per_s": statistics.median(r[1] for r in runs)})
-    speedup = rows[1]["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
+    for row in rows:
+        row["decode_speedup"] = row["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
     print(f"{args.new_tokens} new tokens x {len(PROMPTS)} prompts, torch threads {torch.get_num_threads()}")
-    print(f"{'runtime':<24} {'TTFT ms':>9} {'decode tok/s':>13}")
+    print(f"{'runtime':<28} {'TTFT ms':>9} {'decode tok/s':>13} {'speed-up':>9}")
     for r in rows:
-        print(f"{r['runtime']:<24} {r['ttft_ms']:>9.1f} {r['decode_tokens_per_s']:>13.1f}")
-    print(f"ONNX decode speed-up: {speedup:.1f}x")
+        print(f"{r['runtime']:<28} {r['ttft_ms']:>9.1f} {r['decode_tokens_per_s']:>13.1f} {r['decode_speedup']:>8.1f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows, "speedup": speedup, "new_tokens": args.new_tokens}, indent=2) + "\n")
+    args.json.write_text(json.dumps({"rows": rows, "new_tokens": args.new_tokens,
+                                     "exports": [str(e) for e in args.export]}, indent=2) + "\n")
     sys.exit(0)
 
 

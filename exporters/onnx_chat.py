@@ -61,7 +61,7 @@ class OnnxChat:
         """Teacher-forced logits of one sequence with this cluster's weights. (T, vocab) numpy"""
         key = self._key(cluster)
         if key not in self._sessions:
-            self._sessions[key] = open_decoder(self.folder / "models" / key)
+            self._sessions[key] = open_decoder(self.folder / "models" / key, self.manifest.get("device", "cpu"))
         feeds = self._adapter_params(cluster) if key == "base" else None
         return run_decoder(*self._sessions[key], input_ids, feeds)
 

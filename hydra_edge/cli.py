@@ -47,6 +47,8 @@ def finetune(
     alpha: Optional[float] = _opt("alpha"),
     dropout: Optional[float] = _opt("dropout"),
     head_init: Optional[str] = _opt("head_init"),
+    router_loss: Optional[float] = _opt("router_loss"),
+    pooled_steps: Optional[float] = _opt("pooled_steps"),
     targets: Optional[str] = _opt("targets"),
     quant: Optional[str] = _opt("quant"),
     gradient_checkpointing: Optional[bool] = typer.Option(

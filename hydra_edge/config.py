@@ -40,6 +40,18 @@ class FinetuneConfig:
     alpha: float = _f(32.0, "LoRA alpha; the branch is scaled by alpha / rank.")
     dropout: float = _f(0.05, "Dropout on the A path.")
     head_init: str = _f("zero", "Head init: 'zero' (reference, starts equal to the base) or 'random' (R-LoRA).")
+    router_loss: float = _f(
+        0.1,
+        "Weight of the router-supervision loss: cross-entropy pulling every token's gates toward "
+        "its data cluster's head. Keeps routing consistent within a cluster, so the per-cluster "
+        "exports (adapters/merged) match the per-token model; 0 = unsupervised router.",
+    )
+    pooled_steps: float = _f(
+        0.5,
+        "Share of steps trained with each sample's gates pooled to their mean over the sample: the "
+        "constant gates a per-cluster export (adapters/merged) applies, so it keeps the per-token "
+        "model's quality; 0 = plain HydraLoRA.",
+    )
     targets: str = _f("mlp", "Modules to adapt: mlp, attn, all, or a comma list of module names.")
     quant: str = _f("nf4", "Base quantization: nf4 (double quant, bf16 compute), fp4, or none.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
@@ -90,8 +102,10 @@ class FinetuneConfig:
             problems.append(f"--max-steps {self.max_steps}: must be >= 1")
         if self.warmup < 0:
             problems.append(f"--warmup {self.warmup}: must be >= 0")
-        if self.save_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
-            problems.append("--save-every, --max-grad-norm and --weight-decay must be >= 0")
+        if not 0 <= self.pooled_steps <= 1:
+            problems.append(f"--pooled-steps {self.pooled_steps}: use a share between 0 and 1")
+        if self.save_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0 or self.router_loss < 0:
+            problems.append("--save-every, --max-grad-norm, --weight-decay and --router-loss must be >= 0")
         if self.quant not in QUANT_CHOICES:
             problems.append(f"--quant {self.quant}: use one of {', '.join(QUANT_CHOICES)}")
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:

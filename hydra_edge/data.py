@@ -57,6 +57,8 @@ class Sample:
     truncated: bool = field(default=False)
     overlong: bool = field(default=False)
     position_ids: list[int] | None = None
+    # Packed rows only: the cluster of each token (a row holds records of several clusters).
+    token_clusters: list[int] | None = None
 
 
 @dataclass
@@ -244,7 +246,7 @@ def pack_samples(samples: list[Sample], seq_len: int) -> list[Sample]:
     current: Sample | None = None
     for s in samples:
         if current is None or len(current.input_ids) + len(s.input_ids) > seq_len:
-            current = Sample([], [], None, cluster=s.cluster, position_ids=[])
+            current = Sample([], [], None, cluster=s.cluster, position_ids=[], token_clusters=[])
             packed.append(current)
         labels = list(s.labels)
         if current.input_ids:
@@ -252,13 +254,17 @@ def pack_samples(samples: list[Sample], seq_len: int) -> list[Sample]:
         current.input_ids += s.input_ids
         current.labels += labels
         current.position_ids += list(range(len(s.input_ids)))
+        current.token_clusters += [s.cluster] * len(s.input_ids)
     return packed
 
 
-def collate(samples: list[Sample], pad_id: int) -> dict:
+def collate(samples: list[Sample], pad_id: int, with_clusters: bool = False) -> dict:
     """Right-pads a batch into the model's inputs: input_ids/labels (B, T), and either
     attention_mask (B, T) or, for packed samples, position_ids (B, T) with no attention_mask
-    (padding then forms its own segment, and its labels are ignored)."""
+    (padding then forms its own segment, and its labels are ignored).
+
+    with_clusters adds cluster_ids (B, T): each token's data cluster, -1 on padding (for the
+    router-supervision loss; not a model input)."""
     import torch
 
     width = max(len(s.input_ids) for s in samples)
@@ -267,14 +273,18 @@ def collate(samples: list[Sample], pad_id: int) -> dict:
     mask = torch.zeros((len(samples), width), dtype=torch.long)
     packed = any(s.position_ids is not None for s in samples)
     positions = torch.zeros((len(samples), width), dtype=torch.long)
+    cluster_ids = torch.full((len(samples), width), -1, dtype=torch.long)
     for row, s in enumerate(samples):
         n = len(s.input_ids)
         ids[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(s.labels)
         mask[row, :n] = 1
+        cluster_ids[row, :n] = torch.tensor(s.token_clusters) if s.token_clusters is not None else s.cluster
         if packed:
             positions[row, :n] = torch.tensor(s.position_ids if s.position_ids is not None else list(range(n)))
             positions[row, n:] = torch.arange(width - n)
-    if packed:
-        return {"input_ids": ids, "labels": labels, "position_ids": positions}
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels}
+    batch.update({"position_ids": positions} if packed else {"attention_mask": mask})
+    if with_clusters:
+        batch["cluster_ids"] = cluster_ids
+    return batch

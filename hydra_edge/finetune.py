@@ -134,6 +134,8 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         total_steps=total_steps, batch_size=config.batch_size, grad_accum=config.grad_accum, lr=config.lr,
         weight_decay=config.weight_decay, warmup_steps=warmup, max_grad_norm=config.max_grad_norm,
         seed=config.seed, save_every=config.save_every, max_bad_steps=config.max_bad_steps,
+        router_loss=config.router_loss if num_heads > 1 else 0.0,
+        pooled_steps=config.pooled_steps if num_heads > 1 else 0.0,
     )
     summary = train_loop(
         base.model, train_samples, settings, out, base.tokenizer.pad_token_id, config.mixed_precision,

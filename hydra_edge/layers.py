@@ -57,6 +57,15 @@ class HydraLoRALinear(nn.Module):
         # When set ((N,) float32), every token uses these gates instead of the router's: the
         # per-cluster merge that export ships (B̄_c = Σ_i ḡ_{c,i} B_i), computed in PyTorch.
         self.fixed_gates: torch.Tensor | None = None
+        # Router supervision (training only): when set ((B, T) long, -1 = no target), forward()
+        # appends to router_losses the summed -log gate of each token's cluster head, and the
+        # count of tokens it covers. See train.router_supervision.
+        self.router_targets: torch.Tensor | None = None
+        self.router_losses: list[tuple[torch.Tensor, int]] = []
+        # Pooled gates (training only): when set ((B, T) float mask of real tokens), every token
+        # of a row gets the row's mean gates: the constant-per-request gating a per-cluster export
+        # applies, so training can optimise it too (train.py, --pooled-steps).
+        self.pool_mask: torch.Tensor | None = None
         self.reset_adapter_parameters()
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
@@ -80,7 +89,20 @@ class HydraLoRALinear(nn.Module):
             return self.fixed_gates.to(x.device, torch.float32).expand(*x.shape[:-1], self.num_heads)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.hydra_router.float())  # (B, T, N)
-            return torch.softmax(logits, dim=-1)
+            if self.router_targets is not None:
+                self._supervise_router(logits)
+            gates = torch.softmax(logits, dim=-1)  # (B, T, N)
+            if self.pool_mask is not None:
+                mask = self.pool_mask.to(gates.device, torch.float32).unsqueeze(-1)  # (B, T, 1)
+                pooled = (gates * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+                gates = pooled.expand_as(gates)  # (B, 1, N) -> (B, T, N)
+            return gates
+
+    def _supervise_router(self, logits: torch.Tensor) -> None:
+        """Cross-entropy of the router against each token's data cluster. (B, T, N) logits."""
+        targets = self.router_targets.to(logits.device)  # (B, T), -1 where no target
+        nll = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="sum")
+        self.router_losses.append((nll, int((targets >= 0).sum())))
 
     def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The HydraLoRA branch alone. (B, T, in) -> (B, T, out)."""

@@ -38,6 +38,8 @@ class LoopSettings:
     seed: int
     save_every: int
     max_bad_steps: int
+    router_loss: float = 0.0
+    pooled_steps: float = 0.0
 
 
 def steps_for(num_samples: int, batch_size: int, grad_accum: int, epochs: float, num_processes: int = 1) -> int:
@@ -65,9 +67,51 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def compute_loss(model, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy over the label tokens of one micro-batch (HF shifts the labels)."""
-    return model(**batch).loss
+def is_pooled_step(step: int, share: float) -> bool:
+    """Whether optimizer step `step` trains with pooled gates: a `share` of steps, evenly spread,
+    decided by the step number alone (so a resumed run makes the same choices)."""
+    return math.floor((step + 1) * share) > math.floor(step * share)
+
+
+def set_gate_pooling(model, mask: torch.Tensor | None) -> None:
+    """Pools every HydraLoRA layer's gates over each row's real tokens (mask (B, T)); None: off.
+    Like the router targets, it must stay set through backward (checkpointing replays forward)."""
+    from hydra_edge.adapter import hydra_layers
+
+    for layer in hydra_layers(model).values():
+        layer.pool_mask = mask
+
+
+def compute_loss(model, batch: dict, router_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LM loss, router loss) of one micro-batch.
+
+    The LM loss is the mean cross-entropy over the label tokens (HF shifts the labels). The
+    router loss is the mean, over every HydraLoRA layer and real token, of -log(gate of the
+    token's cluster head); it is zero when router_weight is 0 or the batch has no cluster_ids.
+    """
+    cluster_ids = batch.pop("cluster_ids", None)
+    collected = set_router_targets(model, cluster_ids if router_weight > 0 else None)
+    loss = model(**batch).loss
+    if not collected:
+        return loss, torch.zeros((), device=loss.device)
+    nll = sum(n for n, _ in collected)
+    return loss, nll / max(1, sum(c for _, c in collected))
+
+
+def set_router_targets(model, cluster_ids: torch.Tensor | None) -> list[tuple[torch.Tensor, int]]:
+    """Points every HydraLoRA layer's router supervision at cluster_ids (None: off).
+
+    Returns the list the layers append their losses to. The targets must stay set through
+    backward: with gradient checkpointing the forward is replayed there and has to run the same
+    operations (what the replay appends is discarded with the list).
+    """
+    from hydra_edge.adapter import hydra_layers
+
+    collected: list[tuple[torch.Tensor, int]] = []
+    for layer in hydra_layers(model).values():
+        layer.router_targets = cluster_ids
+        layer.router_losses = collected
+    return collected
 
 
 class _StopFlag:
@@ -159,26 +203,36 @@ def train_loop(
             # Each micro-batch's mean loss is weighted by its share of the step's target tokens,
             # so the step's loss is the mean over all its tokens, however they fall into batches.
             tokens = sum(len(s.input_ids) for group in micro_batches for s in group)
-            micro_batches = [collate(group, pad_id) for group in micro_batches]
+            micro_batches = [collate(group, pad_id, with_clusters=True) for group in micro_batches]
             targets = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]
             total_targets = max(1, sum(targets))
             step_loss = torch.zeros((), device=device)
+            step_router_loss = torch.zeros((), device=device)
             for micro, (batch, n_targets) in enumerate(zip(micro_batches, targets)):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync = micro == settings.grad_accum - 1
+                share = n_targets / total_targets
+                pooled = is_pooled_step(step, settings.pooled_steps)
+                if pooled:
+                    set_gate_pooling(model, batch["cluster_ids"] >= 0)
                 with accelerator.autocast(), (accelerator.no_sync(model) if not sync and world > 1 else _null()):
-                    loss = compute_loss(model, batch) * (n_targets / total_targets)
-                    accelerator.backward(loss)
-                step_loss = step_loss + loss.detach().float()
+                    lm_loss, router_loss = compute_loss(model, batch, settings.router_loss)
+                    accelerator.backward((lm_loss + settings.router_loss * router_loss) * share)
+                set_router_targets(model, None)
+                set_gate_pooling(model, None)
+                step_loss = step_loss + lm_loss.detach().float() * share
+                step_router_loss = step_router_loss + router_loss.detach().float() * share
             if world > 1:  # every process must see the same loss, so all skip a bad step together
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
+                step_router_loss = accelerator.reduce(step_router_loss, reduction="mean")
                 tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum"))
             loss_value = float(step_loss)
+            router_loss_value = float(step_router_loss)
             if settings.max_grad_norm > 0:
                 grad_norm = float(accelerator.clip_grad_norm_(params, settings.max_grad_norm))
             else:
                 grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-            skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+            skipped = not (math.isfinite(loss_value) and math.isfinite(router_loss_value) and math.isfinite(grad_norm))
             lr_now = scheduler.get_last_lr()[0]
             if skipped:
                 bad_in_a_row += 1
@@ -192,7 +246,7 @@ def train_loop(
             step += 1
             elapsed = time.perf_counter() - step_start
             row = {
-                "step": step, "total_steps": settings.total_steps, "loss": loss_value, "lr": lr_now, "grad_norm": grad_norm,
+                "step": step, "total_steps": settings.total_steps, "loss": loss_value, "router_loss": router_loss_value, "lr": lr_now, "grad_norm": grad_norm,
                 "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9), "step_time_s": elapsed,
                 "elapsed_s": time.perf_counter() - run_start, "epoch": (step * settings.grad_accum) / micro_per_epoch,
                 "skipped": skipped,

@@ -31,10 +31,10 @@ def test_non_finite_loss_leaves_parameters_unchanged(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_loss = train_module.compute_loss
 
-    def loss_with_nan(model, batch):
+    def loss_with_nan(model, batch, router_weight):
         calls["n"] += 1
-        loss = real_loss(model, batch)
-        return loss * float("nan") if calls["n"] == bad_step else loss
+        loss, router_loss = real_loss(model, batch, router_weight)
+        return (loss * float("nan") if calls["n"] == bad_step else loss), router_loss
 
     monkeypatch.setattr(train_module, "compute_loss", loss_with_nan)
     seen = {}
@@ -58,12 +58,12 @@ def test_non_finite_gradient_with_finite_loss_is_skipped(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_loss = train_module.compute_loss
 
-    def loss_with_nan_gradient(model, batch):
+    def loss_with_nan_gradient(model, batch, router_weight):
         calls["n"] += 1
-        loss = real_loss(model, batch)
+        loss, router_loss = real_loss(model, batch, router_weight)
         if calls["n"] == 2:
             loss.register_hook(lambda grad: grad * float("nan"))  # the loss stays finite
-        return loss
+        return loss, router_loss
 
     monkeypatch.setattr(train_module, "compute_loss", loss_with_nan_gradient)
     seen = {}
@@ -76,7 +76,10 @@ def test_non_finite_gradient_with_finite_loss_is_skipped(tmp_path, monkeypatch):
 
 
 def test_consecutive_non_finite_steps_abort(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "compute_loss", lambda model, batch: model(**batch).loss * float("inf"))
+    real_loss = train_module.compute_loss
+    monkeypatch.setattr(
+        train_module, "compute_loss", lambda *args: tuple(part * float("inf") for part in real_loss(*args))
+    )
     config = build_config({}, {**FP32, "out": str(tmp_path / "run"), "max_steps": 10, "max_bad_steps": 3})
     with pytest.raises(TrainingDiverged, match="3 steps in a row"):
         run_finetune(config)

@@ -1,0 +1,57 @@
+"""The Data tab: the intrinsic components of a dataset, as `--heads auto` will find them
+(k chosen at the elbow, cluster sizes, top terms, an example prompt per cluster, the elbow plot).
+
+API name: clusters.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from hydra_edge.formats import FORMATS
+from hydra_edge.ui.datasets import find_clusters
+from hydra_edge.ui.handlers import AppContext, refreshed, user_errors
+
+
+def build(ctx: AppContext, demo: gr.Blocks) -> gr.Dropdown:
+    ws = ctx.ws
+    files = ws.data_files()
+    gr.Markdown(
+        "HydraLoRA gives each *intrinsic component* of the data its own head. The prompts are clustered "
+        "(character n-gram TF-IDF, LSA, k-means) and k is chosen at the elbow of the inertia curve: "
+        "this is what `--heads auto` will use."
+    )
+    with gr.Row():
+        data = gr.Dropdown(files, value=files[0] if files else None, allow_custom_value=True, label="Data file",
+                           info="a file under data/ in the workspace (upload on the Train tab)", scale=4)
+        fmt = gr.Dropdown(["auto", *FORMATS], value="auto", label="Format", scale=1, min_width=140)
+        max_k = gr.Number(8, precision=0, minimum=2, maximum=32, label="Largest k tried", scale=1, min_width=120)
+        heads = gr.Dropdown(["auto", *map(str, range(1, 9))], value="auto", allow_custom_value=True,
+                            label="k", info="auto = elbow", scale=1, min_width=110)
+    run = gr.Button("Find clusters", variant="primary", elem_id="find-clusters")
+    summary = gr.Markdown(elem_id="clusters-summary")
+    with gr.Row(equal_height=False):
+        table = gr.Dataframe(headers=["cluster", "rows", "top terms", "example prompt"], interactive=False,
+                             wrap=True, label="Clusters", scale=5)
+        picture = gr.Image(label="Elbow curve and cluster sizes", type="pil", interactive=False, scale=5,
+                           buttons=["download"])
+    result = gr.JSON(visible=False)
+
+    @user_errors
+    def clusters(data: str, format: str = "auto", max_k: float = 8, heads: str = "auto"):
+        """k, sizes, top terms and elbow curve of a workspace data file (what --heads auto finds)."""
+        found, image = find_clusters(ws, data, format, max_k, heads)
+        curve = ", ".join(f"k={k}: {v:.1f}" for k, v in found["inertia_by_k"].items())
+        text = (f"**{found['file']}**: {found['rows']:,} prompts → **k = {found['k']}** clusters"
+                + (f" ({found['skipped_invalid']} invalid rows left out)" if found["skipped_invalid"] else "")
+                + f". Inertia by k: {curve}.")
+        rows = [[c, size, ", ".join(terms), example]
+                for c, (size, terms, example) in enumerate(zip(found["sizes"], found["top_terms"], found["examples"]))]
+        return found, text, rows, image
+
+    run.click(clusters, [data, fmt, max_k, heads], [result, summary, table, picture], api_name="clusters")
+    return data
+
+
+def refresh(ctx: AppContext, current: str | None):
+    return refreshed(ctx.ws.data_files(), current)

@@ -1,0 +1,328 @@
+"""The Train tab: base model, data (with validation before anything starts), HydraLoRA and
+training settings, the equivalent CLI command, Start / Stop / Resume, and a live view of the run
+(progress, ETA, loss and learning-rate curves, log) polled from what the CLI writes.
+
+API names: upload_data, validate_data, start_training, stop_training, resume_training,
+training_status.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+
+import gradio as gr
+
+from hydra_edge.formats import FORMATS
+from hydra_edge.quant import QUANT_CHOICES
+from hydra_edge.ui.datasets import store_upload, validate_data
+from hydra_edge.ui.handlers import AppContext, refreshed, user_errors
+from hydra_edge.ui.training import (
+    TrainSettings,
+    build_command,
+    command_text,
+    defaults_for,
+    format_seconds,
+    metric_rows,
+    plot_rows,
+    resume_training,
+    settings_from_kwargs,
+    start_training,
+    stop_training,
+    training_status,
+)
+
+POLL_SECONDS = 1.0
+FORM_FIELDS = list(TrainSettings.__dataclass_fields__)  # the order of start_training's parameters
+
+
+def build(ctx: AppContext, demo: gr.Blocks) -> None:
+    ws, jobs = ctx.ws, ctx.jobs
+    s = TrainSettings()
+    files = ws.data_files()
+    upload_mb = ctx.max_upload_bytes / 2**20
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=420):
+            gr.Markdown("#### Base model and data")
+            model = gr.Dropdown(
+                ["tiny", *ws.model_folders()], value=s.model, allow_custom_value=True, label="Base model",
+                info="tiny (built-in demo model), a Hugging Face id such as Qwen/Qwen2.5-0.5B-Instruct, "
+                     "or a model folder under models/ in the workspace",
+            )
+            with gr.Row():
+                data = gr.Dropdown(files, value=s.data if s.data in files else None, allow_custom_value=True,
+                                   label="Training data", info="a file under data/ in the workspace", scale=3)
+                fmt = gr.Dropdown(["auto", *FORMATS], value=s.format, label="Format", scale=1, min_width=140)
+            upload = gr.File(label=f"Upload data (.jsonl, .json, .csv, .parquet; at most {upload_mb:.0f} MB)",
+                             file_types=[".jsonl", ".json", ".csv", ".parquet"], height=110, elem_id="train-upload")
+            data_report = gr.Markdown(elem_id="data-report")
+            problems = gr.Dataframe(headers=["location", "reason", "detail"], label="Invalid rows", visible=False,
+                                    interactive=False, max_height=220, wrap=True)
+            with gr.Row():
+                eval_data = gr.Dropdown(["", *files], value=s.eval_data if s.eval_data in files else "",
+                                        allow_custom_value=True, label="Held-out data (optional)",
+                                        info="scored after training (exact-match, loss)", scale=3)
+                skip_invalid = gr.Checkbox(s.skip_invalid, label="Skip invalid rows", scale=1, min_width=140,
+                                           info="train on the valid ones")
+
+            gr.Markdown("#### HydraLoRA")
+            with gr.Row():
+                heads = gr.Dropdown(["auto", *map(str, range(1, 9))], value=s.heads, allow_custom_value=True,
+                                    label="Heads", info="auto: one per data cluster; 1 = LoRA", min_width=110)
+                rank = gr.Number(s.rank, precision=0, minimum=1, label="Rank r", min_width=90)
+                alpha = gr.Number(s.alpha, minimum=0, label="Alpha", min_width=90)
+                targets = gr.Dropdown(["mlp", "attn", "all"], value=s.targets, allow_custom_value=True,
+                                      label="Targets", info="or q_proj,v_proj,…", min_width=110)
+                quant = gr.Radio(list(QUANT_CHOICES), value=s.quant, label="Base quantization", min_width=180)
+
+            gr.Markdown("#### Training")
+            with gr.Row():
+                seq_len = gr.Number(s.seq_len, precision=0, minimum=1, label="Seq len", min_width=90)
+                batch_size = gr.Number(s.batch_size, precision=0, minimum=1, label="Batch", min_width=90)
+                grad_accum = gr.Number(s.grad_accum, precision=0, minimum=1, label="Grad accum", min_width=90)
+                lr = gr.Number(s.lr, minimum=0, label="Learning rate", min_width=110)
+            with gr.Row():
+                length = gr.Radio(["steps", "epochs"], value=s.length, label="Train for", min_width=150)
+                max_steps = gr.Number(s.max_steps, precision=0, minimum=1, label="Steps", min_width=90)
+                epochs = gr.Number(s.epochs, minimum=0, label="Epochs", min_width=90)
+            with gr.Accordion("More settings", open=False):
+                with gr.Row():
+                    dropout = gr.Number(s.dropout, minimum=0, maximum=0.99, label="Dropout", min_width=90)
+                    warmup = gr.Number(s.warmup, minimum=0, label="Warmup", info="fraction, or steps if ≥ 1",
+                                       min_width=110)
+                    head_init = gr.Radio(["zero", "random"], value=s.head_init, label="Head init", min_width=150)
+                with gr.Row():
+                    seed = gr.Number(s.seed, precision=0, label="Seed", min_width=90)
+                    save_every = gr.Number(s.save_every, precision=0, minimum=0, label="Checkpoint every (steps)",
+                                           min_width=150)
+                    packing = gr.Checkbox(s.packing, label="Packing", info="pack short samples into one row")
+            run_name = gr.Textbox(label="Run name", placeholder="run-<date>-<time> when empty",
+                                  info="its folder: runs/<name> in the workspace", elem_id="run-name")
+            command = gr.Code(language="shell", label="Equivalent command", interactive=False, lines=3,
+                              wrap_lines=True, show_line_numbers=False, elem_id="train-command")
+
+        with gr.Column(scale=6, min_width=420):
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary", elem_id="start-training")
+                stop = gr.Button("Stop (save a checkpoint)", variant="stop", interactive=False, elem_id="stop-training")
+            with gr.Row(equal_height=True):
+                resume_run = gr.Dropdown(ws.resumable_runs(), value=None, allow_custom_value=True, scale=3,
+                                         label="Stopped run", info="continues from its latest checkpoint")
+                resume = gr.Button("Resume", scale=1, elem_id="resume-training")
+            status_md = gr.Markdown(elem_id="train-status")
+            progress = gr.HTML(elem_id="train-progress")
+            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", elem_id="loss-plot", height=260,
+                                    x_title="step", y_title="loss")
+            lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", elem_id="lr-plot", height=170,
+                                  x_title="step", y_title="lr", y_axis_format=".1e")
+            with gr.Accordion("Log", open=False):
+                log = gr.Textbox(show_label=False, lines=12, max_lines=12, autoscroll=True, interactive=False,
+                                 elem_id="train-log")
+
+    form = [model, data, eval_data, fmt, skip_invalid, heads, rank, alpha, targets, quant, seq_len, batch_size,
+            grad_accum, lr, length, max_steps, epochs, dropout, warmup, head_init, packing, seed, save_every, run_name]
+    assert len(form) == len(FORM_FIELDS)
+    seen = gr.State(None)  # what this browser tab last drew, so unchanged polls send nothing
+    timer = gr.Timer(POLL_SECONDS)
+    results = gr.JSON(visible=False)
+
+    # -- data: upload, validate --------------------------------------------------------
+
+    @user_errors
+    def upload_data(file: str | None) -> dict:
+        """Stores an uploaded data file under data/ and validates it."""
+        if not file:
+            raise gr.Error("upload: no file received")
+        return store_upload(ws, file, ctx.max_upload_bytes)
+
+    def after_upload(report: dict, current_eval: str):
+        files = ws.data_files()
+        return (gr.update(choices=files, value=report["file"]), refreshed(["", *files], current_eval), None)
+
+    upload.upload(upload_data, [upload], [results], api_name="upload_data", show_progress="minimal").success(
+        after_upload, [results, eval_data], [data, eval_data, upload], api_visibility="private")
+
+    @user_errors
+    def validate(data: str, format: str = "auto") -> dict:
+        """Format, valid rows and per-row problems of a workspace data file."""
+        return validate_data(ws, data, format)
+
+    report_json = gr.JSON(visible=False)
+    gr.on([data.change, fmt.change], validate, [data, fmt], [report_json], api_name="validate_data",
+          trigger_mode="always_last", show_progress="minimal").success(
+        _render_report, [report_json, skip_invalid], [data_report, problems], api_visibility="private").failure(
+        lambda: ("", gr.update(visible=False)), None, [data_report, problems], api_visibility="private")
+    skip_invalid.change(_render_report, [report_json, skip_invalid], [data_report, problems], api_visibility="private")
+
+    # -- settings: defaults per model, the equivalent command ---------------------------
+
+    def model_defaults(model_name: str):
+        d = defaults_for(model_name)
+        return [gr.update(value=d[k]) for k in ("seq_len", "batch_size", "grad_accum", "lr", "warmup", "save_every",
+                                                 "length", "max_steps")]
+
+    model.input(model_defaults, [model], [seq_len, batch_size, grad_accum, lr, warmup, save_every, length, max_steps],
+                api_visibility="private")
+
+    def preview(*values) -> str:
+        try:
+            argv, _ = build_command(ws, settings_from_kwargs(dict(zip(FORM_FIELDS, values))))
+        except Exception as exc:  # any half-typed value: show why instead of a command
+            return f"# {exc}"
+        return command_text(ws, argv)
+
+    gr.on([c.change for c in form], preview, form, [command], api_visibility="private", show_progress="hidden",
+          trigger_mode="always_last")
+
+    # -- start / stop / resume / status ------------------------------------------------
+
+    @user_errors
+    def start_training_api(model: str, data: str, eval_data: str, format: str, skip_invalid: bool, heads: str,
+                           rank: float, alpha: float, targets: str, quant: str, seq_len: float, batch_size: float,
+                           grad_accum: float, lr: float, length: str, max_steps: float, epochs: float, dropout: float,
+                           warmup: float, head_init: str, packing: bool, seed: float, save_every: float,
+                           run_name: str) -> dict:
+        """Starts `hydra-edge finetune` with these settings (refused while a job runs); returns the status."""
+        values = {k: v for k, v in locals().items() if k in FORM_FIELDS}
+        start_training(ws, jobs, settings_from_kwargs(values))
+        return training_status(ws, jobs)
+
+    @user_errors
+    def stop_training_api() -> dict:
+        """Stops the running training; it saves a resumable checkpoint first. Returns the status."""
+        stop_training(jobs)
+        return training_status(ws, jobs)
+
+    @user_errors
+    def resume_training_api(run: str) -> dict:
+        """Continues a stopped run (runs/<name> or <name>) from its latest checkpoint; returns the status."""
+        resume_training(ws, jobs, run)
+        return training_status(ws, jobs)
+
+    def training_status_api() -> dict:
+        """The current (or last) run: state, step, loss, lr, tokens/s, ETA, checkpoint, adapter."""
+        return training_status(ws, jobs)
+
+    panel = [seen, status_md, progress, loss_plot, lr_plot, log, start, stop, resume_run]
+
+    def draw(last_seen):
+        status = training_status(ws, jobs)
+        rows = metric_rows(jobs)
+        job = jobs.last.get("train")
+        log_size = os.path.getsize(job.log_path) if job is not None and job.log_path.exists() else 0
+        key = (status.get("pid"), status["state"], status.get("phase"), len(rows), log_size)
+        if key == last_seen:
+            return [gr.skip()] * len(panel)
+        running = status["state"] in ("running", "stopping")
+        return [
+            key,
+            _status_markdown(status),
+            _progress_html(status),
+            _frame(rows, "loss"),
+            _frame(rows, "lr"),
+            job.log_tail() if job is not None else "",
+            gr.update(interactive=not running),
+            gr.update(interactive=status["state"] == "running"),
+            gr.update(choices=ws.resumable_runs(), value=status["run"] if status["state"] == "stopped" else None)
+            if not running else gr.skip(),
+        ]
+
+    start.click(start_training_api, form, [results], api_name="start_training", concurrency_limit=None).then(
+        draw, [gr.State(None)], panel, api_visibility="private", show_progress="hidden")
+    stop.click(stop_training_api, None, [results], api_name="stop_training", concurrency_limit=None).then(
+        draw, [gr.State(None)], panel, api_visibility="private", show_progress="hidden")
+    resume.click(resume_training_api, [resume_run], [results], api_name="resume_training",
+                 concurrency_limit=None).then(draw, [gr.State(None)], panel, api_visibility="private",
+                                              show_progress="hidden")
+    gr.api(training_status_api, api_name="training_status", concurrency_limit=None)
+    timer.tick(draw, [seen], panel, api_visibility="private", show_progress="hidden", concurrency_limit=None)
+
+    def on_load(current_data, current_eval, current_model):
+        """A new page (or a reload) refreshes the lists and reattaches to the running job."""
+        files = ws.data_files()
+        return [
+            refreshed(files, current_data),
+            refreshed(["", *files], current_eval),
+            gr.update(choices=["tiny", *ws.model_folders()], value=current_model),
+            *draw(None),
+        ]
+
+    def quiet_validate(data_file: str, data_format: str):
+        """On page load: the report for the preselected file, or nothing (no error notice)."""
+        try:
+            return validate_data(ws, data_file, data_format) if data_file else None
+        except Exception:
+            return None
+
+    demo.load(on_load, [data, eval_data, model], [data, eval_data, model, *panel], api_visibility="private",
+              show_progress="hidden").then(
+        quiet_validate, [data, fmt], [report_json], api_visibility="private", show_progress="hidden").then(
+        _render_report, [report_json, skip_invalid], [data_report, problems], api_visibility="private")
+
+
+def _render_report(report: dict | None, skip_invalid: bool):
+    if not report:
+        return "", gr.update(visible=False)
+    text = f"**{report['file']}**: format **{report['format']}**, **{report['rows']:,}** valid rows"
+    if report["invalid"]:
+        text += f", **{report['invalid']:,} invalid**"
+        text += (" (they will be skipped)." if skip_invalid else
+                 ". Training would stop on them: fix the file, or tick *Skip invalid rows*.")
+    else:
+        text += ", no problems found."
+    rows = [[p["location"], p["reason"], p["detail"]] for p in report["problems"]]
+    return text, gr.update(value=rows, visible=bool(rows))
+
+
+def _status_markdown(status: dict) -> str:
+    icon = {"idle": "", "running": "⏳ ", "stopping": "⏸ ", "stopped": "⏸ ", "finished": "✅ ", "failed": "❌ "}
+    text = icon.get(status["state"], "") + html.escape(status["message"])
+    if status.get("state") == "finished" and status.get("eval"):
+        scores = status["eval"]
+        em = "n/a" if scores.get("exact_match") is None else f"{100 * scores['exact_match']:.1f}%"
+        text += f"\n\nHeld-out: exact-match **{em}**, loss {scores['loss']:.4f}, perplexity {scores['perplexity']:.2f}"
+        per = scores.get("per_cluster") or {}
+        if per:
+            text += " · per cluster: " + ", ".join(f"{c}: {_percent(v.get('exact_match'))}" for c, v in per.items())
+    if status.get("command"):
+        text += f"\n\n`{html.escape(status['command'])}`"
+    return text
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def _progress_html(status: dict) -> str:
+    """A progress bar with step, percentage, elapsed time and ETA."""
+    total, step = status.get("total_steps"), status.get("step") or 0
+    if status["state"] == "idle":
+        return ""
+    fraction = step / total if total else 0.0
+    if status["state"] == "finished":
+        fraction = 1.0
+    color = {"failed": "#dc2626", "stopped": "#a3a3a3", "stopping": "#f59e0b"}.get(status["state"], "#f97316")
+    parts = [f"step {step}/{total}" if total else "preparing…", f"{100 * fraction:.0f}%"]
+    if status.get("tokens_per_s"):
+        parts.append(f"{status['tokens_per_s']:,.0f} tokens/s")
+    if status.get("elapsed_s") is not None and status["state"] in ("running", "stopping"):
+        parts.append(f"elapsed {format_seconds(status['elapsed_s'])}")
+    if status.get("eta_s") is not None:
+        parts.append(f"ETA {format_seconds(status['eta_s'])}")
+    return (
+        '<div style="margin:4px 0 2px 0">'
+        '<div style="height:14px;border-radius:7px;background:#e5e7eb;overflow:hidden">'
+        f'<div data-testid="progress-fill" style="height:100%;width:{100 * fraction:.1f}%;background:{color};'
+        'transition:width .4s"></div></div>'
+        f'<div style="font-size:0.85em;margin-top:4px;opacity:.8">{" · ".join(parts)}</div></div>'
+    )
+
+
+def _frame(rows: list[dict], column: str):
+    import pandas as pd
+
+    points = [(r["step"], r[column]) for r in plot_rows(rows)
+              if isinstance(r.get(column), (int, float)) and math.isfinite(r[column])]
+    return pd.DataFrame(points, columns=["step", column])
