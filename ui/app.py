@@ -47,16 +47,17 @@ def create_ui(workspace: str | Path = "hydra-workspace", max_upload_mb: float = 
             with gr.Tab("Data", id="data", elem_id="tab-data") as data_page:
                 data_file = data_tab.build(ctx, demo)
             with gr.Tab("Chat", id="chat", elem_id="tab-chat") as chat_page:
-                chat_source = chat_tab.build(ctx, demo)
+                chat_source, chat_info = chat_tab.build(ctx, demo)
             with gr.Tab("Export", id="export", elem_id="tab-export") as export_page:
-                export_adapter, export_existing = export_tab.build(ctx, demo)
+                export_adapter, export_existing, export_status, export_log = export_tab.build(ctx, demo)
         # Runs finish and files arrive while a page is open: each tab lists what is there now.
         data_page.select(lambda current: data_tab.refresh(ctx, current), [data_file], [data_file],
                          api_visibility="private", show_progress="hidden")
-        chat_page.select(lambda current: chat_tab.refresh(ctx, current), [chat_source], [chat_source],
+        chat_page.select(lambda current: chat_tab.refresh(ctx, current), [chat_source], [chat_source, chat_info],
                          api_visibility="private", show_progress="hidden")
         export_page.select(lambda current: export_tab.refresh(ctx, current), [export_adapter],
-                           [export_adapter, export_existing], api_visibility="private", show_progress="hidden")
+                           [export_adapter, export_existing, export_status, export_log], api_visibility="private",
+                           show_progress="hidden")
     demo.hydra = ctx
     return demo
 
@@ -66,7 +67,7 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, auth: tup
     """Serves the app: files only from the workspace, uploads capped, no monitoring endpoint, no
     share link, no MCP server. A running job is stopped (with a checkpoint) when the server exits."""
     ctx: AppContext = demo.hydra
-    atexit.register(ctx.jobs.shutdown)
+    atexit.register(_stop_job_on_exit, ctx)
     demo.queue(default_concurrency_limit=1)
     return demo.launch(
         server_name=host,
@@ -81,8 +82,17 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, auth: tup
         mcp_server=False,
         ssr_mode=False,
         pwa=False,
+        run_history=False,  # nothing about a user's calls is kept, in the browser or elsewhere
+        footer_links=["api", "gradio", "settings"],
         inbrowser=False,
         prevent_thread_lock=prevent_thread_lock,
         quiet=quiet,
         css=CSS,
     )
+
+
+def _stop_job_on_exit(ctx: AppContext) -> None:
+    job = ctx.jobs.active()
+    if job is not None:
+        print(f"hydra-edge ui: stopping {job.kind} {job.name} (a training saves a checkpoint first)…", flush=True)
+        ctx.jobs.shutdown()

@@ -59,17 +59,17 @@ def routing_text(route: dict | None, loaded) -> str:
     return text + f" · {loaded.description}"
 
 
-def build(ctx: AppContext, demo: gr.Blocks) -> gr.Dropdown:
+def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Markdown]:
     sources = ctx.chat_models.sources()
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False):
         source = gr.Dropdown(sources, value=sources[0] if sources else None, allow_custom_value=True, scale=5,
                              label="Model", info="a finished run (PyTorch adapter) or an ONNX export in the workspace",
                              elem_id="chat-source")
-        reload_list = gr.Button("Refresh list", scale=1, min_width=100)
+        reload_list = gr.Button("Refresh list", scale=1, min_width=100, size="md")
     source_info = gr.Markdown(elem_id="chat-source-info")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=240):
-            system_prompt = gr.Textbox(label="System prompt", lines=3, placeholder="optional")
+            system_prompt = gr.Textbox("", label="System prompt", lines=3, placeholder="optional")
             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
             max_tokens = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens")
@@ -153,9 +153,20 @@ def build(ctx: AppContext, demo: gr.Blocks) -> gr.Dropdown:
     source.change(describe, [source], [source_info], api_visibility="private", show_progress="minimal",
                   trigger_mode="always_last").success(
         lambda: ([], [], "", None), None, [chatbot, base_chatbot, routing, result], api_visibility="private")
-    reload_list.click(lambda current: refresh(ctx, current), [source], [source], api_visibility="private")
-    return source
+    reload_list.click(lambda current: refresh(ctx, current), [source], [source, source_info],
+                      api_visibility="private")
+    return source, source_info
 
 
 def refresh(ctx: AppContext, current: str | None):
-    return refreshed(ctx.chat_models.sources(), current)
+    """The list of runs and exports as it is now, and the chosen one loaded (so the first message
+    does not wait for it)."""
+    update = refreshed(ctx.chat_models.sources(), current)
+    chosen = update.get("value")
+    if not chosen:
+        return update, "No finished run or export in the workspace yet: train one on the Train tab."
+    try:
+        loaded = ctx.chat_models.get(chosen)
+    except Exception as exc:  # shown, not raised: opening a tab should never pop an error
+        return update, f"Cannot load {chosen}: {exc}"
+    return update, f"Loaded **{loaded.source}**: {loaded.description}."

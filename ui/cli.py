@@ -81,9 +81,16 @@ def ui_command(
 
     demo = create_ui(root, max_upload_mb=max_upload_mb)
     try:
-        launch(demo, host=host, port=port, auth=credentials)
+        _, url, _ = launch(demo, host=host, port=port, auth=credentials, prevent_thread_lock=True, quiet=True)
     except OSError as exc:  # gradio: "Cannot find empty port in range ..."
         raise UserError(f"--port {port}: cannot serve there ({exc}); choose another port") from exc
+    print(f"hydra-edge ui: {url} (workspace {demo.hydra.ws.root}"
+          + (f", sign-in required" if credentials else "") + "). Ctrl-C stops it; a running training saves "
+          "a checkpoint first.", flush=True)
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
 
 
 def register(app: typer.Typer) -> None:

@@ -16,13 +16,14 @@ from hydra_edge.ui.handlers import AppContext, refreshed, user_errors
 def build(ctx: AppContext, demo: gr.Blocks) -> gr.Dropdown:
     ws = ctx.ws
     files = ws.data_files()
+    preferred = "data/demo/train.jsonl" if "data/demo/train.jsonl" in files else (files[0] if files else None)
     gr.Markdown(
         "HydraLoRA gives each *intrinsic component* of the data its own head. The prompts are clustered "
         "(character n-gram TF-IDF, LSA, k-means) and k is chosen at the elbow of the inertia curve: "
         "this is what `--heads auto` will use."
     )
     with gr.Row():
-        data = gr.Dropdown(files, value=files[0] if files else None, allow_custom_value=True, label="Data file",
+        data = gr.Dropdown(files, value=preferred, allow_custom_value=True, label="Data file",
                            info="a file under data/ in the workspace (upload on the Train tab)", scale=4)
         fmt = gr.Dropdown(["auto", *FORMATS], value="auto", label="Format", scale=1, min_width=140)
         max_k = gr.Number(8, precision=0, minimum=2, maximum=32, label="Largest k tried", scale=1, min_width=120)
@@ -30,11 +31,10 @@ def build(ctx: AppContext, demo: gr.Blocks) -> gr.Dropdown:
                             label="k", info="auto = elbow", scale=1, min_width=110)
     run = gr.Button("Find clusters", variant="primary", elem_id="find-clusters")
     summary = gr.Markdown(elem_id="clusters-summary")
-    with gr.Row(equal_height=False):
-        table = gr.Dataframe(headers=["cluster", "rows", "top terms", "example prompt"], interactive=False,
-                             wrap=True, label="Clusters", scale=5)
-        picture = gr.Image(label="Elbow curve and cluster sizes", type="pil", interactive=False, scale=5,
-                           buttons=["download"])
+    table = gr.Dataframe(headers=["#", "rows", "top terms", "example prompt"], interactive=False, wrap=True,
+                         label="Clusters", column_widths=["6%", "8%", "36%", "50%"], elem_id="clusters-table")
+    picture = gr.Image(label="Elbow curve and cluster sizes", type="pil", interactive=False, height=420,
+                       buttons=["download"], elem_id="clusters-plot")
     result = gr.JSON(visible=False)
 
     @user_errors

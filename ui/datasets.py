@@ -21,9 +21,10 @@ MAX_PROBLEMS_SHOWN = 200
 def _safe_file_name(name: str) -> str:
     """An uploaded file's name reduced to a plain one: no folders, no odd characters."""
     base = Path(str(name).replace("\\", "/")).name
-    stem, suffix = os.path.splitext(base)
+    stem, dot, extension = base.rpartition(".")
+    stem, suffix = (stem, "." + extension.lower()) if dot else (base, "")
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:80] or "upload"
-    return stem + suffix.lower()
+    return stem + suffix
 
 
 def store_upload(ws: Workspace, uploaded: str | Path, max_bytes: int, original_name: str | None = None) -> dict:

@@ -23,7 +23,7 @@ MODE_HELP = {
 }
 
 
-def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown]:
+def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown, gr.Markdown, gr.Textbox]:
     ws, jobs = ctx.ws, ctx.jobs
     runs = ws.runs(finished_only=True)
     with gr.Row(equal_height=False):
@@ -34,7 +34,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown]:
                             info="; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
             precision = gr.Radio(list(PRECISIONS), value="fp32", label="Precision",
                                  info="int4: base weights as MatMulNBits; the adapter weights stay float")
-            name = gr.Textbox(label="Export name", placeholder="<run>-<mode>-<precision> when empty",
+            name = gr.Textbox("", label="Export name", placeholder="<run>-<mode>-<precision> when empty",
                               info="its folder: exports/<name> in the workspace")
             command = gr.Code(language="shell", label="Equivalent command", interactive=False, lines=3,
                               wrap_lines=True, show_line_numbers=False)
@@ -65,7 +65,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown]:
         """Runs `hydra-edge export` (refused while another job runs); streams its log, then returns
         the validation result and the files."""
         job = start_export(ws, jobs, adapter, name, mode, precision)
-        yield gr.skip(), f"⏳ Exporting {ws.rel(job.out)}: building the ONNX model and validating it…", [], [], ""
+        yield gr.skip(), f"Exporting {ws.rel(job.out)}: building the ONNX model and validating it…", [], [], ""
         while job.running:
             time.sleep(1.0)
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), job.log_tail()
@@ -83,14 +83,14 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown]:
     go.click(export, [adapter, mode, precision, name], [result, status, checks, files, log], api_name="export").success(
         lambda: gr.update(choices=ws.exports()), None, [existing], api_visibility="private")
     existing.input(open_export, [existing], [result, status, checks, files, log], api_name="export_result")
-    return adapter, existing
+    return adapter, existing, status, log
 
 
 def _render(found: dict) -> tuple[str, list, list]:
-    text = (f"✅ **{found['export']}**: {found['mode']} mode, {found['precision']}, clusters "
+    text = (f"**{found['export']}**: {found['mode']} mode, {found['precision']}, clusters "
             f"{', '.join(map(str, found['clusters']))}, base {found['base']}; "
             f"{len(found['files'])} files, {found['total_bytes'] / 2**20:.1f} MB.\n\n"
-            f"Validation passed: {found['criteria']}.")
+            f"**Validation passed**: {found['criteria']}.")
     checks = [[c["check"], f"{c['max_abs_logit_diff']:.2e}", f"{c['top1_agreement']:.3f}",
                f"{c.get('relative_error', float('nan')):.2e}", c.get("prompts", "")] for c in found["checks"]]
     files = [[f["file"], _size(f["bytes"])] for f in found["files"]]
@@ -106,7 +106,13 @@ def _size(n: int) -> str:
 
 
 def refresh(ctx: AppContext, current_adapter: str | None):
-    return refreshed(ctx.ws.runs(finished_only=True), current_adapter), gr.update(choices=ctx.ws.exports())
+    """Fresh lists; and when an export is running (say, started before a page reload), its state."""
+    from hydra_edge.ui.exporting import export_status
+
+    status = export_status(ctx.ws, ctx.jobs)
+    running = status["state"] == "running"
+    return (refreshed(ctx.ws.runs(finished_only=True), current_adapter), gr.update(choices=ctx.ws.exports()),
+            status["message"] if running else gr.skip(), status["log"] if running else gr.skip())
 
 
 __all__ = ["build", "refresh", "default_export_name"]

@@ -56,7 +56,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
                                    label="Training data", info="a file under data/ in the workspace", scale=3)
                 fmt = gr.Dropdown(["auto", *FORMATS], value=s.format, label="Format", scale=1, min_width=140)
             upload = gr.File(label=f"Upload data (.jsonl, .json, .csv, .parquet; at most {upload_mb:.0f} MB)",
-                             file_types=[".jsonl", ".json", ".csv", ".parquet"], height=110, elem_id="train-upload")
+                             file_types=[".jsonl", ".json", ".csv", ".parquet"], height=150, elem_id="train-upload")
             data_report = gr.Markdown(elem_id="data-report")
             problems = gr.Dataframe(headers=["location", "reason", "detail"], label="Invalid rows", visible=False,
                                     interactive=False, max_height=220, wrap=True)
@@ -79,13 +79,15 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
 
             gr.Markdown("#### Training")
             with gr.Row():
-                seq_len = gr.Number(s.seq_len, precision=0, minimum=1, label="Seq len", min_width=90)
-                batch_size = gr.Number(s.batch_size, precision=0, minimum=1, label="Batch", min_width=90)
+                seq_len = gr.Number(s.seq_len, precision=0, minimum=1, label="Seq len", min_width=90, elem_id="seq-len")
+                batch_size = gr.Number(s.batch_size, precision=0, minimum=1, label="Batch", min_width=90,
+                                       elem_id="batch-size")
                 grad_accum = gr.Number(s.grad_accum, precision=0, minimum=1, label="Grad accum", min_width=90)
                 lr = gr.Number(s.lr, minimum=0, label="Learning rate", min_width=110)
             with gr.Row():
                 length = gr.Radio(["steps", "epochs"], value=s.length, label="Train for", min_width=150)
-                max_steps = gr.Number(s.max_steps, precision=0, minimum=1, label="Steps", min_width=90)
+                max_steps = gr.Number(s.max_steps, precision=0, minimum=1, label="Steps", min_width=90,
+                                      elem_id="max-steps")
                 epochs = gr.Number(s.epochs, minimum=0, label="Epochs", min_width=90)
             with gr.Accordion("More settings", open=False):
                 with gr.Row():
@@ -98,19 +100,20 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
                     save_every = gr.Number(s.save_every, precision=0, minimum=0, label="Checkpoint every (steps)",
                                            min_width=150)
                     packing = gr.Checkbox(s.packing, label="Packing", info="pack short samples into one row")
-            run_name = gr.Textbox(label="Run name", placeholder="run-<date>-<time> when empty",
+            run_name = gr.Textbox("", label="Run name", placeholder="run-<date>-<time> when empty",
                                   info="its folder: runs/<name> in the workspace", elem_id="run-name")
-            command = gr.Code(language="shell", label="Equivalent command", interactive=False, lines=3,
+            command = gr.Code(_initial_command(ws, s), language="shell", label="Equivalent command",
+                              interactive=False, lines=3,
                               wrap_lines=True, show_line_numbers=False, elem_id="train-command")
 
         with gr.Column(scale=6, min_width=420):
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="start-training")
                 stop = gr.Button("Stop (save a checkpoint)", variant="stop", interactive=False, elem_id="stop-training")
-            with gr.Row(equal_height=True):
+            with gr.Row(equal_height=False):
                 resume_run = gr.Dropdown(ws.resumable_runs(), value=None, allow_custom_value=True, scale=3,
                                          label="Stopped run", info="continues from its latest checkpoint")
-                resume = gr.Button("Resume", scale=1, elem_id="resume-training")
+                resume = gr.Button("Resume", scale=1, min_width=100, elem_id="resume-training")
             status_md = gr.Markdown(elem_id="train-status")
             progress = gr.HTML(elem_id="train-progress")
             loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", elem_id="loss-plot", height=260,
@@ -262,6 +265,13 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         _render_report, [report_json, skip_invalid], [data_report, problems], api_visibility="private")
 
 
+def _initial_command(ws, settings: TrainSettings) -> str:
+    try:
+        return command_text(ws, build_command(ws, settings)[0])
+    except Exception as exc:
+        return f"# {exc}"
+
+
 def _render_report(report: dict | None, skip_invalid: bool):
     if not report:
         return "", gr.update(visible=False)
@@ -277,8 +287,7 @@ def _render_report(report: dict | None, skip_invalid: bool):
 
 
 def _status_markdown(status: dict) -> str:
-    icon = {"idle": "", "running": "⏳ ", "stopping": "⏸ ", "stopped": "⏸ ", "finished": "✅ ", "failed": "❌ "}
-    text = icon.get(status["state"], "") + html.escape(status["message"])
+    text = html.escape(status["message"])
     if status.get("state") == "finished" and status.get("eval"):
         scores = status["eval"]
         em = "n/a" if scores.get("exact_match") is None else f"{100 * scores['exact_match']:.1f}%"

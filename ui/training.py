@@ -306,9 +306,11 @@ def _progress_line(status: dict) -> str:
 
 def _last_note(job: Job) -> str:
     """The CLI's latest progress note (data, clusters, model), or a generic one."""
-    for line in reversed(job.log_tail(4096).splitlines()):
+    lines = job.log_tail(4096).splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("$ hydra-edge ")]
+    for line in reversed(lines[starts[-1] + 1 if starts else 0:]):  # this process's notes only
         line = line.strip()
-        if line and not line.startswith(("$ ", "  cluster")) and "warn" not in line.lower():
+        if line and not line.startswith("cluster ") and "warn" not in line.lower():
             return line[:200]
     return "reading the data, clustering it and loading the base model…"
 

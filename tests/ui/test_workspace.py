@@ -1,0 +1,169 @@
+"""The UI's path safety and the pieces that turn form values into a CLI command (no server)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from hydra_edge.errors import UserError
+from hydra_edge.ui.datasets import _safe_file_name
+from hydra_edge.ui.jobs import MetricsReader
+from hydra_edge.ui.training import TrainSettings, build_command, resolve_model
+from hydra_edge.ui.workspace import Workspace
+
+
+@pytest.fixture
+def ws(tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    (workspace.root / "data" / "train.jsonl").write_text('{"text": "hello"}\n')
+    (workspace.root / "runs" / "r1").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text('{"text": "secret"}\n')
+    os.symlink(outside, workspace.root / "data" / "escape")  # a link that leads out
+    os.symlink(workspace.root / "data" / "train.jsonl", workspace.root / "data" / "alias.jsonl")  # stays inside
+    return workspace
+
+
+@pytest.mark.parametrize("typed, expected", [
+    ("data/train.jsonl", "data/train.jsonl"),
+    ("./data/train.jsonl", "data/train.jsonl"),
+    ("data//train.jsonl", "data/train.jsonl"),
+    ("  data/train.jsonl  ", "data/train.jsonl"),
+    ("data/alias.jsonl", "data/train.jsonl"),  # a symlink inside the workspace is fine
+    ("runs/r1", "runs/r1"),
+    ("{root}/data/train.jsonl", "data/train.jsonl"),  # absolute, inside
+])
+def test_paths_inside_the_workspace_resolve(ws, typed, expected):
+    assert ws.rel(ws.resolve(typed.format(root=ws.root))) == expected
+
+
+@pytest.mark.parametrize("typed, reason", [
+    ("../outside/secret.jsonl", "'..' is not allowed"),
+    ("data/../../outside/secret.jsonl", "'..' is not allowed"),
+    ("data/../data/train.jsonl", "'..' is not allowed"),  # refused even when it would stay inside
+    ("..\\outside\\secret.jsonl", "'..' is not allowed"),
+    ("/etc/passwd", "outside the workspace"),
+    ("{outside}/secret.jsonl", "outside the workspace"),
+    ("{root}-sibling/x.jsonl", "outside the workspace"),  # a prefix of the root is not inside it
+    ("data/escape/secret.jsonl", "leads outside the workspace"),
+    ("~/secret.jsonl", "'~' is not allowed"),
+    ("", "empty"),
+    ("   ", "empty"),
+    ("data/nothing.jsonl", "not found"),
+    ("data/x\x00.jsonl", "invalid characters"),
+])
+def test_paths_leaving_the_workspace_are_refused(ws, typed, reason):
+    typed = typed.format(root=ws.root, outside=ws.root.parent / "outside")
+    with pytest.raises(UserError, match=reason):
+        ws.resolve(typed, "data")
+
+
+def test_kind_checks(ws):
+    with pytest.raises(UserError, match="not a file"):
+        ws.resolve("runs/r1", "data", kind="file")
+    with pytest.raises(UserError, match="not a folder"):
+        ws.resolve("data/train.jsonl", "adapter", kind="dir")
+    assert not ws.resolve("runs/new", "run", must_exist=False).exists()
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("run-1", True), ("my_run.v2", True), ("A", True),
+    ("", False), ("../x", False), ("a/b", False), (".hidden", False), ("-x", False), ("x" * 65, False),
+    ("with space", False),
+])
+def test_new_folder_names(ws, name, ok):
+    if ok:
+        assert ws.new_folder("runs", name, "run name") == ws.root / "runs" / name
+    else:
+        with pytest.raises(UserError):
+            ws.new_folder("runs", name, "run name")
+
+
+@pytest.mark.parametrize("uploaded, stored", [
+    ("train.jsonl", "train.jsonl"),
+    ("My Data (1).JSONL", "My_Data_1.jsonl"),
+    ("../../etc/passwd.json", "passwd.json"),
+    ("..\\..\\x.csv", "x.csv"),
+    ("ünïcode.parquet", "n_code.parquet"),
+    (".jsonl", "upload.jsonl"),
+])
+def test_upload_names_are_made_safe(uploaded, stored):
+    assert _safe_file_name(uploaded) == stored
+
+
+def test_demo_data_is_copied_into_a_new_workspace(ws):
+    assert "data/demo/train.jsonl" in ws.data_files()
+    assert "data/demo/eval.jsonl" in ws.data_files()
+    assert "data/train.jsonl" in ws.data_files()
+
+
+@pytest.mark.parametrize("typed, expected", [
+    ("tiny", "tiny"),
+    ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
+    ("gpt2", "gpt2"),
+    ("models/local", "models/local"),
+])
+def test_resolve_model(ws, typed, expected):
+    (ws.root / "models" / "local").mkdir()
+    (ws.root / "models" / "local" / "config.json").write_text("{}")
+    assert resolve_model(ws, typed) == expected
+
+
+@pytest.mark.parametrize("typed", ["/etc", "../outside", "./runs/r1", "models/missing/x", "bad id!"])
+def test_resolve_model_refuses(ws, typed):
+    with pytest.raises(UserError):
+        resolve_model(ws, typed)
+
+
+def test_build_command_is_an_argument_list_with_workspace_paths(ws):
+    settings = TrainSettings(data="data/train.jsonl", eval_data="", max_steps=20, seq_len=64, batch_size=4,
+                             run_name="r2; rm -rf /")
+    with pytest.raises(UserError, match="run name"):
+        build_command(ws, settings)
+    settings.run_name = "r2"
+    argv, out = build_command(ws, settings)
+    assert out == ws.root / "runs" / "r2"
+    assert argv[:5] == ["finetune", "--model", "tiny", "--data", "data/train.jsonl"]
+    assert argv[argv.index("--max-steps") + 1] == "20" and argv[argv.index("--lr") + 1] == "0.003"
+    assert argv[-2:] == ["--out", "runs/r2"]
+    assert "--eval-data" not in argv and "--epochs" not in argv
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rank": 0}, "--rank 0"),
+    ({"rank": 2.5}, "whole number"),
+    ({"lr": "fast"}, "not a number"),
+    ({"heads": "many"}, "--heads many"),
+    ({"data": "../x.jsonl"}, "'..' is not allowed"),
+    ({"eval_data": "/etc/passwd"}, "outside the workspace"),
+    ({"length": "forever"}, "steps or epochs"),
+])
+def test_build_command_refuses_bad_values(ws, change, message):
+    settings = TrainSettings(data="data/train.jsonl", eval_data="", run_name="r3")
+    for key, value in change.items():
+        setattr(settings, key, value)
+    with pytest.raises(UserError, match=message):
+        build_command(ws, settings)
+
+
+def test_metrics_reader_follows_appends_partial_lines_and_rewrites(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    reader = MetricsReader(path)
+    assert reader.read() == []
+    rows = [{"step": i, "loss": 1.0 / i} for i in range(1, 6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]) + '{"step": 4, "lo')  # a half-written line
+    assert [r["step"] for r in reader.read()] == [1, 2, 3]
+    with open(path, "a") as f:
+        f.write('ss": 0.25}\n')
+    assert [r["step"] for r in reader.read()] == [1, 2, 3, 4]
+    # --resume from a checkpoint at step 2 rewrites the file, then appends steps 3, 4, 5 again
+    tmp = tmp_path / "rewritten"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    os.replace(tmp, path)
+    assert [r["step"] for r in reader.read()] == [1, 2]
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    assert [r["step"] for r in reader.read()] == [1, 2, 3, 4, 5]
