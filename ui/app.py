@@ -94,5 +94,7 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, auth: tup
 def _stop_job_on_exit(ctx: AppContext) -> None:
     job = ctx.jobs.active()
     if job is not None:
-        print(f"hydra-edge ui: stopping {job.kind} {job.name} (a training saves a checkpoint first)…", flush=True)
+        what = "training run" if job.kind == "train" else "export"
+        print(f"hydra-edge ui: stopping the {what} {job.name}" + (", saving a checkpoint…" if job.kind == "train" else "…"),
+              flush=True)
         ctx.jobs.shutdown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -87,10 +88,17 @@ def ui_command(
     print(f"hydra-edge ui: {url} (workspace {demo.hydra.ws.root}"
           + (f", sign-in required" if credentials else "") + "). Ctrl-C stops it; a running training saves "
           "a checkpoint first.", flush=True)
+    # SIGTERM (a service manager, `kill`) ends the UI like Ctrl-C does, so the exit handler stops
+    # a running training with a checkpoint instead of leaving it orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         demo.block_thread()
     except KeyboardInterrupt:
         pass
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def register(app: typer.Typer) -> None:

@@ -140,6 +140,13 @@ class JobManager:
                 raise UserError(
                     f"a {what} ({busy.name}) is already running; wait for it to finish or stop it first"
                 )
+            stray = strays(self.workspace_root)
+            if stray:
+                pid, command = stray[0]
+                raise UserError(
+                    f"a hydra-edge process started earlier in this workspace is still running (pid {pid}: "
+                    f"{command[:80]}); stop it first (kill -TERM {pid} saves a checkpoint)"
+                )
             if check is not None:
                 check()
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,3 +197,25 @@ class JobManager:
                 job.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 job.process.kill()
+
+
+def strays(workspace_root: Path) -> list[tuple[int, str]]:
+    """`hydra_edge finetune|export` processes running in this workspace that this server did not
+    start (say, left by a UI that was killed): (pid, command line). Linux only (/proc); elsewhere
+    nothing is found."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    root, found = str(Path(workspace_root).resolve()), []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(entry / "cwd")
+        except OSError:  # gone, or not ours to look at
+            continue
+        args = [a.decode("utf-8", "replace") for a in argv if a]
+        if cwd == root and "hydra_edge" in args and any(a in ("finetune", "export") for a in args):
+            found.append((int(entry.name), " ".join(args)))
+    return found

@@ -59,7 +59,8 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
                              file_types=[".jsonl", ".json", ".csv", ".parquet"], height=150, elem_id="train-upload")
             data_report = gr.Markdown(elem_id="data-report")
             problems = gr.Dataframe(headers=["location", "reason", "detail"], label="Invalid rows", visible=False,
-                                    interactive=False, max_height=220, wrap=True)
+                                    interactive=False, max_height=220, wrap=True,
+                                    column_widths=["30%", "22%", "48%"])
             with gr.Row():
                 eval_data = gr.Dropdown(["", *files], value=s.eval_data if s.eval_data in files else "",
                                         allow_custom_value=True, label="Held-out data (optional)",

@@ -73,6 +73,7 @@ def test_train_watch_reload_stop_then_chat_in_a_browser(ui_server, trained_run, 
             page.wait_for_function(
                 f"document.querySelectorAll('#loss-plot .hover_marks path').length > {first}")
             assert _plot_points(page) > first >= 2
+            page.wait_for_function("document.querySelectorAll('#loss-plot .hover_marks path').length >= 12")
             assert f"Training {run}: step" in page.locator("#train-status").inner_text()
             page.screenshot(path=str(SCREENSHOTS / "train.png"), full_page=True)
 

@@ -98,8 +98,6 @@ def test_a_20_step_training_completes_and_its_adapter_appears(client, ui_server,
         assert (run / name).is_file(), name
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 21))
-    status = client.predict(api_name="/training_status")
-    assert status["state"] == "finished" and status["step"] == 20 and status["adapter"] == trained_run
 
 
 def test_chat_answers_and_shows_the_routed_cluster(client, ui_server, trained_run):
