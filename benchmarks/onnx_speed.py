@@ -26,7 +26,8 @@ PROMPTS = ["What is the capital of Japan?", "Give the antonym of the word early.
            "Classify the sentiment of this review: The meal was superb.", "Tell me a short story about a lighthouse."]
 
 
-def pytorch_side(export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: int, dynamic: bool) -> list[tuple[float, float]]:
+def pytorch_side(export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: int, dynamic: bool,
+                 device: str = "cpu") -> list[tuple[float, float]]:
     from transformers import GenerationConfig
 
     from hydra_edge.adapter import hydra_layers
@@ -34,13 +35,14 @@ def pytorch_side(export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: in
     from hydra_edge.inference import prompt_ids
 
     model, tokenizer = hydra_on_plain_base(export_dir / "peft" / "base", adapter_dir)
+    model.to(device)  # a CUDA export is compared with PyTorch on the same GPU
     gates = cluster_gates(adapter_dir)
     results = []
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
         for name, layer in hydra_layers(model).items():  # dynamic exports keep the per-token router
             layer.fixed_gates = None if dynamic else gates[cluster_of(messages)][name]
-        ids = torch.tensor([prompt_ids(tokenizer, messages)])
+        ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
         timings = []
 
         class FirstToken:  # a streamer that notes when the first new token arrives
@@ -121,7 +123,8 @@ def main() -> None:
         label = f"ONNX ({router.manifest['mode']}, {router.manifest['precision']})"
         runs_by_label[label] = onnx_side(folder, args.new_tokens)
     # The PyTorch model is the same for every export: the dequantized base (from the first).
-    torch_runs = pytorch_side(args.export[0], args.adapter, routers[0].route, args.new_tokens, modes.pop())
+    device = routers[0].manifest.get("device", "cpu")
+    torch_runs = pytorch_side(args.export[0], args.adapter, routers[0].route, args.new_tokens, modes.pop(), device)
     rows = []
     for label, runs in {"PyTorch eager": torch_runs, **runs_by_label}.items():
         rows.append({"runtime": label, "ttft_ms": 1000 * statistics.median(r[0] for r in runs),

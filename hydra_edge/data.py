@@ -263,8 +263,9 @@ def collate(samples: list[Sample], pad_id: int, with_clusters: bool = False) -> 
     attention_mask (B, T) or, for packed samples, position_ids (B, T) with no attention_mask
     (padding then forms its own segment, and its labels are ignored).
 
-    with_clusters adds cluster_ids (B, T): each token's data cluster, -1 on padding (for the
-    router-supervision loss; not a model input)."""
+    with_clusters adds, for training only (not model inputs), cluster_ids (B, T): each token's
+    data cluster, and segment_ids (B, T): each token's sample within its row (0 unless packed);
+    both -1 on padding."""
     import torch
 
     width = max(len(s.input_ids) for s in samples)
@@ -274,17 +275,20 @@ def collate(samples: list[Sample], pad_id: int, with_clusters: bool = False) -> 
     packed = any(s.position_ids is not None for s in samples)
     positions = torch.zeros((len(samples), width), dtype=torch.long)
     cluster_ids = torch.full((len(samples), width), -1, dtype=torch.long)
+    segment_ids = torch.full((len(samples), width), -1, dtype=torch.long)
     for row, s in enumerate(samples):
         n = len(s.input_ids)
         ids[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(s.labels)
         mask[row, :n] = 1
         cluster_ids[row, :n] = torch.tensor(s.token_clusters) if s.token_clusters is not None else s.cluster
+        starts = torch.tensor(s.position_ids) == 0 if s.position_ids is not None else torch.arange(n) == 0
+        segment_ids[row, :n] = torch.cumsum(starts.long(), 0) - 1
         if packed:
             positions[row, :n] = torch.tensor(s.position_ids if s.position_ids is not None else list(range(n)))
             positions[row, n:] = torch.arange(width - n)
     batch = {"input_ids": ids, "labels": labels}
     batch.update({"position_ids": positions} if packed else {"attention_mask": mask})
     if with_clusters:
-        batch["cluster_ids"] = cluster_ids
+        batch["cluster_ids"], batch["segment_ids"] = cluster_ids, segment_ids
     return batch

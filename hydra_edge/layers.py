@@ -62,10 +62,10 @@ class HydraLoRALinear(nn.Module):
         # count of tokens it covers. See train.router_supervision.
         self.router_targets: torch.Tensor | None = None
         self.router_losses: list[tuple[torch.Tensor, int]] = []
-        # Pooled gates (training only): when set ((B, T) float mask of real tokens), every token
-        # of a row gets the row's mean gates: the constant-per-request gating a per-cluster export
-        # applies, so training can optimise it too (train.py, --pooled-steps).
-        self.pool_mask: torch.Tensor | None = None
+        # Pooled gates (training only): when set ((B, T) long: each token's sample within its row,
+        # -1 on padding), every token gets the mean gates of its sample: the constant per-request
+        # gating a per-cluster export applies, so training can optimise it too (--pooled-steps).
+        self.pool_segments: torch.Tensor | None = None
         self.reset_adapter_parameters()
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
@@ -92,10 +92,8 @@ class HydraLoRALinear(nn.Module):
             if self.router_targets is not None:
                 self._supervise_router(logits)
             gates = torch.softmax(logits, dim=-1)  # (B, T, N)
-            if self.pool_mask is not None:
-                mask = self.pool_mask.to(gates.device, torch.float32).unsqueeze(-1)  # (B, T, 1)
-                pooled = (gates * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp_min(1.0)
-                gates = pooled.expand_as(gates)  # (B, 1, N) -> (B, T, N)
+            if self.pool_segments is not None:
+                gates = _pool_by_segment(gates, self.pool_segments.to(gates.device))
             return gates
 
     def _supervise_router(self, logits: torch.Tensor) -> None:
@@ -125,6 +123,16 @@ class HydraLoRALinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, r={self.rank}, "
             f"heads={self.num_heads}, alpha={self.alpha:g}, head_init={self.head_init}"
         )
+
+
+def _pool_by_segment(gates: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Every token's gates replaced by the mean over its segment; padding (-1) gets zeros.
+    gates (B, T, N) float32, segments (B, T) long -> (B, T, N)."""
+    num_segments = int(segments.max()) + 1
+    member = F.one_hot(segments.clamp_min(0), num_segments).float() * (segments >= 0).unsqueeze(-1)  # (B, T, S)
+    sums = member.transpose(1, 2) @ gates  # (B, S, N)
+    means = sums / member.sum(dim=1).unsqueeze(-1).clamp_min(1.0)  # (B, S, N)
+    return member @ means  # (B, T, N)
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

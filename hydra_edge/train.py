@@ -73,13 +73,14 @@ def is_pooled_step(step: int, share: float) -> bool:
     return math.floor((step + 1) * share) > math.floor(step * share)
 
 
-def set_gate_pooling(model, mask: torch.Tensor | None) -> None:
-    """Pools every HydraLoRA layer's gates over each row's real tokens (mask (B, T)); None: off.
-    Like the router targets, it must stay set through backward (checkpointing replays forward)."""
+def set_gate_pooling(model, segment_ids: torch.Tensor | None) -> None:
+    """Pools every HydraLoRA layer's gates over each sample's tokens (segment_ids (B, T), -1 on
+    padding); None: off. Like the router targets, it must stay set through backward
+    (checkpointing replays the forward there)."""
     from hydra_edge.adapter import hydra_layers
 
     for layer in hydra_layers(model).values():
-        layer.pool_mask = mask
+        layer.pool_segments = segment_ids
 
 
 def compute_loss(model, batch: dict, router_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +91,7 @@ def compute_loss(model, batch: dict, router_weight: float = 0.0) -> tuple[torch.
     token's cluster head); it is zero when router_weight is 0 or the batch has no cluster_ids.
     """
     cluster_ids = batch.pop("cluster_ids", None)
+    batch.pop("segment_ids", None)
     collected = set_router_targets(model, cluster_ids if router_weight > 0 else None)
     loss = model(**batch).loss
     if not collected:
@@ -212,9 +214,8 @@ def train_loop(
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync = micro == settings.grad_accum - 1
                 share = n_targets / total_targets
-                pooled = is_pooled_step(step, settings.pooled_steps)
-                if pooled:
-                    set_gate_pooling(model, batch["cluster_ids"] >= 0)
+                if is_pooled_step(step, settings.pooled_steps):
+                    set_gate_pooling(model, batch["segment_ids"])
                 with accelerator.autocast(), (accelerator.no_sync(model) if not sync and world > 1 else _null()):
                     lm_loss, router_loss = compute_loss(model, batch, settings.router_loss)
                     accelerator.backward((lm_loss + settings.router_loss * router_loss) * share)

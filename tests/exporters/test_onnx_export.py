@@ -130,25 +130,78 @@ def test_chat_and_eval_on_an_export_from_the_cli(exported, trained_adapter):
     assert both.returncode == 2 and "either --adapter" in both.stderr
 
 
-@pytest.mark.parametrize("mode", ["adapters", "dynamic"])
-def test_int4_export_keeps_lora_float_and_validates(trained_adapter, tmp_path, mode):
+@pytest.mark.parametrize("precision,mode", [("int4", "adapters"), ("int4", "dynamic"), ("fp16", "adapters"), ("fp16", "dynamic")])
+def test_rounded_precisions_keep_lora_float_and_validate(trained_adapter, tmp_path, precision, mode):
+    import numpy as np
     import onnx
+    from onnx import TensorProto
 
     from hydra_edge.exporters.onnx_chat import OnnxChat
     from hydra_edge.exporters.onnx_export import export
 
-    manifest = export(trained_adapter, tmp_path / "int4", mode=mode, precision="int4", log=lambda m: None)
-    assert manifest["precision"] == "int4" and "agreement" in manifest["validation"]["criteria"]
+    out = tmp_path / precision
+    manifest = export(trained_adapter, out, mode=mode, precision=precision, log=lambda m: None)
+    assert manifest["precision"] == precision and "agreement" in manifest["validation"]["criteria"]
     for check in manifest["validation"]["checks"].values():
-        assert check["top1_agreement"] >= 0.75 and check["relative_error"] <= 0.25
-    model_dir = tmp_path / "int4" / "models" / ("base" if mode == "adapters" else "dynamic")
+        assert check["decisive_positions"] > 0 and check["decisive_agreement"] >= 0.9
+        assert check["relative_error"] <= (0.25 if precision == "int4" else 0.02)
+    model_dir = out / "models" / ("base" if mode == "adapters" else "dynamic")
     graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
-    ops = [node.op_type for node in graph.node]
-    assert "MatMulNBits" in ops  # the base is int4
-    lora = [i.name for i in graph.initializer if ".lora_A." in i.name or ".hydra_" in i.name or ".lora_B." in i.name]
-    assert lora and not any(name.endswith(("_Q4", "_scales")) for name in lora)  # the adapters are not
-    cluster, answer = OnnxChat(tmp_path / "int4").answer([{"role": "user", "content": "What is the capital of Peru?"}], 8)
+    lora = [i for i in graph.initializer if ".lora_A." in i.name or ".hydra_" in i.name or ".lora_B." in i.name]
+    assert lora
+    if precision == "int4":
+        assert "MatMulNBits" in [node.op_type for node in graph.node]  # the base is int4
+        assert not any(i.name.endswith(("_Q4", "_scales")) for i in lora)  # the adapters are not
+    else:
+        assert {i.data_type for i in graph.initializer if i.name.endswith(".weight")} == {TensorProto.FLOAT16}
+        assert {i.data_type for i in lora} == {TensorProto.FLOAT16}
+    chat = OnnxChat(out)
+    cluster, answer = chat.answer([{"role": "user", "content": "What is the capital of Peru?"}], 8)
     assert isinstance(cluster, int) and answer
+    if mode == "adapters":  # the adapter files hold the graph's float type
+        assert {v.dtype for v in chat._adapter_params(cluster).values()} == {np.float16 if precision == "fp16" else np.float32}
+
+
+def test_cuda_export_needs_a_cuda_runtime(trained_adapter, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from hydra_edge.exporters import onnx_export
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has a CUDA runtime; benchmarks/gpu_export.sh checks the CUDA path")
+    result = run_cli("export", "--adapter", str(trained_adapter), "--out", str(tmp_path / "gpu"), "--device", "cuda")
+    assert result.returncode == 2 and "--device cuda" in result.stderr and "export-cuda" in result.stderr
+    assert not (tmp_path / "gpu").exists()
+
+    # onnxruntime and onnxruntime-gpu side by side overwrite each other's files: refused by name.
+    monkeypatch.setattr("importlib.metadata.version", lambda dist: "1.32.0")
+    with pytest.raises(UserError, match="both onnxruntime 1.32.0 and onnxruntime-gpu 1.32.0"):
+        onnx_export.check_runtime("cpu")
+
+
+def test_cpu_and_gpu_extras_never_install_both_runtimes():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def names(extra: str) -> set[str]:
+        found = set()
+        for requirement in extras[extra]:
+            name = re.split(r"[<>=\[ ;]", requirement, maxsplit=1)[0]
+            if name == "hydra-edge":  # a self-reference such as hydra-edge[export,ui]
+                for inner in requirement[requirement.index("[") + 1 : requirement.index("]")].split(","):
+                    found |= names(inner)
+            else:
+                found.add(name)
+        return found
+
+    assert {"onnxruntime", "onnxruntime-genai"} <= names("export")
+    assert "onnxruntime-genai-cuda" in names("export-cuda")
+    assert not names("export-cuda") & {"onnxruntime", "onnxruntime-genai"}
+    assert not names("ui") & {"onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda"}
+    assert {"gradio", "onnxruntime", "pytest"} <= names("dev")
 
 
 def test_validation_rejects_a_wrong_model():

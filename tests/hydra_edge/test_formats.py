@@ -248,3 +248,17 @@ def test_row_problem_carries_a_reason():
     with pytest.raises(RowProblem) as err:
         normalize({"instruction": "x"}, "alpaca")
     assert err.value.reason == "missing field" and "'output'" in err.value.detail
+
+
+def test_training_batches_carry_each_tokens_cluster_and_sample():
+    from hydra_edge.data import Sample, collate
+
+    samples = [Sample([5, 6, 7], [5, 6, 7], None, cluster=2), Sample([8, 9], [8, 9], None, cluster=0),
+               Sample([3, 4, 5, 6], [3, 4, 5, 6], None, cluster=1)]
+    plain = collate(samples[:2], pad_id=0, with_clusters=True)
+    assert plain["cluster_ids"].tolist() == [[2, 2, 2], [0, 0, -1]]
+    assert plain["segment_ids"].tolist() == [[0, 0, 0], [0, 0, -1]]
+    assert "cluster_ids" not in collate(samples[:2], pad_id=0)  # not a model input elsewhere
+    packed = collate(pack_samples(samples, seq_len=6), pad_id=0, with_clusters=True)
+    assert packed["cluster_ids"].tolist() == [[2, 2, 2, 0, 0], [1, 1, 1, 1, -1]]
+    assert packed["segment_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, -1]]

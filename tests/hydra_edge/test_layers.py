@@ -154,3 +154,37 @@ def test_fixed_gates_equal_one_merged_lora(linear):
     merged_b = torch.einsum("n,nor->or", gates, layer.hydra_B.detach())  # (out, r)
     expected = linear(x) + layer.scaling * (x @ layer.hydra_A.detach().T) @ merged_b.T
     assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_router_supervision_is_the_cross_entropy_of_the_router_logits(linear):
+    layer = HydraLoRALinear(linear, R, 8.0, 3)
+    x = torch.randn(2, 5, IN)
+    targets = torch.tensor([[0, 0, 1, 1, -1], [2, 2, 2, -1, -1]])  # -1: padding, no target
+    layer.router_targets, layer.router_losses = targets, []
+    layer(x)
+    (nll, count), = layer.router_losses
+    logits = x @ layer.hydra_router.T  # (B, T, N)
+    expected = torch.nn.functional.cross_entropy(logits[targets >= 0], targets[targets >= 0], reduction="sum")
+    assert count == 7
+    assert_close(nll, expected)
+    nll.backward()
+    assert layer.hydra_router.grad is not None and layer.hydra_A.grad is None  # it trains the router only
+
+
+def test_pooled_gates_are_each_samples_mean_gates(linear):
+    layer = HydraLoRALinear(linear, R, 8.0, 3)
+    randomize_heads(layer)
+    x = torch.randn(2, 5, IN)
+    segments = torch.tensor([[0, 0, 0, -1, -1], [0, 0, 1, 1, 1]])  # row 1 packs two samples
+    per_token = layer.gates(x)  # (B, T, N)
+    layer.pool_segments = segments
+    pooled = layer.gates(x)
+    for row, (start, end) in [(0, (0, 3)), (1, (0, 2)), (1, (2, 5))]:
+        assert_close(pooled[row, start:end], per_token[row, start:end].mean(0).expand(end - start, -1))
+    assert torch.equal(pooled[0, 3:], torch.zeros(2, 3))  # padding
+    # ...and the output is the merged computation with those gates
+    layer.pool_segments = None
+    layer.fixed_gates = per_token[0, :3].mean(0)
+    expected = layer(x[:1, :3])
+    layer.fixed_gates, layer.pool_segments = None, segments[:1, :3]
+    assert_close(layer(x[:1, :3]), expected)
