@@ -114,6 +114,8 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
             with gr.Row(equal_height=False):
                 resume_run = gr.Dropdown(ws.resumable_runs(), value=None, allow_custom_value=True, scale=3,
                                          label="Stopped run", info="continues from its latest checkpoint")
+                resume_steps = gr.Number(0, precision=0, minimum=0, label="Steps in total", scale=1,
+                                         min_width=110, info="0 = as planned", elem_id="resume-steps")
                 resume = gr.Button("Resume", scale=1, min_width=100, elem_id="resume-training")
             status_md = gr.Markdown(elem_id="train-status")
             progress = gr.HTML(elem_id="train-progress")
@@ -200,9 +202,10 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         return training_status(ws, jobs)
 
     @user_errors
-    def resume_training_api(run: str) -> dict:
-        """Continues a stopped run (runs/<name> or <name>) from its latest checkpoint; returns the status."""
-        resume_training(ws, jobs, run)
+    def resume_training_api(run: str, max_steps: float | None = None) -> dict:
+        """Continues a stopped run (runs/<name> or <name>) from its latest checkpoint, optionally to a
+        new total of max_steps; returns the status."""
+        resume_training(ws, jobs, run, max_steps)
         return training_status(ws, jobs)
 
     def training_status_api() -> dict:
@@ -237,7 +240,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         draw, [gr.State(None)], panel, api_visibility="private", show_progress="hidden")
     stop.click(stop_training_api, None, [results], api_name="stop_training", concurrency_limit=None).then(
         draw, [gr.State(None)], panel, api_visibility="private", show_progress="hidden")
-    resume.click(resume_training_api, [resume_run], [results], api_name="resume_training",
+    resume.click(resume_training_api, [resume_run, resume_steps], [results], api_name="resume_training",
                  concurrency_limit=None).then(draw, [gr.State(None)], panel, api_visibility="private",
                                               show_progress="hidden")
     gr.api(training_status_api, api_name="training_status", concurrency_limit=None)

@@ -184,8 +184,9 @@ def start_training(ws: Workspace, jobs: JobManager, s: TrainSettings) -> Job:
     return jobs.start("train", name, out, argv, out / TRAIN_LOG, check=run_folder_is_free)
 
 
-def resume_training(ws: Workspace, jobs: JobManager, run: str) -> Job:
-    """`finetune --out RUN --resume`: continues a stopped run from its latest checkpoint."""
+def resume_training(ws: Workspace, jobs: JobManager, run: str, max_steps: float | None = None) -> Job:
+    """`finetune --out RUN --resume [--max-steps N]`: continues a stopped run from its latest
+    checkpoint, to its planned length or to a new total of N steps."""
     from hydra_edge.checkpoint import list_checkpoints
 
     run = (run or "").strip()
@@ -201,6 +202,12 @@ def resume_training(ws: Workspace, jobs: JobManager, run: str) -> Job:
         raise UserError(f"resume {ws.rel(out)}: no checkpoint was saved yet; start the run again")
     step = int(checkpoints[-1].name.split("-")[1])
     argv = ["finetune", "--out", ws.rel(out), "--resume"]
+    if max_steps not in (None, "", 0):
+        total = _whole("steps in total", max_steps)
+        if total <= step:
+            raise UserError(f"resume {ws.rel(out)}: {total} steps in total, but the checkpoint is at step {step}; "
+                            "give more, or 0 to finish as planned")
+        argv += ["--max-steps", str(total)]
     job = jobs.start("train", out.name, out, argv, out / TRAIN_LOG, resumed_from_step=step)
     return job
 

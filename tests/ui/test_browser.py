@@ -64,9 +64,9 @@ def test_train_watch_reload_stop_then_chat_in_a_browser(ui_server, trained_run, 
 
             # Train: a run long enough to stop halfway, small enough to be quick per step.
             page.locator("#run-name").get_by_role("textbox").fill(run)
-            for elem_id, value in (("max-steps", "300"), ("seq-len", "64"), ("batch-size", "4")):
+            for elem_id, value in (("max-steps", "400"), ("seq-len", "64"), ("batch-size", "4")):
                 _set_number(page, elem_id, value)
-            page.wait_for_function("document.querySelector('#train-command').innerText.includes('--max-steps 300')")
+            page.wait_for_function("document.querySelector('#train-command').innerText.includes('--max-steps 400')")
             page.locator("#start-training").click()
             page.wait_for_function("document.querySelectorAll('#loss-plot .hover_marks path').length >= 2")
             first = _plot_points(page)
@@ -132,3 +132,5 @@ def test_train_watch_reload_stop_then_chat_in_a_browser(ui_server, trained_run, 
             assert outside_requests == [], "the UI must work offline"
         finally:
             browser.close()
+            if ui_server.ctx.jobs.active() is not None:  # a failure above: leave the slot free for other tests
+                ui_server.ctx.jobs.shutdown(timeout=60)
