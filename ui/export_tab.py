@@ -12,7 +12,7 @@ import time
 import gradio as gr
 
 from hydra_edge.errors import UserError
-from hydra_edge.ui.exporting import MODES, PRECISIONS, build_command, default_export_name, export_result, start_export
+from hydra_edge.ui.exporting import MODES, PRECISIONS, build_command, export_result, start_export
 from hydra_edge.ui.handlers import AppContext, refreshed, user_errors
 from hydra_edge.ui.training import command_text
 
@@ -114,5 +114,3 @@ def refresh(ctx: AppContext, current_adapter: str | None):
     return (refreshed(ctx.ws.runs(finished_only=True), current_adapter), gr.update(choices=ctx.ws.exports()),
             status["message"] if running else gr.skip(), status["log"] if running else gr.skip())
 
-
-__all__ = ["build", "refresh", "default_export_name"]
