@@ -63,10 +63,16 @@ FP16_MIN_DECISIVE_AGREEMENT = 0.99
 # its runner-up by more than DECISIVE_SIGMAS noise standard deviations of the (top-1 - top-2)
 # difference (σ_diff = √2 · robust std of the position's logit error). A flip there is a > 3σ event,
 # so an error; near-ties flip by chance (a random-weight base has almost only near-ties).
-# Measured on the demo adapter: relative error 0.13-0.15, agreement on decisive positions 1.0.
-INT4_OPTIONS = ["accuracy_level=1", "algo_config=k_quant"]
+# The relative error (mean |diff| / std of the reference logits) of unrelated logits is about
+# 1.1 (2/√π·√2), so a broken or mismatched export lands there. int4 rounding measured 0.13-0.15
+# on the demo adapter and 0.30 on a random-weight model with Qwen2.5-0.5B's 24 layers (its
+# logits are nearly flat, so the same rounding is large next to their spread); 0.5 sits between.
+# Block 16 rather than the builder's 32: the base is NF4 (non-uniform levels), and re-rounding it
+# onto uniform int4 in blocks of 32 cost the demo adapter 8.8 points of exact-match; blocks of
+# 16 cost 1.3 (benchmarks in README.md).
+INT4_OPTIONS = ["accuracy_level=1", "algo_config=k_quant", "block_size=16"]
 INT4_MIN_DECISIVE_AGREEMENT = 0.9  # a broken export agrees ~1/vocab of the time
-INT4_MAX_RELATIVE_ERROR = 0.25
+INT4_MAX_RELATIVE_ERROR = 0.5
 DECISIVE_SIGMAS = 3.0
 VALIDATION_PROMPTS = 4
 

@@ -41,7 +41,7 @@ class FinetuneConfig:
     dropout: float = _f(0.05, "Dropout on the A path.")
     head_init: str = _f("zero", "Head init: 'zero' (reference, starts equal to the base) or 'random' (R-LoRA).")
     router_loss: float = _f(
-        0.1,
+        0.0,
         "Weight of the router-supervision loss: cross-entropy pulling every token's gates toward "
         "its data cluster's head. Keeps routing consistent within a cluster, so the per-cluster "
         "exports (adapters/merged) match the per-token model; 0 = unsupervised router.",

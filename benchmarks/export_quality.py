@@ -1,0 +1,89 @@
+"""What a per-cluster export keeps of the per-token model, for several training settings.
+
+A per-cluster export (`adapters`/`merged`) gives every token of a request the same gates: its
+cluster's mean gates ḡ_c. For each (--pooled-steps, --router-loss) pair this trains the tiny
+preset on the demo data, then scores the held-out split greedily in PyTorch three ways:
+per-token router (what `dynamic` exports), fixed ḡ_c of the routed cluster (what `adapters` and
+`merged` export; the fp32 ONNX models match it within 1e-3 in logits), and the routed cluster's
+head alone (one-hot gates). Prints a table and writes JSON.
+
+    python benchmarks/export_quality.py                                  # 0:0 0.5:0 0.5:0.1, ~4 min on 2 cores
+    python benchmarks/export_quality.py --runs 0.75:0 0.5:0.1 --seed 1 --json bench-out/export_quality.json
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def score(adapter_dir: Path, max_new_tokens: int) -> dict:
+    import torch
+
+    from hydra_edge.adapter import hydra_layers
+    from hydra_edge.data import read_records
+    from hydra_edge.gates import load_cluster_gates
+    from hydra_edge.inference import generate_greedy, load_trained
+    from hydra_edge.tiny import DEMO_EVAL
+
+    trained = load_trained(adapter_dir)
+    records = read_records(DEMO_EVAL)
+    routed = trained.clusters.assign([r.prompt_text for r in records]).tolist()
+    mean_gates = load_cluster_gates(adapter_dir)
+    layers = hydra_layers(trained.model)
+    rows_by_cluster: dict[int, list[int]] = {}
+    for i, cluster in enumerate(routed):
+        rows_by_cluster.setdefault(cluster, []).append(i)
+
+    def gates_for(kind: str, cluster: int, name: str, layer):
+        if kind == "per-token router":
+            return None
+        if kind == "cluster mean gates":
+            return mean_gates[f"cluster.{cluster}.{name}"]
+        return torch.nn.functional.one_hot(torch.tensor(cluster), layer.num_heads).float()
+
+    result = {}
+    for kind in ("per-token router", "cluster mean gates", "cluster head alone"):
+        correct = 0
+        for cluster, rows in rows_by_cluster.items():
+            for name, layer in layers.items():
+                layer.fixed_gates = gates_for(kind, cluster, name, layer)
+            answers = generate_greedy(trained.model, trained.tokenizer, [records[i].messages[:-1] for i in rows], max_new_tokens)
+            correct += sum(a == records[i].reference_answer.strip() for i, a in zip(rows, answers))
+        result[kind] = correct / len(records)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=["0:0", "0.5:0", "0.5:0.1"], help="POOLED_STEPS:ROUTER_LOSS pairs")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--json", type=Path, default=Path("bench-out/export_quality.json"))
+    args = parser.parse_args()
+
+    table = []
+    with tempfile.TemporaryDirectory(prefix="export-quality-") as tmp:
+        for spec in args.runs:
+            pooled, router = spec.split(":")
+            out = Path(tmp) / spec.replace(":", "_")
+            cmd = [sys.executable, "-m", "hydra_edge", "finetune", "--out", str(out), "--seed", str(args.seed),
+                   "--pooled-steps", pooled, "--router-loss", router]
+            print("$", " ".join(cmd[2:]), file=sys.stderr, flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            table.append({"pooled_steps": float(pooled), "router_loss": float(router), "seed": args.seed,
+                          **score(out, args.max_new_tokens)})
+    print(f"{'pooled':>6} {'router':>6} {'per-token EM':>13} {'mean-gates EM':>14} {'kept':>6} {'head-alone EM':>14}")
+    for row in table:
+        kept = row["cluster mean gates"] / max(row["per-token router"], 1e-9)
+        row["kept"] = kept
+        print(f"{row['pooled_steps']:>6g} {row['router_loss']:>6g} {100 * row['per-token router']:>12.1f}% "
+              f"{100 * row['cluster mean gates']:>13.1f}% {100 * kept:>5.0f}% {100 * row['cluster head alone']:>13.1f}%")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(table, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
