@@ -38,6 +38,7 @@ def test_export_layout_and_validation(exported, trained_adapter):
     expected = ["dynamic"] if manifest["mode"] == "dynamic" else [str(c) for c in manifest["clusters"]]
     assert sorted(checks) == sorted(expected)
     assert all(check["max_abs_logit_diff"] <= 1e-3 for check in checks.values())
+    assert manifest["validation"]["onnx_checker"] == "passed"
     assert (out / "router" / "clusters.safetensors").is_file()
     assert not list(out.parent.glob(".export-*"))  # the work folder was renamed into place
 
@@ -102,6 +103,24 @@ def test_tampered_exports_are_refused(exported, tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="outside its folder"):
         verify_export(escaped)
+
+
+def test_onnx_checker_runs_on_every_export_and_rejects_a_broken_graph(exported, tmp_path):
+    import onnx
+
+    from hydra_edge.exporters.onnx_export import check_onnx_model
+
+    out, manifest = exported
+    for model_dir in model_dirs(out, manifest):
+        check_onnx_model(model_dir)  # what export ran before writing "onnx_checker": "passed"
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dirs(out, manifest)[0], broken)
+    graph = onnx.load(str(broken / "model.onnx"), load_external_data=False)
+    del graph.graph.node[len(graph.graph.node) // 2]  # a node whose output others still read
+    onnx.save(graph, str(broken / "model.onnx"))
+    with pytest.raises(UserError, match="onnx.checker rejects"):
+        check_onnx_model(broken)
+    assert not (broken / ".checker-probe.onnx").exists()
 
 
 def test_export_cli_errors(trained_adapter, exported, tmp_path):
