@@ -33,7 +33,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown, g
             mode = gr.Radio(list(MODES), value="adapters", label="Mode",
                             info="; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
             precision = gr.Radio(list(PRECISIONS), value="fp32", label="Precision",
-                                 info="int4: base weights as MatMulNBits; the adapter weights stay float")
+                                 info="fp16: half-size floats (best on a GPU); int4: base weights as MatMulNBits, the adapter weights stay float")
             name = gr.Textbox("", label="Export name", placeholder="<run>-<mode>-<precision> when empty",
                               info="its folder: exports/<name> in the workspace")
             command = gr.Code(language="shell", label="Equivalent command", interactive=False, lines=3,
@@ -43,7 +43,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown, g
             existing = gr.Dropdown(ws.exports(), value=None, label="Open an export", allow_custom_value=True)
         with gr.Column(scale=6, min_width=420):
             status = gr.Markdown(elem_id="export-status")
-            checks = gr.Dataframe(headers=["check", "max |logit diff|", "next-token agreement", "relative error",
+            checks = gr.Dataframe(headers=["check", "max |logit diff|", "next-token agreement (decisive)", "relative error",
                                            "prompts"], interactive=False, label="Validation against PyTorch")
             files = gr.Dataframe(headers=["file", "size"], interactive=False, label="Files", max_height=320, wrap=True)
             with gr.Accordion("Log", open=False):
@@ -91,7 +91,7 @@ def _render(found: dict) -> tuple[str, list, list]:
             f"{', '.join(map(str, found['clusters']))}, base {found['base']}; "
             f"{len(found['files'])} files, {found['total_bytes'] / 2**20:.1f} MB.\n\n"
             f"**Validation passed**: {found['criteria']}.")
-    checks = [[c["check"], f"{c['max_abs_logit_diff']:.2e}", f"{c['top1_agreement']:.3f}",
+    checks = [[c["check"], f"{c['max_abs_logit_diff']:.2e}", f"{c.get('decisive_agreement', c['top1_agreement']):.3f}",
                f"{c.get('relative_error', float('nan')):.2e}", c.get("prompts", "")] for c in found["checks"]]
     files = [[f["file"], _size(f["bytes"])] for f in found["files"]]
     return text, checks, files

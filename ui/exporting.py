@@ -12,7 +12,7 @@ from hydra_edge.ui.jobs import Job, JobManager
 from hydra_edge.ui.workspace import EXPORTS_DIR, Workspace
 
 MODES = ("adapters", "merged", "dynamic")
-PRECISIONS = ("fp32", "int4")
+PRECISIONS = ("fp32", "fp16", "int4")
 LOGS_DIR = "logs"
 
 
