@@ -178,7 +178,7 @@ def test_rounded_precisions_keep_lora_float_and_validate(trained_adapter, tmp_pa
     cluster, answer = chat.answer([{"role": "user", "content": "What is the capital of Peru?"}], 8)
     assert isinstance(cluster, int) and answer
     if mode == "adapters":  # the adapter files hold the graph's float type
-        assert {v.dtype for v in chat._adapter_params(cluster).values()} == {np.float16 if precision == "fp16" else np.float32}
+        assert {v.dtype for v in chat._adapter_params(cluster).values()} == {np.dtype(np.float16 if precision == "fp16" else np.float32)}
 
 
 def test_cuda_export_needs_a_cuda_runtime(trained_adapter, tmp_path, monkeypatch):
