@@ -24,9 +24,11 @@ from hydra_edge.quant import dequantized_weight, is_linear4bit
 
 
 def cluster_gates(adapter_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
-    """{cluster: {module: ḡ (N,)}} from cluster_gates.safetensors."""
+    """{cluster: {module: ḡ (N,)}} from cluster_gates.safetensors, checked against the adapter."""
+    config = read_adapter_config(adapter_dir)
     per_cluster: dict[int, dict[str, torch.Tensor]] = {}
-    for key, gates in load_cluster_gates(adapter_dir).items():
+    gates_file = load_cluster_gates(adapter_dir, config["target_modules"], config["heads"], config["heads"])
+    for key, gates in gates_file.items():
         _, cluster, module = key.split(".", 2)  # "cluster.<c>.<module>"
         per_cluster.setdefault(int(cluster), {})[module] = gates.float()
     return dict(sorted(per_cluster.items()))
@@ -87,7 +89,8 @@ def hydra_on_plain_base(plain_dir: Path, adapter_dir: Path, gates: dict[str, tor
 
     config = read_adapter_config(adapter_dir)
     base = load_base(str(plain_dir), quant="none", device="cpu", dtype="fp32")
-    inject_hydra_lora(base.model, config["target_modules"], config["r"], config["alpha"], config["heads"], 0.0)
+    inject_hydra_lora(base.model, config["target_modules"], config["r"], config["alpha"], config["heads"], 0.0,
+                      source=str(Path(adapter_dir) / "adapter_config.json"))
     load_adapter_state_dict(base.model, read_adapter_weights(adapter_dir), str(adapter_dir))
     if gates is not None:
         for name, layer in hydra_layers(base.model).items():
@@ -125,7 +128,12 @@ def write_peft_adapter(out_dir: Path, base_reference: str, r: int, alpha: float,
 
 
 def check_exportable(adapter_dir: Path) -> dict:
+    """The adapter's config, once every file an export reads is known to be sound: the config
+    and weights, the router (an export must not ship one that cannot route) and the gates."""
+    from hydra_edge.clustering import load_clusters
+
     config = read_adapter_config(adapter_dir)
-    if not (Path(adapter_dir) / "cluster_gates.safetensors").is_file():
-        raise UserError(f"--adapter {adapter_dir}: cluster_gates.safetensors missing; the training run did not finish")
+    read_adapter_weights(adapter_dir)
+    load_clusters(adapter_dir, expected_k=config["heads"])
+    cluster_gates(adapter_dir)
     return config

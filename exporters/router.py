@@ -8,15 +8,11 @@ can route requests on any machine that has numpy and safetensors.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
-ROUTER_JSON = "clusters.json"
-ROUTER_TENSORS = "clusters.safetensors"
 
 
 def char_wb_ngrams(text: str, ngram_range: tuple[int, int]) -> list[str]:
@@ -49,17 +45,11 @@ class RequestRouter:
 
     @classmethod
     def from_dir(cls, folder: str | Path) -> "RequestRouter":
-        from safetensors.numpy import load_file
+        from hydra_edge.clustering import read_cluster_files
 
-        folder = Path(folder)
-        meta = json.loads((folder / ROUTER_JSON).read_text(encoding="utf-8"))
-        arrays = load_file(str(folder / ROUTER_TENSORS))
-        featurizer = meta["featurizer"]
-        if featurizer.get("analyzer") != "char_wb" or not featurizer.get("sublinear_tf"):
-            raise ValueError(f"{folder / ROUTER_JSON}: unsupported featurizer {featurizer}")
-        projection = arrays.get("projection", np.zeros((0, len(arrays["idf"]))))  # fits without LSA
-        return cls(meta["vocabulary"], arrays["idf"], projection, arrays["centroids"],
-                   tuple(featurizer["ngram_range"]))
+        meta, arrays = read_cluster_files(Path(folder))
+        return cls(meta["vocabulary"], arrays["idf"], arrays["projection"], arrays["centroids"],
+                   tuple(meta["featurizer"]["ngram_range"]))
 
     @property
     def k(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from hydra_edge.errors import UserError
+from hydra_edge.files import atomic_write_text, read_json_object
 from hydra_edge.layers import HydraLoRALinear
 from hydra_edge.quant import is_linear4bit
 
@@ -72,8 +74,20 @@ def inject_hydra_lora(
     num_heads: int,
     dropout: float,
     head_init: str = "zero",
+    source: str = "--targets",
 ) -> dict[str, HydraLoRALinear]:
-    """Wraps each named linear layer; freezes everything else. Returns {name: layer}."""
+    """Wraps each named linear layer; freezes everything else. Returns {name: layer}.
+    source names where the module names came from, for the error when one is not there."""
+    for name in module_names:
+        try:
+            found = model.get_submodule(name)
+        except AttributeError:
+            found = None
+        if found is None or not _is_linear(found):
+            raise UserError(
+                f"{source}: module {name!r} is not a linear layer of this base model; "
+                "load the adapter onto the base it was trained on"
+            )
     for p in model.parameters():
         p.requires_grad_(False)
     layers = {}
@@ -180,13 +194,6 @@ def _checkpoint_files(resolved: str) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes via a temporary file + rename so a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_adapter(model: nn.Module, out_dir: Path, adapter_config: dict) -> None:
     """Writes adapter_config.json and adapter_model.safetensors into out_dir."""
     from safetensors.torch import save_file
@@ -200,7 +207,9 @@ def save_adapter(model: nn.Module, out_dir: Path, adapter_config: dict) -> None:
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
-    """The adapter's config, or a UserError naming what is wrong with the folder."""
+    """The adapter's config, checked field by field and against the weights file's header
+    (shapes only, no tensor read), so a damaged or crafted config is refused before any layer
+    is built from it: `heads: 1000000` would otherwise allocate gigabytes first."""
     path = Path(adapter_dir) / CONFIG_FILE
     if not Path(adapter_dir).is_dir():
         raise UserError(f"--adapter {adapter_dir}: no such folder")
@@ -209,16 +218,72 @@ def read_adapter_config(adapter_dir: Path) -> dict:
             f"--adapter {adapter_dir}: not a hydra-edge adapter (needs {CONFIG_FILE} and "
             f"{WEIGHTS_FILE}); point it at the --out folder of a finetune run"
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); the adapter folder is damaged") from exc
+    config = read_json_object(path, "the adapter folder is damaged; retrain or restore it")
     if config.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"{path}: format_version {config.get('format_version')!r} is not supported by this "
             f"hydra-edge (expects {FORMAT_VERSION}); upgrade hydra-edge or retrain"
         )
+    _check_config_fields(config, path)
+    _check_weight_shapes(config, Path(adapter_dir) / WEIGHTS_FILE)
     return config
+
+
+def _is_whole(value, least: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _check_config_fields(config: dict, path: Path) -> None:
+    from hydra_edge.quant import QUANT_CHOICES
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    rules = {
+        "base_model": (lambda v: isinstance(v, str) and bool(v.strip()), "a model name or folder"),
+        "base_fingerprint": (lambda v: isinstance(v, str), "a string"),
+        "quantization": (lambda v: v in QUANT_CHOICES, f"one of {', '.join(QUANT_CHOICES)}"),
+        "r": (_is_whole, "a whole number >= 1"),
+        "heads": (_is_whole, "a whole number >= 1"),
+        "alpha": (lambda v: number(v) and v > 0, "a number > 0"),
+        "target_modules": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(m, str) and m for m in v)
+                           and len(set(v)) == len(v), "a non-empty list of distinct module names"),
+    }
+    for key, (ok, expected) in rules.items():
+        if key not in config:
+            raise UserError(f"{path}: '{key}' is missing; the adapter folder is damaged, retrain or restore it")
+        if not ok(config[key]):
+            raise UserError(f"{path}: '{key}' is {config[key]!r}, expected {expected}; the adapter folder is damaged")
+    if config.get("dtype", "bf16") not in ("bf16", "fp32"):
+        raise UserError(f"{path}: 'dtype' is {config['dtype']!r}, expected bf16 or fp32; the adapter folder is damaged")
+
+
+def _check_weight_shapes(config: dict, weights_path: Path) -> None:
+    """Every target module has hydra_A (r, in), hydra_B (heads, out, r) and hydra_router
+    (heads, in) in the weights file, and nothing else is there. Reads the header only
+    (safetensors checks that it covers the file exactly, so a truncated file fails here)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights_path), "pt") as f:
+            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as exc:  # SafetensorError and friends: damaged or truncated file
+        raise UserError(f"{weights_path}: cannot read adapter weights ({exc}); the file is damaged") from exc
+    r, heads = config["r"], config["heads"]
+    expected = {f"{m}.{k}" for m in config["target_modules"] for k in ADAPTER_KEYS}
+    if set(shapes) != expected:
+        odd = sorted(set(shapes) ^ expected)[0]
+        raise UserError(f"{weights_path}: its tensors do not match adapter_config.json's target_modules "
+                        f"(e.g. {odd}); the adapter folder is damaged")
+    for module in config["target_modules"]:
+        a, b, router = (shapes[f"{module}.{k}"] for k in ADAPTER_KEYS)
+        fits = (len(a) == 2 and len(b) == 3 and len(router) == 2 and a[0] == r and b[0] == heads and b[2] == r
+                and router == [heads, a[1]])
+        if not fits:
+            raise UserError(
+                f"{weights_path}: {module} has A {a}, B {b}, router {router}, but adapter_config.json says "
+                f"r={r}, heads={heads}; the adapter folder is damaged"
+            )
 
 
 def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -226,6 +291,10 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
     path = Path(adapter_dir) / WEIGHTS_FILE
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise UserError(f"{path}: cannot read adapter weights ({exc}); the file is damaged") from exc
+    bad = next((k for k, v in weights.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise UserError(f"{path}: {bad} holds non-finite or non-float values; the file is damaged")
+    return weights

@@ -227,6 +227,17 @@ def _one_source(adapter: str | None, onnx: str | None) -> str:
     return "onnx" if onnx else "adapter"
 
 
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError that reached the top: the file, what went wrong, what to do."""
+    from hydra_edge.files import is_out_of_space
+
+    where = f"{exc.filename}: " if exc.filename else ""
+    if is_out_of_space(exc):
+        return (f"{where}the disk is full ({exc.strerror}); free some space and run the command again "
+                "(a stopped training continues with --resume)")
+    return f"{where}{exc.strerror or exc}; check that the path exists and that you may read and write it"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: turns user errors into one line + exit 2, and a stop into its signal code."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -245,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
         for line in getattr(exc, "lines", []):  # DataProblems: one FILE:LINE line per bad row
             print(line, file=sys.stderr)
         print(f"hydra-edge: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # the disk, not the code: full, read-only, gone, not ours
+        print(f"hydra-edge: error: {describe_os_error(exc)}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as exc:
         print(

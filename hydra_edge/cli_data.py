@@ -25,7 +25,7 @@ def validate(
     """Check every row; print one FILE:LINE line per problem. Exit code 2 when any row is invalid."""
     from hydra_edge.data import load_records
 
-    loaded = load_records(data, format, skip_invalid=True, max_problems=max_problems)
+    loaded = load_records(data, format, skip_invalid=True, max_problems=max_problems, require_rows=False)
     for problem in loaded.problems[:max_problems]:
         print(problem)
     if len(loaded.problems) > max_problems:

@@ -188,13 +188,22 @@ def read_yaml_config(path: str | Path) -> dict:
         raise UserError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of settings at the top level")
+    return check_settings(raw, str(path))
+
+
+def check_settings(raw: dict, source: str) -> dict:
+    """Settings from a file (a YAML config, a run's run_config.json), with unknown keys and wrong
+    types refused by name; values are checked when the FinetuneConfig is built."""
     fields = config_fields()
     settings = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            raise UserError(f"{path}: unknown key '{key}' (known: {', '.join(fields)})")
-        settings[name] = _check_type(name, value, str(fields[name].type))
+            raise UserError(f"{source}: unknown key '{key}' (known: {', '.join(fields)})")
+        try:
+            settings[name] = _check_type(name, value, str(fields[name].type))
+        except UserError as exc:
+            raise UserError(f"{source}: {exc}") from None
     return settings
 
 

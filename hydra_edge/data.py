@@ -102,8 +102,12 @@ def _file_format(rows, fmt: str) -> str | None:
     return seen.most_common(1)[0][0] if seen else None
 
 
-def load_records(paths: list[str], fmt: str = "auto", skip_invalid: bool = False, max_problems: int = 20) -> LoadedData:
-    """Reads and validates every row of every file; raises DataProblems unless skip_invalid."""
+def load_records(
+    paths: list[str], fmt: str = "auto", skip_invalid: bool = False, max_problems: int = 20, require_rows: bool = True
+) -> LoadedData:
+    """Reads and validates every row of every file; raises DataProblems unless skip_invalid.
+    require_rows=False returns an empty result instead of refusing data with no valid row
+    (`data validate` lists every problem either way)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise UserError(f"--format {fmt}: use auto or one of {', '.join(FORMATS)}")
     records, problems, formats, total = [], [], {}, 0
@@ -130,7 +134,7 @@ def load_records(paths: list[str], fmt: str = "auto", skip_invalid: bool = False
             records.append(Record(row.location, messages=messages, text=text))
     if problems and not skip_invalid:
         raise DataProblems(problems, total, max_problems)
-    if not records:
+    if not records and require_rows:
         raise UserError(f"--data {', '.join(map(str, paths))}: no valid rows to train on")
     return LoadedData(records, formats, Counter(p.reason for p in problems), problems)
 

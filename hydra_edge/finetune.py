@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 from hydra_edge import __version__
-from hydra_edge.adapter import WEIGHTS_FILE, atomic_write_text, base_fingerprint, find_target_modules, inject_hydra_lora, save_adapter
-from hydra_edge.checkpoint import list_checkpoints
+from hydra_edge.adapter import WEIGHTS_FILE, base_fingerprint, find_target_modules, inject_hydra_lora, save_adapter
+from hydra_edge.checkpoint import checkpoint_problem, list_checkpoints, remove_stale_temp
 from hydra_edge.clustering import fit_clusters, load_clusters, save_clusters, summary_lines
-from hydra_edge.config import FinetuneConfig
+from hydra_edge.config import FinetuneConfig, check_settings
 from hydra_edge.data import load_records, pack_samples, read_records, tokenize_records
 from hydra_edge.errors import UserError
+from hydra_edge.files import atomic_write_text, ensure_writable_dir, read_json_object
 from hydra_edge.models import resolve_model_reference
 from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN, TINY_NAME
 
@@ -45,15 +46,33 @@ def resolve_resume(config: FinetuneConfig, explicit: set[str]) -> tuple[Finetune
         return config, None  # an empty folder, or a run that died before its first checkpoint
     if not (out / RUN_CONFIG).is_file():
         raise UserError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} missing); check --out")
-    saved = json.loads((out / RUN_CONFIG).read_text())
+    run_config = out / RUN_CONFIG
+    saved = check_settings(read_json_object(run_config, "the run's settings are damaged; start a new run"), str(run_config))
     for key in RESUMABLE_OVERRIDES:
         if key in explicit:
             saved[key] = getattr(config, key)
     saved["resume"] = True
+    saved["out"] = str(out)  # the folder may have moved since the run started
+    try:
+        resumed = FinetuneConfig(**saved)
+    except ValueError as exc:
+        raise UserError(f"{run_config}: {exc}; the run's settings are damaged, start a new run") from exc
+    return resumed, _intact_checkpoint(out)
+
+
+def _intact_checkpoint(out: Path) -> Path:
+    """The newest checkpoint that is not damaged, saying which newer ones were passed over."""
     checkpoints = list_checkpoints(out)
     if not checkpoints:
         raise UserError(f"--resume: {out} has no complete checkpoint yet; start the run again without --resume")
-    return FinetuneConfig(**saved), checkpoints[-1]
+    for newer, checkpoint in enumerate(reversed(checkpoints)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        following = checkpoints[-2 - newer] if newer + 1 < len(checkpoints) else None
+        log(f"--resume: checkpoint {checkpoint} is damaged ({problem}); "
+            + (f"falling back to {following.name}" if following else "no earlier checkpoint is left"))
+    raise UserError(f"--resume: every checkpoint in {out / 'checkpoints'} is damaged; start the run again without --resume")
 
 
 def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_step=None) -> dict:
@@ -68,8 +87,13 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
 
     process = PartialState(cpu=not torch.cuda.is_available())  # one per `accelerate launch` process
     config, resume_from = resolve_resume(config, explicit)
-    process.wait_for_everyone()  # every process checked --out before the main one writes to it
     out = Path(config.out)
+    if process.is_main_process:
+        ensure_writable_dir(out, "--out")
+        stale = remove_stale_temp(out)
+        if stale:
+            log(f"checkpoints: removed {len(stale)} unfinished save(s) left by a stopped run ({', '.join(stale)})")
+    process.wait_for_everyone()  # every process checked --out before the main one writes to it
     started = time.perf_counter()
 
     # 1. Model reference and data, validated before any model is loaded.

@@ -83,6 +83,11 @@ def _turns(
         out.append({"role": role, "content": m[text_key]})
     if not any(m["role"] == "assistant" for m in out):
         raise RowProblem("no assistant turn", f"'{field}' has no assistant message to learn from")
+    if out[-1]["role"] != "assistant":
+        raise RowProblem(
+            "last turn not the assistant's",
+            f"'{field}' ends with a {out[-1]['role']} turn, which has no answer to learn from; end it with the assistant's reply",
+        )
     return out
 
 

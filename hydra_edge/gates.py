@@ -17,6 +17,7 @@ import torch
 
 from hydra_edge.adapter import hydra_layers
 from hydra_edge.data import Sample, collate
+from hydra_edge.errors import UserError
 
 GATES_FILE = "cluster_gates.safetensors"
 
@@ -69,7 +70,30 @@ def save_cluster_gates(out_dir: Path, gates: dict[str, torch.Tensor], token_coun
     os.replace(tmp, final)
 
 
-def load_cluster_gates(out_dir: Path) -> dict[str, torch.Tensor]:
+def load_cluster_gates(out_dir: Path, modules: list[str] | None = None, heads: int | None = None,
+                       clusters: int | None = None) -> dict[str, torch.Tensor]:
+    """The saved mean gates; with the adapter's modules, head count and cluster count, checked
+    to hold exactly one probability vector (N,) per cluster and module (a damaged file is one
+    clear error, not a wrong export)."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(out_dir) / GATES_FILE))
+    path = Path(out_dir) / GATES_FILE
+    remedy = "the run's per-cluster gates are damaged; restore the file or retrain"
+    if not path.is_file():
+        raise UserError(f"--adapter {out_dir}: {GATES_FILE} missing; the training run did not finish")
+    try:
+        gates = load_file(str(path))
+    except Exception as exc:  # SafetensorError and friends: damaged or truncated file
+        raise UserError(f"{path}: cannot be read ({exc}); {remedy}") from exc
+    if modules is None:
+        return gates
+    expected = {f"cluster.{c}.{m}" for c in range(clusters) for m in modules}
+    if set(gates) != expected:
+        odd = sorted(set(gates) ^ expected)[0]
+        raise UserError(f"{path}: does not hold one gate vector per cluster and module (e.g. {odd}); {remedy}")
+    for key, value in gates.items():
+        ok = (value.shape == (heads,) and value.is_floating_point() and bool(torch.isfinite(value).all())
+              and bool((value >= 0).all()) and abs(float(value.sum()) - 1.0) < 1e-3)
+        if not ok:
+            raise UserError(f"{path}: {key} is not a probability vector over {heads} heads; {remedy}")
+    return gates

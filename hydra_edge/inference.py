@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from hydra_edge.adapter import (
+    CONFIG_FILE,
     base_fingerprint,
     hydra_layers,
     inject_hydra_lora,
@@ -38,6 +39,7 @@ def load_trained(adapter_dir: str | Path, model_override: str | None = None, dev
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir)
+    clusters = load_clusters(adapter_dir, expected_k=config["heads"])  # checked before the slow part: loading the base
     base = load_base(
         model_override or config["base_model"], quant=config["quantization"], device=device,
         dtype=config.get("dtype", "bf16"),
@@ -50,11 +52,12 @@ def load_trained(adapter_dir: str | Path, model_override: str | None = None, dev
             f"{base.reference!r} has fingerprint {fingerprint[:12]}; load the base it was trained on"
         )
     inject_hydra_lora(
-        base.model, config["target_modules"], config["r"], config["alpha"], config["heads"], 0.0
+        base.model, config["target_modules"], config["r"], config["alpha"], config["heads"], 0.0,
+        source=str(adapter_dir / CONFIG_FILE),
     )
     load_adapter_state_dict(base.model, weights, str(adapter_dir))
     base.model.eval()
-    return TrainedModel(base.model, base.tokenizer, config, load_clusters(adapter_dir), adapter_dir)
+    return TrainedModel(base.model, base.tokenizer, config, clusters, adapter_dir)
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:

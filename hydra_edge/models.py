@@ -58,7 +58,7 @@ def load_tokenizer(reference: str, resolved: str | None = None):
     _quiet_loading()
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, or a tokenizers parse error of a damaged file
         raise _load_error(reference, "its tokenizer could not be loaded", exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -103,14 +103,29 @@ def load_base(
     device = device or pick_device()
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     tokenizer = load_tokenizer(reference, resolved)
+    import warnings
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved,
-            quantization_config=bnb_config(quant),
-            dtype=torch_dtype,
-            device_map={"": device},
-        )
-    except (OSError, ValueError) as exc:
+        with warnings.catch_warnings():  # torch's notice about a refused pickle's protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            model = AutoModelForCausalLM.from_pretrained(
+                resolved,
+                quantization_config=bnb_config(quant),
+                dtype=torch_dtype,
+                device_map={"": device},
+            )
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure inside a model folder's files is the files'
+        # OSError/ValueError for missing or malformed files, UnpicklingError for a .bin that is not
+        # a plain state dict, KeyError/RuntimeError/TypeError for a config that does not fit its weights.
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError):  # torch.load(weights_only=True) refused it: good
+            raise UserError(
+                f"--model {reference}: its .bin weights are a pickle that is not a plain tensor state dict, "
+                "which hydra-edge never unpickles; re-save the model as safetensors (save_pretrained)"
+            ) from exc
         raise _load_error(reference, "could not be loaded", exc) from exc
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False}  # frozen inputs: the reentrant variant would get no grads

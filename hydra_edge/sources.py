@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Iterator
 
 from hydra_edge.errors import UserError
+from hydra_edge.files import path_inside
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+TOO_DEEP = "nested too deeply to read; a data row holds strings and lists of turns, not deep structures"
 # CSV cells are strings; these columns hold lists and arrive JSON-encoded.
 JSON_COLUMNS = ("messages", "conversations")
 
@@ -72,6 +74,8 @@ def _jsonl(path: Path) -> Iterator[RawRow]:
             yield RawRow(where, json.loads(line))
         except json.JSONDecodeError as exc:
             yield RawRow(where, problem=("malformed JSON", f"{exc.msg} at column {exc.colno}"))
+        except RecursionError:
+            yield RawRow(where, problem=("malformed JSON", TOO_DEEP))
     if not any_row:
         yield RawRow(f"{path}:1", problem=("empty file", "the file has no rows"))
 
@@ -98,6 +102,9 @@ def _json_array(path: Path) -> Iterator[RawRow]:
     except json.JSONDecodeError as exc:
         yield RawRow(f"{path}:{exc.lineno}", problem=("malformed JSON", f"{exc.msg} at column {exc.colno}"))
         return
+    except RecursionError:
+        yield RawRow(f"{path}:{_deepest_line(text)}", problem=("malformed JSON", TOO_DEEP))
+        return
     if not isinstance(rows, list):
         yield RawRow(f"{path}:1", problem=("wrong type", "a .json data file must hold an array of rows"))
         return
@@ -107,6 +114,46 @@ def _json_array(path: Path) -> Iterator[RawRow]:
         yield RawRow(f"{path}:row {i}", row)
 
 
+def _deepest_line(text: str) -> int:
+    """The line where a JSON text's nesting is deepest (json gives no position for a
+    RecursionError). A plain scan: brackets inside strings do not count."""
+    depth = deepest = 0
+    line = deepest_line = 1
+    in_string = escaped = False
+    for char in text:
+        if char == "\n":
+            line += 1
+        elif in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, deepest_line = depth, line
+        elif char in "]}":
+            depth -= 1
+    return deepest_line
+
+
+def _csv_rows(reader) -> Iterator[dict | csv.Error]:
+    """The reader's rows; a row the csv module refuses (a cell over its field size limit) comes
+    out as its csv.Error, and reading goes on with the next row."""
+    rows = iter(reader)
+    while True:
+        try:
+            yield next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield exc
+
+
 def _csv(path: Path) -> Iterator[RawRow]:
     text, bad = _decode_whole(path)
     if bad:
@@ -114,9 +161,13 @@ def _csv(path: Path) -> Iterator[RawRow]:
         return
     reader = csv.DictReader(io.StringIO(text, newline=""))
     any_row = False
-    for i, row in enumerate(reader, start=1):
+    for i, row in enumerate(_csv_rows(reader), start=1):
         any_row = True
         where = f"{path}:row {i}"
+        if isinstance(row, csv.Error):
+            too_long = f"a cell is longer than {csv.field_size_limit():,} characters; put long texts in a .jsonl file"
+            yield RawRow(where, problem=("malformed CSV", too_long if "field limit" in str(row) else str(row)))
+            continue
         if None in row:
             yield RawRow(where, problem=("malformed CSV", "more cells than header columns"))
             continue
@@ -128,6 +179,9 @@ def _csv(path: Path) -> Iterator[RawRow]:
                 except json.JSONDecodeError as exc:
                     problem = ("malformed JSON", f"column '{key}': {exc.msg}")
                     break
+                except RecursionError:
+                    problem = ("malformed JSON", f"column '{key}': {TOO_DEEP}")
+                    break
             decoded[key] = value if value != "" else None
         yield RawRow(where, problem=problem) if problem else RawRow(where, decoded)
     if not any_row:
@@ -135,29 +189,47 @@ def _csv(path: Path) -> Iterator[RawRow]:
 
 
 def _parquet(path: Path) -> Iterator[RawRow]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.ParquetFile(str(path))
-    except Exception as exc:  # pyarrow raises ArrowInvalid and friends for damaged files
+    except (OSError, pa.ArrowException) as exc:  # ArrowInvalid and friends for damaged files
         raise UserError(f"{path}: not a readable Parquet file ({exc})") from exc
     yield from _arrow_batches(path, table.iter_batches(batch_size=4096), table.metadata.num_rows)
 
 
+def _read_json_file(path: Path, what: str):
+    """A small JSON file written by a library (datasets' state.json, dataset_dict.json)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}); re-save the dataset with save_to_disk") from exc
+
+
 def _datasets_folder(folder: Path) -> Iterator[RawRow]:
-    """A `save_to_disk` folder: state.json names the Arrow stream files (DatasetDict: use train)."""
+    """A `save_to_disk` folder: state.json names the Arrow stream files (DatasetDict: use train).
+    Every name read from the folder's own files must stay inside the folder."""
     import pyarrow as pa
 
-    if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+    dict_file = folder / "dataset_dict.json"
+    if dict_file.is_file():
+        splits = _read_json_file(dict_file, "dataset_dict.json")
+        splits = splits.get("splits") if isinstance(splits, dict) else None
+        if not isinstance(splits, list) or not splits:
+            raise UserError(f"{dict_file}: no 'splits' list; re-save the dataset with save_to_disk")
         split = "train" if "train" in splits else splits[0]
-        folder = folder / split
+        folder = path_inside(folder, split, dict_file)
     state_file = folder / "state.json"
     if not state_file.is_file():
         raise UserError(
             f"--data {folder}: a folder must be one written by datasets' save_to_disk (state.json missing)"
         )
-    files = [folder / f["filename"] for f in json.loads(state_file.read_text())["_data_files"]]
+    state = _read_json_file(state_file, "state.json")
+    entries = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise UserError(f"{state_file}: no '_data_files' list; re-save the dataset with save_to_disk")
+    files = [path_inside(folder, e.get("filename"), state_file) for e in entries]
 
     def batches():
         for file in files:
@@ -168,10 +240,16 @@ def _datasets_folder(folder: Path) -> Iterator[RawRow]:
 
 
 def _arrow_batches(path: Path, batches, expected_rows: int | None) -> Iterator[RawRow]:
+    import pyarrow as pa
+
     index = 0
-    for batch in batches:
-        for row in batch.to_pylist():
-            index += 1
-            yield RawRow(f"{path}:row {index}", row)
+    try:
+        for batch in batches:
+            for row in batch.to_pylist():
+                index += 1
+                yield RawRow(f"{path}:row {index}", row)
+    except (OSError, pa.ArrowException) as exc:  # a damaged Parquet or Arrow file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: unreadable after row {index} ({first}); the file is damaged, re-save it") from exc
     if index == 0:
         yield RawRow(f"{path}:1", problem=("empty file", "no rows"))

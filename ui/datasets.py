@@ -48,35 +48,17 @@ def store_upload(ws: Workspace, uploaded: str | Path, max_bytes: int, original_n
 
 def validate_data(ws: Workspace, data: str, fmt: str = "auto") -> dict:
     """Detected format, valid row count and per-row problems of one data file (nothing raised
-    for bad rows: the UI lists them before a run would stop on them)."""
+    for bad rows: the UI lists them, all of them even when no row is valid, before a run would
+    stop on them)."""
     from hydra_edge.data import load_records
 
-    path = ws.resolve(data, "data")
-    try:
-        loaded = load_records([str(path)], fmt or "auto", skip_invalid=True)
-        records, formats, problems = loaded.records, loaded.formats, loaded.problems
-    except UserError as exc:
-        if "no valid rows" not in str(exc):
-            raise
-        # every row is bad: list them all the same
-        records, formats, problems = [], {}, _all_problems(path, fmt)
-    detected = next(iter(formats.values()), "unknown")
+    path = ws.data_source(data)
+    loaded = load_records([str(path)], fmt or "auto", skip_invalid=True, require_rows=False)
+    detected = next(iter(loaded.formats.values()), "unknown")
     shown = [{"location": _short_location(ws, p.location), "reason": p.reason, "detail": p.detail}
-             for p in problems[:MAX_PROBLEMS_SHOWN]]
-    return {"file": ws.rel(path), "format": detected, "rows": len(records), "invalid": len(problems),
+             for p in loaded.problems[:MAX_PROBLEMS_SHOWN]]
+    return {"file": ws.rel(path), "format": detected, "rows": len(loaded.records), "invalid": len(loaded.problems),
             "problems": shown}
-
-
-def _all_problems(path: Path, fmt: str):
-    from hydra_edge.data import DataProblems, load_records
-
-    try:
-        load_records([str(path)], fmt or "auto", skip_invalid=False, max_problems=MAX_PROBLEMS_SHOWN)
-    except DataProblems as exc:
-        return exc.problems
-    except UserError:
-        pass
-    return []
 
 
 def _short_location(ws: Workspace, location: str) -> str:
@@ -92,7 +74,7 @@ def find_clusters(ws: Workspace, data: str, fmt: str = "auto", max_k: int = 8, h
     from hydra_edge.data import load_records
     from hydra_edge.plots import plot_clusters
 
-    path = ws.resolve(data, "data")
+    path = ws.data_source(data)
     try:
         max_k = int(max_k)
     except (TypeError, ValueError):

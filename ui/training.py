@@ -113,8 +113,8 @@ def build_command(ws: Workspace, s: TrainSettings, run_name: str | None = None) 
     name = run_name or run_name_or_default(s.run_name)
     out = ws.new_folder(RUNS_DIR, name, "run name")
     model = resolve_model(ws, s.model)
-    data = ws.rel(ws.resolve(s.data, "training data"))
-    eval_data = ws.rel(ws.resolve(s.eval_data, "held-out data", kind="file")) if (s.eval_data or "").strip() else None
+    data = ws.rel(ws.data_source(s.data, "training data"))
+    eval_data = ws.rel(ws.data_source(s.eval_data, "held-out data")) if (s.eval_data or "").strip() else None
     settings = {
         "model": model, "data": [data], "format": s.format, "skip_invalid": bool(s.skip_invalid),
         "eval_data": eval_data, "heads": str(s.heads).strip(), "rank": _whole("rank", s.rank),

@@ -82,6 +82,20 @@ class Workspace:
             raise UserError(f"{what} {text}: not a folder")
         return resolved
 
+    def data_source(self, user_path: str | Path, what: str = "data") -> Path:
+        """A data file or `datasets` folder under data/, as `data_files()` lists them, or a
+        UserError. Stricter than `resolve`: not data/ itself, not a run or export folder, and a
+        folder only when `datasets` wrote it (whose inner file names the reader keeps inside it)."""
+        path = self.resolve(user_path, what)
+        data_root = self.root / DATA_DIR
+        if data_root not in path.parents:
+            raise UserError(f"{what} {user_path}: choose a data file or datasets folder under {DATA_DIR}/")
+        if path.is_file() and path.suffix.lower() in DATA_SUFFIXES:
+            return path
+        if path.is_dir() and _is_datasets_folder(path):
+            return path
+        raise UserError(f"{what} {user_path}: not a {', '.join(DATA_SUFFIXES)} file or a folder saved by datasets' save_to_disk")
+
     def rel(self, path: str | Path) -> str:
         """How the UI shows a workspace path: relative to the root, with forward slashes."""
         path = Path(path)
@@ -109,7 +123,7 @@ class Workspace:
                 continue
             if path.is_file() and path.suffix.lower() in DATA_SUFFIXES:
                 found.append(self.rel(path))
-            elif path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()):
+            elif path.is_dir() and _is_datasets_folder(path):
                 found.append(self.rel(path))
         return found
 
@@ -132,6 +146,11 @@ class Workspace:
     def model_folders(self) -> list[str]:
         """Local base models: Hugging Face folders (with config.json) under models/."""
         return [self.rel(p) for p in sorted((self.root / MODELS_DIR).iterdir()) if (p / "config.json").is_file()]
+
+
+def _is_datasets_folder(path: Path) -> bool:
+    """A folder written by datasets' save_to_disk: a DatasetDict or a Dataset."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
 def _inside(path: Path, root: Path) -> bool:

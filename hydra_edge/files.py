@@ -1,0 +1,97 @@
+"""Files that a user, a full disk or damage can change under hydra-edge's feet.
+
+One place for the rules every reader and writer follows: a JSON file is read as one object or
+refused in one line; a file name read from inside a folder must stay inside it; writes go to a
+temporary name and are renamed into place; and an output folder is probed for writing before
+any slow work starts, so a read-only or full disk costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path, PurePath
+
+from hydra_edge.errors import UserError
+
+# errno values that mean "the disk (or the quota, or the file size limit) is full".
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def read_json_object(path: Path, remedy: str) -> dict:
+    """A JSON object from a file, or one UserError line naming the file and what to do."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not valid JSON ({first}); {remedy}") from exc
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc}); {remedy}") from exc
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}; {remedy}")
+    return value
+
+
+def path_inside(folder: Path, name: object, named_in: Path) -> Path:
+    """`folder / name` for a file name read from a file inside `folder`, refusing a name that
+    would leave the folder: an absolute path, `..`, or a symlink that leads out. Data folders
+    and exports are untrusted input (uploads, downloads): they must never make hydra-edge read
+    elsewhere."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise UserError(f"{named_in}: names {name!r} as a file; expected a file name inside {folder}")
+    root = Path(folder).resolve()
+    target = (Path(folder) / name).resolve()
+    if PurePath(name).is_absolute() or root not in target.parents:
+        raise UserError(f"{named_in}: names {name!r}, outside {folder}; refusing to read it (a folder's files "
+                        "may only point inside that folder)")
+    return target
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes via a temporary file + rename so a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def ensure_writable_dir(folder: Path, flag: str) -> None:
+    """Creates `folder` if needed and writes a probe file into it, or a UserError naming the
+    flag: read-only media, another user's folder and a full disk all fail here, early."""
+    folder = Path(folder)
+    probe = folder / f".hydra-edge-write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+    except OSError as exc:
+        raise UserError(
+            f"{flag} {folder}: cannot write there ({exc.strerror or exc}); choose a folder you can write to"
+        ) from exc
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free space where `folder` (or its nearest existing parent) lives; None if unknown."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 2**20:,.1f} MB"
