@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hydra_edge.adapter import hydra_layers, read_adapter_config, read_adapter_weights
-from hydra_edge.errors import UserError
+from hydra_edge.files import save_tensors
 from hydra_edge.gates import load_cluster_gates
 from hydra_edge.quant import dequantized_weight, is_linear4bit
 
@@ -109,14 +109,12 @@ def fold_cluster_into_base(model: nn.Module, heads: dict[str, tuple[torch.Tensor
 def write_peft_adapter(out_dir: Path, base_reference: str, r: int, alpha: float,
                        heads: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
     """One cluster as a PEFT LoRA folder (A and B̄_c; PEFT applies the alpha/r scaling)."""
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, (a, b) in heads.items():
         tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_tensors(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_reference,
         "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,

@@ -42,7 +42,7 @@ import torch
 
 from hydra_edge.adapter import hydra_layers
 from hydra_edge.errors import UserError
-from hydra_edge.files import ensure_writable_dir
+from hydra_edge.files import disk_errors, ensure_writable_dir
 from hydra_edge.exporters.merge import (
     check_exportable, cluster_gates, fold_cluster_into_base, hydra_on_plain_base, merged_heads, save_plain_base,
     write_peft_adapter,
@@ -187,13 +187,16 @@ def validation_prompts(adapter_dir: Path, count: int = VALIDATION_PROMPTS) -> li
     """Fixed conversations: the training run's held-out rows when it had any, else generic prompts."""
     from hydra_edge.data import read_records
 
-    run_config = json.loads((adapter_dir / "run_config.json").read_text()) if (adapter_dir / "run_config.json").is_file() else {}
+    from hydra_edge.files import read_json_object
+
+    config_file = adapter_dir / "run_config.json"
+    run_config = read_json_object(config_file, "the run's settings are damaged; retrain") if config_file.is_file() else {}
     eval_file = run_config.get("eval_data")
     if not eval_file and run_config.get("model") == "tiny" and not run_config.get("data"):
         from hydra_edge.tiny import DEMO_EVAL
 
         eval_file = str(DEMO_EVAL)
-    if eval_file and Path(eval_file).is_file():
+    if isinstance(eval_file, str) and eval_file and Path(eval_file).is_file():
         records = [r for r in read_records(eval_file) if r.messages][:count]
         if records:
             return [r.messages for r in records]  # whole conversations: answer positions are checked too
@@ -212,7 +215,6 @@ def _sha256(path: Path) -> str:
 def export(adapter_dir: str | Path, out_dir: str | Path, mode: str = "adapters", precision: str = "fp32",
            device: str = "cpu", log=print) -> dict:
     """Builds, validates and writes the export; returns the manifest."""
-    from hydra_edge.inference import prompt_ids
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if mode not in MODES:
@@ -225,11 +227,19 @@ def export(adapter_dir: str | Path, out_dir: str | Path, mode: str = "adapters",
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"--out {out_dir}: not empty (or not a folder); choose a new folder (nothing was overwritten)")
     config = check_exportable(adapter_dir)
+    ensure_writable_dir(out_dir.parent, "--out")
+    with disk_errors(out_dir):  # safetensors' write errors (the base, PEFT folders) as OSError
+        return _build_validate_and_write(adapter_dir, out_dir, mode, precision, device, config, log)
+
+
+def _build_validate_and_write(adapter_dir: Path, out_dir: Path, mode: str, precision: str, device: str,
+                              config: dict, log) -> dict:
+    """Everything export() writes, in a temporary folder renamed into place at the end."""
+    from hydra_edge.inference import prompt_ids
+
     scaling = config["alpha"] / config["r"]
     heads_by_cluster = merged_heads(adapter_dir)
     gates_by_cluster = cluster_gates(adapter_dir)
-
-    ensure_writable_dir(out_dir.parent, "--out")
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
     try:
         log("export: writing the dequantized base")

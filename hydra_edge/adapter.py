@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from hydra_edge.errors import UserError
-from hydra_edge.files import atomic_write_text, read_json_object
+from hydra_edge.files import atomic_write_text, read_json_object, save_tensors
 from hydra_edge.layers import HydraLoRALinear
 from hydra_edge.quant import is_linear4bit
 
@@ -196,13 +195,9 @@ def _checkpoint_files(resolved: str) -> list[Path]:
 
 def save_adapter(model: nn.Module, out_dir: Path, adapter_config: dict) -> None:
     """Writes adapter_config.json and adapter_model.safetensors into out_dir."""
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {"format_version": FORMAT_VERSION, **adapter_config}
-    tmp = out_dir / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-    save_file(adapter_state_dict(model), str(tmp), metadata={"format": "hydra-lora"})
-    os.replace(tmp, out_dir / WEIGHTS_FILE)
+    save_tensors(adapter_state_dict(model), out_dir / WEIGHTS_FILE, metadata={"format": "hydra-lora"})
     atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 

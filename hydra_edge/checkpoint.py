@@ -24,7 +24,7 @@ import torch
 
 from hydra_edge.adapter import WEIGHTS_FILE, adapter_state_dict, load_adapter_state_dict
 from hydra_edge.errors import UserError
-from hydra_edge.files import free_bytes, is_out_of_space, megabytes
+from hydra_edge.files import free_bytes, is_out_of_space, megabytes, save_tensors
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -52,8 +52,6 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, train
     Disk use peaks at two checkpoints: every older one is pruned *before* the new one is
     written, but never the newest intact one, so a failed save always leaves a checkpoint to
     resume from. A full disk ends in a UserError that says how much room a checkpoint needs."""
-    from safetensors.torch import save_file
-
     root = Path(out_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -72,9 +70,9 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, train
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_file(adapter, str(tmp / WEIGHTS_FILE))
-        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
-        save_file(rng, str(tmp / RNG_FILE))
+        save_tensors(adapter, tmp / WEIGHTS_FILE)
+        save_tensors(opt_tensors, tmp / OPTIMIZER_FILE)
+        save_tensors(rng, tmp / RNG_FILE)
         state = {
             **trainer_state,
             "step": step,

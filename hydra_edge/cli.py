@@ -208,11 +208,18 @@ app.add_typer(data_app, name="data")
 app.command("clusters")(clusters)
 
 
+_registered: set[str] = set()
+
+
 def _register_plugins() -> None:
-    """Adds the commands of installed layers above the core (export, ui) via entry points."""
+    """Adds the commands of installed layers above the core (export, ui) via entry points, once
+    per process (main() may run many times in one: tests, a notebook)."""
     from importlib.metadata import entry_points
 
     for entry in entry_points(group="hydra_edge.commands"):
+        if entry.name in _registered:
+            continue
+        _registered.add(entry.name)
         try:
             register = entry.load()
         except ImportError as exc:  # a broken or partial install: the other commands still work

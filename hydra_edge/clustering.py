@@ -16,7 +16,6 @@ a cluster needs no pickle.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,9 +169,8 @@ def fit_clusters(texts: list[str], heads: int | None, max_k: int = 8) -> tuple[C
 def save_clusters(model: ClusterModel, out_dir: Path, labels: np.ndarray | None = None) -> None:
     """Writes the fit; `labels` (the cluster id of each training row, in data order) is kept too."""
     import torch
-    from safetensors.torch import save_file
 
-    from hydra_edge.files import atomic_write_text
+    from hydra_edge.files import atomic_write_text, save_tensors
 
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -185,10 +183,8 @@ def save_clusters(model: ClusterModel, out_dir: Path, labels: np.ndarray | None 
         "labels": [] if labels is None else [int(x) for x in labels],
         "vocabulary": model.vocabulary,
     }
-    tmp = out_dir / f".{CLUSTERS_TENSORS}.tmp-{os.getpid()}"
     arrays = {"idf": model.idf, "projection": model.projection, "centroids": model.centroids}
-    save_file({name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}, str(tmp))
-    os.replace(tmp, out_dir / CLUSTERS_TENSORS)
+    save_tensors({name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}, out_dir / CLUSTERS_TENSORS)
     atomic_write_text(out_dir / CLUSTERS_JSON, json.dumps(meta, ensure_ascii=False) + "\n")
 
 

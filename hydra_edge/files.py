@@ -8,9 +8,11 @@ any slow work starts, so a read-only or full disk costs seconds, not a model loa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path, PurePath
 
@@ -54,6 +56,35 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path):
+    """Turns safetensors' I/O failures (a SafetensorError whose text holds the OS error) back into
+    the OSError they are, so a full disk is reported as one, whichever library was writing."""
+    try:
+        yield
+    except Exception as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if type(exc).__name__ != "SafetensorError" or not found:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, written to a temporary name and renamed into place (a crash or a
+    full disk never leaves a half-written file), with disk failures as OSError (disk_errors)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with disk_errors(path):
+            save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -10,7 +10,6 @@ For cluster c and module m, ḡ_{c,m} is the router's softmax averaged over ever
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from hydra_edge.adapter import hydra_layers
 from hydra_edge.data import Sample, collate
 from hydra_edge.errors import UserError
+from hydra_edge.files import save_tensors
 
 GATES_FILE = "cluster_gates.safetensors"
 
@@ -61,13 +61,8 @@ def mean_gates_per_cluster(
 
 
 def save_cluster_gates(out_dir: Path, gates: dict[str, torch.Tensor], token_counts: list[int]) -> None:
-    from safetensors.torch import save_file
-
     meta = {"k": str(len(token_counts)), "tokens_per_cluster": json.dumps(token_counts)}
-    final = Path(out_dir) / GATES_FILE
-    tmp = final.with_name(f".{GATES_FILE}.tmp-{os.getpid()}")
-    save_file(gates, str(tmp), metadata=meta)
-    os.replace(tmp, final)
+    save_tensors(gates, Path(out_dir) / GATES_FILE, metadata=meta)
 
 
 def load_cluster_gates(out_dir: Path, modules: list[str] | None = None, heads: int | None = None,

@@ -86,7 +86,7 @@ def ui_command(
     except OSError as exc:  # gradio: "Cannot find empty port in range ..."
         raise UserError(f"--port {port}: cannot serve there ({exc}); choose another port") from exc
     print(f"hydra-edge ui: {url} (workspace {demo.hydra.ws.root}"
-          + (f", sign-in required" if credentials else "") + "). Ctrl-C stops it; a running training saves "
+          + (", sign-in required" if credentials else "") + "). Ctrl-C stops it; a running training saves "
           "a checkpoint first.", flush=True)
     # SIGTERM (a service manager, `kill`) ends the UI like Ctrl-C does, so the exit handler stops
     # a running training with a checkpoint instead of leaving it orphaned.

@@ -1,0 +1,92 @@
+"""Running the CLI in-process and the conditions the hardening tests need (a read-only folder,
+a full disk), made for real: chattr/chmod and a small tmpfs, never a mocked errno."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_in_process(*args: str) -> Result:
+    """`hydra-edge ARGS` in this process (fast: no interpreter start, imports reused). An
+    exception that escapes main() propagates, so a traceback fails the calling test."""
+    from hydra_edge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def assert_one_line_error(result, *needles) -> None:
+    """Exit code 2, no traceback, exactly one `hydra-edge: error:` line holding every needle."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("hydra-edge: error:"), result.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """Makes `folder` unwritable for this process: chmod for a normal user; for root, who
+    ignores modes, the immutable attribute (chattr +i)."""
+    folder = Path(folder)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    subprocess.run(["chattr", "+i", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str = "8m"):
+    """A real, small filesystem (tmpfs) mounted at `folder`: writes past `size` fail with ENOSPC."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill_disk(folder: Path, leave: int = 0) -> Path:
+    """Fills the filesystem holding `folder` until `leave` bytes (or fewer) are free."""
+    import shutil
+
+    filler = Path(folder) / "filler.bin"
+    with open(filler, "wb") as f:
+        while True:
+            free = shutil.disk_usage(folder).free
+            if free <= leave:
+                break
+            try:
+                f.write(b"\0" * min(1 << 20, free - leave))
+                f.flush()
+            except OSError:
+                break
+    return filler
