@@ -101,8 +101,71 @@ def test_tampered_exports_are_refused(exported, tmp_path):
 
     manifest["files"][f"models/{model_dir}/model.onnx"] = _sha256(model_file)  # a consistent-looking manifest
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="outside its folder"):
+    with pytest.raises(UserError, match="outside .*refusing"):
         verify_export(escaped)
+
+
+def _forge(copy, rel: str) -> None:
+    """Lists `rel` in the manifest with its current digest: a consistent-looking manifest."""
+    from hydra_edge.exporters.onnx_export import _sha256
+
+    manifest_path = copy / "export_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][rel] = _sha256(copy / rel)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def _external_onnx(path, location: str) -> None:
+    """A one-node ONNX model whose weight lives in an external file at `location`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [0.0])
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value=location)
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [weight])
+    onnx.save(helper.make_model(graph), str(path))
+
+
+@pytest.mark.parametrize("forgery", ["unlisted file", "decoder outside", "decoder not listed", "other onnx reads outside",
+                                     "symlink", "missing model or adapter"])
+def test_verify_export_accounts_for_every_file(exported, tmp_path, forgery):
+    from hydra_edge.exporters.onnx_export import verify_export
+
+    out, manifest = exported
+    model_dir = model_dirs(out, manifest)[0].relative_to(out).as_posix()
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    config_rel = f"{model_dir}/genai_config.json"
+    if forgery == "unlisted file":
+        (copy / model_dir / "notes.txt").write_text("not part of the export")
+        match = "notes.txt is not in export_manifest.json"
+    elif forgery.startswith("decoder"):
+        config = json.loads((copy / config_rel).read_text())
+        config["model"]["decoder"]["filename"] = "../../../outside.onnx" if forgery == "decoder outside" else "other.onnx"
+        (copy / config_rel).write_text(json.dumps(config))
+        _forge(copy, config_rel)
+        match = "outside .*refusing" if forgery == "decoder outside" else "'other.onnx', which the manifest does not list"
+    elif forgery == "other onnx reads outside":
+        _external_onnx(copy / model_dir / "extra.onnx", "../../../../outside.data")
+        _forge(copy, f"{model_dir}/extra.onnx")
+        match = "outside .*refusing"
+    elif forgery == "symlink":
+        (copy / "router" / "link.json").symlink_to(tmp_path)
+        match = "is a link"
+    else:
+        first = manifest["clusters"][0]
+        victim = {"adapters": f"adapters/cluster_{first}.onnx_adapter", "merged": f"models/cluster_{first}/model.onnx",
+                  "dynamic": "models/dynamic/genai_config.json"}[manifest["mode"]]
+        (copy / victim).unlink()
+        forged = json.loads((copy / "export_manifest.json").read_text())
+        del forged["files"][victim]
+        (copy / "export_manifest.json").write_text(json.dumps(forged))
+        match = f"{victim} is missing from the export"
+    with pytest.raises(UserError, match=match):
+        verify_export(copy)
 
 
 def test_onnx_checker_runs_on_every_export_and_rejects_a_broken_graph(exported, tmp_path):

@@ -167,3 +167,41 @@ def test_metrics_reader_follows_appends_partial_lines_and_rewrites(tmp_path):
     with open(path, "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows[2:]))
     assert [r["step"] for r in reader.read()] == [1, 2, 3, 4, 5]
+
+
+def _outside_arrow_file(ws) -> str:
+    import pyarrow as pa
+
+    secret = ws.root.parent / "secret.arrow"
+    table = pa.table({"text": ["a row of a file outside the workspace"]})
+    with pa.OSFile(str(secret), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return str(secret)
+
+
+def test_ui_data_must_be_a_data_file_or_datasets_folder_under_data(ws):
+    from hydra_edge.ui.datasets import find_clusters, validate_data
+
+    # The attack: an uploaded state.json in data/ itself, naming an Arrow file elsewhere on the server.
+    (ws.root / "data" / "state.json").write_text(json.dumps({"_data_files": [{"filename": _outside_arrow_file(ws)}]}))
+    for call in (lambda d: validate_data(ws, d), lambda d: find_clusters(ws, d)):
+        for typed in ("data", ".", "runs/r1", "data/"):
+            with pytest.raises(UserError, match="data file or datasets folder"):
+                call(typed)
+    assert ws.rel(ws.data_source("data/train.jsonl")) == "data/train.jsonl"
+
+
+def test_ui_datasets_folder_naming_an_outside_file_is_refused(ws):
+    from hydra_edge.ui.datasets import validate_data
+
+    folder = ws.root / "data" / "uploaded"
+    folder.mkdir()
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": _outside_arrow_file(ws)}]}))
+    assert "data/uploaded" in ws.data_files()
+    with pytest.raises(UserError, match="outside"):
+        validate_data(ws, "data/uploaded")
+    settings = TrainSettings(data="data/uploaded", eval_data="")
+    argv, _ = build_command(ws, settings, "r2")  # the command is built; the run itself refuses the folder
+    assert "data/uploaded" in argv
+    with pytest.raises(UserError, match="data file or datasets folder"):
+        build_command(ws, TrainSettings(data="runs/r1", eval_data=""), "r3")
