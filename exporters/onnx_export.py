@@ -28,7 +28,6 @@ and leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ import torch
 
 from hydra_edge.adapter import hydra_layers
 from hydra_edge.errors import UserError
-from hydra_edge.files import disk_errors, ensure_writable_dir
+from hydra_edge.files import disk_errors, ensure_writable_dir, sha256_of
 from hydra_edge.exporters.merge import (
     check_exportable, cluster_gates, fold_cluster_into_base, hydra_on_plain_base, merged_heads, save_plain_base,
     write_peft_adapter,
@@ -204,14 +203,6 @@ def validation_prompts(adapter_dir: Path, count: int = VALIDATION_PROMPTS) -> li
             ("Hello! Who are you?", "Summarise: the cat sat on the mat.", "What is 2 + 2?", "Translate 'good morning'.")][:count]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export(adapter_dir: str | Path, out_dir: str | Path, mode: str = "adapters", precision: str = "fp32",
            device: str = "cpu", log=print) -> dict:
     """Builds, validates and writes the export; returns the manifest."""
@@ -289,7 +280,7 @@ def _build_validate_and_write(adapter_dir: Path, out_dir: Path, mode: str, preci
             "alpha": config["alpha"], "validation": {"criteria": describe_criteria(precision), "checks": validation,
                                                      "onnx_checker": "passed"},
         }
-        manifest["files"] = {str(p.relative_to(work)): _sha256(p) for p in sorted(work.rglob("*")) if p.is_file()}
+        manifest["files"] = {str(p.relative_to(work)): sha256_of(p) for p in sorted(work.rglob("*")) if p.is_file()}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         verify_export(work)
         if out_dir.exists():
@@ -543,7 +534,7 @@ def verify_export(folder: str | Path) -> dict:
             raise UserError(f"--onnx {folder}: manifest names {rel!r}, outside the export folder; refusing it")
         if not path.is_file():
             raise UserError(f"--onnx {folder}: {rel} is missing; re-export")
-        if _sha256(path) != digest:
+        if sha256_of(path) != digest:
             raise UserError(f"--onnx {folder}: {rel} changed since export (sha256 differs); re-export")
     listed = {(folder / rel).resolve() for rel in files}
     for rel in _files_the_export_needs(manifest):

@@ -14,7 +14,6 @@ previous one is used. Safetensors + JSON only, no pickle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import torch
 
 from hydra_edge.adapter import WEIGHTS_FILE, adapter_state_dict, load_adapter_state_dict
 from hydra_edge.errors import UserError
-from hydra_edge.files import free_bytes, is_out_of_space, megabytes, save_tensors
+from hydra_edge.files import free_bytes, is_out_of_space, megabytes, save_tensors, sha256_of
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -79,7 +78,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, train
             "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
             "optimizer_param_groups": optimizer.state_dict()["param_groups"],
             "optimizer_scalars": opt_scalars,
-            "files": {name: _sha256(tmp / name) for name in TENSOR_FILES},
+            "files": {name: sha256_of(tmp / name) for name in TENSOR_FILES},
         }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         if final.exists():  # a re-save of the same step: swap, so a good copy always exists
@@ -150,7 +149,7 @@ def checkpoint_problem(path: Path) -> str | None:
         if not file.is_file():
             return f"{name} missing"
         if isinstance(digests, dict):
-            if _sha256(file) != digests.get(name):
+            if sha256_of(file) != digests.get(name):
                 return f"{name} changed or truncated (sha256 differs)"
             continue
         try:
@@ -159,14 +158,6 @@ def checkpoint_problem(path: Path) -> str | None:
         except Exception as exc:  # SafetensorError: truncated or garbled
             return f"{name} unreadable ({exc})"
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:

@@ -186,6 +186,10 @@ def read_yaml_config(path: str | Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text; re-save it as UTF-8") from exc
+    except RecursionError as exc:
+        raise UserError(f"{path}: nested too deeply to read; a config is a flat mapping of settings") from exc
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of settings at the top level")
     return check_settings(raw, str(path))

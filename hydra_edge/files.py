@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -107,6 +108,15 @@ def ensure_writable_dir(folder: Path, flag: str) -> None:
             probe.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks (exports and checkpoints record these)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_out_of_space(exc: BaseException) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +20,8 @@ from hydra_edge.errors import UserError
 from hydra_edge.files import path_inside
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+LONE_SURROGATE = ("invalid text", "a \\uD800-\\uDFFF escape without its pair; it is not a character, remove it")
 TOO_DEEP = "nested too deeply to read; a data row holds strings and lists of turns, not deep structures"
 # CSV cells are strings; these columns hold lists and arrive JSON-encoded.
 JSON_COLUMNS = ("messages", "conversations")
@@ -59,6 +62,7 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
 
 def _jsonl(path: Path) -> Iterator[RawRow]:
     data = path.read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a BOM (Windows editors write one)
     any_row = False
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
@@ -71,13 +75,26 @@ def _jsonl(path: Path) -> Iterator[RawRow]:
             yield RawRow(where, problem=("invalid UTF-8", f"byte {exc.start} of the line; re-save the file as UTF-8"))
             continue
         try:
-            yield RawRow(where, json.loads(line))
+            value = json.loads(line)
+            bad = SURROGATE_ESCAPE.search(line) is not None and _has_lone_surrogate(value)
+            yield RawRow(where, problem=LONE_SURROGATE) if bad else RawRow(where, value)
         except json.JSONDecodeError as exc:
             yield RawRow(where, problem=("malformed JSON", f"{exc.msg} at column {exc.colno}"))
         except RecursionError:
             yield RawRow(where, problem=("malformed JSON", TOO_DEEP))
     if not any_row:
         yield RawRow(f"{path}:1", problem=("empty file", "the file has no rows"))
+
+
+def _has_lone_surrogate(value) -> bool:
+    """Whether a decoded JSON value holds half of a UTF-16 surrogate pair (`"\\ud800"` alone),
+    which no UTF-8 file can store: it would break every later write of the text. Callers first
+    look for such an escape in the raw text (SURROGATE_ESCAPE), which keeps this off the common path."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _decode_whole(path: Path) -> tuple[str | None, RawRow | None]:
@@ -110,8 +127,10 @@ def _json_array(path: Path) -> Iterator[RawRow]:
         return
     if not rows:
         yield RawRow(f"{path}:1", problem=("empty file", "the array has no rows"))
+    escapes = SURROGATE_ESCAPE.search(text) is not None
     for i, row in enumerate(rows, start=1):
-        yield RawRow(f"{path}:row {i}", row)
+        bad = escapes and _has_lone_surrogate(row)
+        yield RawRow(f"{path}:row {i}", problem=LONE_SURROGATE) if bad else RawRow(f"{path}:row {i}", row)
 
 
 def _deepest_line(text: str) -> int:

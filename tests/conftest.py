@@ -47,3 +47,30 @@ def trained_adapter(tmp_path_factory, tiny_dir):
     out = tmp_path_factory.mktemp("adapter") / "run"
     run_finetune(build_config({}, {"out": str(out), "max_steps": 60, "heads": "3", "eval_data": None}))
     return out
+
+
+@pytest.fixture(scope="session")
+def checkpointed_run(tmp_path_factory) -> Path:
+    """A finished 4-step fp32 run with checkpoints at steps 2 and 4 (tests copy it before changing it)."""
+    from cli_helpers import FP32
+
+    from hydra_edge.checkpoint import list_checkpoints
+    from hydra_edge.config import build_config
+    from hydra_edge.finetune import run_finetune
+    from hydra_edge.tiny import DEMO_TRAIN
+
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    settings = {**FP32, "data": [str(DEMO_TRAIN)], "out": str(out), "max_steps": 4, "save_every": 2}
+    run_finetune(build_config({}, settings))
+    assert [p.name for p in list_checkpoints(out)] == ["step-000002", "step-000004"]
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_eval(tmp_path_factory) -> Path:
+    """The first two rows of the demo's held-out split: eval/chat calls that must be quick."""
+    from hydra_edge.tiny import DEMO_EVAL
+
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    path.write_text("".join(DEMO_EVAL.read_text().splitlines(keepends=True)[:2]))
+    return path

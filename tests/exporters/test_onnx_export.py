@@ -97,9 +97,9 @@ def test_tampered_exports_are_refused(exported, tmp_path):
     onnx.save(graph, str(model_file))
     manifest_path = escaped / "export_manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    from hydra_edge.exporters.onnx_export import _sha256
+    from hydra_edge.files import sha256_of
 
-    manifest["files"][f"models/{model_dir}/model.onnx"] = _sha256(model_file)  # a consistent-looking manifest
+    manifest["files"][f"models/{model_dir}/model.onnx"] = sha256_of(model_file)  # a consistent-looking manifest
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="outside .*refusing"):
         verify_export(escaped)
@@ -107,11 +107,11 @@ def test_tampered_exports_are_refused(exported, tmp_path):
 
 def _forge(copy, rel: str) -> None:
     """Lists `rel` in the manifest with its current digest: a consistent-looking manifest."""
-    from hydra_edge.exporters.onnx_export import _sha256
+    from hydra_edge.files import sha256_of
 
     manifest_path = copy / "export_manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["files"][rel] = _sha256(copy / rel)
+    manifest["files"][rel] = sha256_of(copy / rel)
     manifest_path.write_text(json.dumps(manifest))
 
 

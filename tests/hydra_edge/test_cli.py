@@ -6,19 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import assert_one_line_error
 from conftest import run_cli
 
 EVAL_KEYS = {"loss", "perplexity", "exact_match", "n", "per_cluster"}
-
-
-def assert_one_line_error(result, *needles):
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("hydra-edge: error:"), result.stderr[-2000:]
-    lines = errors
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
 
 
 def test_default_finetune_learns_the_demo(demo_run):

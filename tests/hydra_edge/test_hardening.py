@@ -11,25 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import assert_one_line_error, fill_disk, read_only, run_in_process, small_disk
+from cli_helpers import FP32, assert_one_line_error, fill_disk, read_only, run_in_process, small_disk
 from hydra_edge.checkpoint import list_checkpoints, save_checkpoint
 from hydra_edge.config import build_config
 from hydra_edge.errors import UserError
 from hydra_edge.finetune import run_finetune
 from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN
-
-# fp32 end to end, so a resumed run is bit-comparable with a straight one (see test_train.py).
-FP32 = {"quant": "none", "mixed_precision": "no", "dropout": 0.0, "heads": "2", "batch_size": 4, "seq_len": 64,
-        "grad_accum": 1, "data": [str(DEMO_TRAIN)]}  # data named: no held-out scoring at the end
-
-
-@pytest.fixture(scope="module")
-def checkpointed_run(tmp_path_factory) -> Path:
-    """A finished 4-step run with checkpoints at steps 2 and 4."""
-    out = tmp_path_factory.mktemp("ckpt") / "run"
-    run_finetune(build_config({}, {**FP32, "out": str(out), "max_steps": 4, "save_every": 2}))
-    assert [p.name for p in list_checkpoints(out)] == ["step-000002", "step-000004"]
-    return out
 
 
 @pytest.fixture
@@ -44,13 +31,6 @@ def adapter_copy(trained_adapter, tmp_path) -> Path:
     copy = tmp_path / "adapter"
     shutil.copytree(trained_adapter, copy, ignore=shutil.ignore_patterns("checkpoints"))
     return copy
-
-
-@pytest.fixture(scope="module")
-def small_eval(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
-    path.write_text("".join(DEMO_EVAL.read_text().splitlines(keepends=True)[:2]))
-    return path
 
 
 def adapter_commands(adapter: Path, small_eval: Path, tmp_path: Path) -> dict[str, list[str]]:
@@ -211,7 +191,7 @@ def test_full_disk_during_a_checkpoint_says_how_much_room_it_needs(tmp_path):
             if step == 1:
                 fill_disk(out, leave=64 * 1024)  # room for metrics rows, not for a checkpoint
 
-        config = build_config({}, {**FP32, "out": str(out), "max_steps": 4, "save_every": 2})
+        config = build_config({}, {**FP32, "data": [str(DEMO_TRAIN)], "out": str(out), "max_steps": 4, "save_every": 2})
         with pytest.raises(UserError, match=r"no room to save checkpoint step-000002 \(a checkpoint needs about [\d.]+ MB"):
             run_finetune(config, on_step=fill_after_first_step)
         assert not list((out / "checkpoints").glob(".tmp-step-*"))
@@ -229,7 +209,7 @@ def test_out_of_space_while_writing_a_checkpoint_is_one_line(tmp_path, monkeypat
             if step == 1:
                 fill_disk(out, leave=64 * 1024)
 
-        config = build_config({}, {**FP32, "out": str(out), "max_steps": 4, "save_every": 2})
+        config = build_config({}, {**FP32, "data": [str(DEMO_TRAIN)], "out": str(out), "max_steps": 4, "save_every": 2})
         with pytest.raises(UserError, match="no room to save checkpoint step-000002"):
             run_finetune(config, on_step=fill_after_first_step)
         assert not list((out / "checkpoints").glob(".tmp-step-*"))
@@ -419,3 +399,21 @@ def test_datasets_folder_inside_itself_still_reads(tmp_path):
     _arrow_stream(ds / "data-00000-of-00001.arrow", ["hello there", "general kenobi"])
     result = run_in_process("data", "validate", "--data", str(ds))
     assert result.returncode == 0 and "2 valid rows, 0 invalid" in result.stdout, result.stderr
+
+
+def test_damaged_tiny_preset_cache_says_how_to_rebuild_it(tiny_dir, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    shutil.copytree(tiny_dir, home / "models" / tiny_dir.name)
+    weights = home / "models" / tiny_dir.name / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    monkeypatch.setenv("HYDRA_EDGE_HOME", str(home))
+    result = run_in_process("finetune", "--out", str(tmp_path / "o"), "--max-steps", "1", "--heads", "2")
+    assert_one_line_error(result, "--model tiny", "delete that folder")
+
+
+@pytest.mark.parametrize("content, needle", [(b"data: " + b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+                                             (b"\xff\xfe\x00", "not UTF-8")])
+def test_hostile_yaml_config_is_one_line(tmp_path, content, needle):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(content)
+    assert_one_line_error(run_in_process("finetune", "--config", str(config)), str(config), needle)
