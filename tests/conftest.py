@@ -33,7 +33,9 @@ def tiny_dir() -> Path:
 def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """`hydra-edge finetune` with no arguments, run once: the embedded default end to end."""
     cwd = tmp_path_factory.mktemp("demo")
-    result = run_cli("finetune", cwd=cwd)
+    # About a minute on a CPU with native bf16; some CPUs (AVX2-only) run bf16 matmuls ~100x
+    # slower than fp32, and the 300 demo steps then take a quarter of an hour.
+    result = run_cli("finetune", cwd=cwd, timeout=3000)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "hydra-out", result
 
