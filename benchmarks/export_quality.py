@@ -1,18 +1,20 @@
 """What a per-cluster export keeps of the per-token model, for several training settings.
 
 A per-cluster export (`adapters`/`merged`) gives every token of a request the same gates: its
-cluster's mean gates ḡ_c. For each (--pooled-steps, --router-loss) pair this trains the tiny
-preset on the demo data, then scores the held-out split greedily in PyTorch three ways:
+cluster's mean gates ḡ_c. For each (--pooled-steps, --router-loss, --pool-over) setting and
+seed this trains the tiny preset on the demo data, then scores the held-out split greedily in PyTorch three ways:
 per-token router (what `dynamic` exports), fixed ḡ_c of the routed cluster (what `adapters` and
 `merged` export; the fp32 ONNX models match it within 1e-3 in logits), and the routed cluster's
 head alone (one-hot gates). Prints a table and writes JSON.
 
     python benchmarks/export_quality.py                                  # 0:0 0.5:0 0.5:0.1, ~4 min on 2 cores
-    python benchmarks/export_quality.py --runs 0.75:0 0.5:0.1 --seed 1 --json bench-out/export_quality.json
+    python benchmarks/export_quality.py --runs 0.5:0:sample 0.5:0:cluster --seeds 42 1 2
+    python benchmarks/export_quality.py --finetune-args "--quant none --mixed-precision no"  # fast fp32
 """
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -58,8 +60,10 @@ def score(adapter_dir: Path, max_new_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=["0:0", "0.5:0", "0.5:0.1"], help="POOLED_STEPS:ROUTER_LOSS pairs")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--runs", nargs="+", default=["0:0", "0.5:0", "0.5:0.1"],
+                        help="POOLED_STEPS:ROUTER_LOSS[:POOL_OVER] settings (POOL_OVER defaults to the finetune default)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--finetune-args", default="", help="more finetune flags for every run, one string")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=Path("bench-out/export_quality.json"))
     args = parser.parse_args()
@@ -67,20 +71,24 @@ def main() -> None:
     table = []
     with tempfile.TemporaryDirectory(prefix="export-quality-") as tmp:
         for spec in args.runs:
-            pooled, router = spec.split(":")
-            out = Path(tmp) / spec.replace(":", "_")
-            cmd = [sys.executable, "-m", "hydra_edge", "finetune", "--out", str(out), "--seed", str(args.seed),
-                   "--pooled-steps", pooled, "--router-loss", router]
-            print("$", " ".join(cmd[2:]), file=sys.stderr, flush=True)
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            table.append({"pooled_steps": float(pooled), "router_loss": float(router), "seed": args.seed,
-                          **score(out, args.max_new_tokens)})
-    print(f"{'pooled':>6} {'router':>6} {'per-token EM':>13} {'mean-gates EM':>14} {'kept':>6} {'head-alone EM':>14}")
+            pooled, router, *pool_over = spec.split(":")
+            for seed in args.seeds:
+                out = Path(tmp) / f"{spec.replace(':', '_')}-{seed}"
+                cmd = [sys.executable, "-m", "hydra_edge", "finetune", "--out", str(out), "--seed", str(seed),
+                       "--pooled-steps", pooled, "--router-loss", router, *(["--pool-over", *pool_over] if pool_over else []),
+                       *shlex.split(args.finetune_args)]
+                print("$", " ".join(cmd[2:]), file=sys.stderr, flush=True)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                row = {"pooled_steps": float(pooled), "router_loss": float(router),
+                       "pool_over": pool_over[0] if pool_over else "default", "seed": seed, **score(out, args.max_new_tokens)}
+                row["kept"] = row["cluster mean gates"] / max(row["per-token router"], 1e-9)
+                table.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    print(f"{'pooled':>6} {'router':>6} {'pool over':>9} {'seed':>4} {'per-token EM':>13} {'mean-gates EM':>14} {'kept':>6} {'head-alone EM':>14}")
     for row in table:
-        kept = row["cluster mean gates"] / max(row["per-token router"], 1e-9)
-        row["kept"] = kept
-        print(f"{row['pooled_steps']:>6g} {row['router_loss']:>6g} {100 * row['per-token router']:>12.1f}% "
-              f"{100 * row['cluster mean gates']:>13.1f}% {100 * kept:>5.0f}% {100 * row['cluster head alone']:>13.1f}%")
+        print(f"{row['pooled_steps']:>6g} {row['router_loss']:>6g} {row['pool_over']:>9} {row['seed']:>4} "
+              f"{100 * row['per-token router']:>12.1f}% {100 * row['cluster mean gates']:>13.1f}% "
+              f"{100 * row['kept']:>5.0f}% {100 * row['cluster head alone']:>13.1f}%")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(table, indent=2) + "\n")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -109,6 +110,32 @@ def hydra_layers(model: nn.Module) -> dict[str, HydraLoRALinear]:
     }
 
 
+@contextmanager
+def training_switches_paused(model: nn.Module):
+    """A side forward (a probe on a few tokens) with every HydraLoRA layer's training-time
+    switches off: pooled gates, router targets and the gate sink describe the batch being
+    trained, not the probe, and are restored afterwards."""
+    layers = list(hydra_layers(model).values())
+    saved = [(layer.pool_groups, layer.router_targets, layer.gate_sink) for layer in layers]
+    for layer in layers:
+        layer.pool_groups = layer.router_targets = layer.gate_sink = None
+    try:
+        yield
+    finally:
+        for layer, (pool_groups, router_targets, gate_sink) in zip(layers, saved):
+            layer.pool_groups, layer.router_targets, layer.gate_sink = pool_groups, router_targets, gate_sink
+
+
+def freeze_uniform_router(model: nn.Module) -> None:
+    """Fixes every router at zero, so every token weighs each head 1/N (softmax of zeros). The
+    zeros are saved like a trained router, so inference, the gate pass and every export give
+    uniform gates with no special case."""
+    for layer in hydra_layers(model).values():
+        with torch.no_grad():
+            layer.hydra_router.zero_()
+        layer.hydra_router.requires_grad_(False)
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable weights under the contract's keys, float32 on the CPU."""
     state = {}
@@ -149,8 +176,14 @@ def base_fingerprint(resolved: str, model: nn.Module, rows_per_tensor: int = 3) 
     Read from the checkpoint's safetensors files (names, shapes, dtypes and the first, middle
     and last row of every tensor), so it does not depend on the device or on how the base was
     quantized when loaded: the quantization is recorded beside it and reapplied on load.
-    Falls back to the loaded weights when the checkpoint has no safetensors files.
+    Falls back to the loaded weights when the checkpoint has no safetensors files. A folder
+    converted from a GGUF file takes the file's sha256.
     """
+    from hydra_edge.gguf_models import gguf_fingerprint
+
+    converted = gguf_fingerprint(resolved)
+    if converted:  # a folder converted from a GGUF file is that file
+        return converted
     digest = hashlib.sha256()
     files = _checkpoint_files(resolved)
     if files:

@@ -49,6 +49,7 @@ def finetune(
     head_init: Optional[str] = _opt("head_init"),
     router_loss: Optional[float] = _opt("router_loss"),
     pooled_steps: Optional[float] = _opt("pooled_steps"),
+    pool_over: Optional[str] = _opt("pool_over"),
     targets: Optional[str] = _opt("targets"),
     quant: Optional[str] = _opt("quant"),
     gradient_checkpointing: Optional[bool] = typer.Option(

@@ -12,12 +12,14 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydra_edge.errors import UserError
 from hydra_edge.data import OVERLONG_CHOICES
+from hydra_edge.errors import UserError
 from hydra_edge.formats import FORMATS
 from hydra_edge.quant import QUANT_CHOICES
 
-MIXED_PRECISION_CHOICES = ("bf16", "no")
+MIXED_PRECISION_CHOICES = ("auto", "bf16", "no")
+POOL_OVER_CHOICES = ("cluster", "sample", "prompt")
+ROUTER_CHOICES = ("learned", "uniform")
 
 
 def _f(default, help: str, **kw):
@@ -52,10 +54,26 @@ class FinetuneConfig:
         "constant gates a per-cluster export (adapters/merged) applies, so it keeps the per-token "
         "model's quality; 0 = plain HydraLoRA.",
     )
+    router: str = _f(
+        "learned",
+        "learned (HydraLoRA's per-token router) or uniform (router fixed at zero: every head weighs "
+        "1/N; an ablation for benchmarks/quality.py).",
+    )
+    pool_over: str = _f(
+        "cluster",
+        "What a pooled step averages gates over: cluster (the batch's tokens of each data cluster: "
+        "the per-cluster gates an export serves), sample (all of each sample's tokens) or prompt "
+        "(each sample's prompt tokens, what the request router sees).",
+    )
     targets: str = _f("mlp", "Modules to adapt: mlp, attn, all, or a comma list of module names.")
-    quant: str = _f("nf4", "Base quantization: nf4 (double quant, bf16 compute), fp4, or none.")
+    quant: str = _f("nf4", "Base quantization: nf4 (double quant, computing in --mixed-precision's dtype), fp4, or none.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
-    mixed_precision: str = _f("bf16", "bf16 autocast, or 'no' for float32 (with --quant none: exact fp32).")
+    mixed_precision: str = _f(
+        "auto",
+        "auto (bf16 on a GPU or a CPU with native bf16, float32 elsewhere: AVX2-only CPUs run bf16 "
+        "~100x slower), bf16 (autocast; 4-bit layers compute in bf16), or 'no' for float32 "
+        "(with --quant none: exact fp32).",
+    )
     seq_len: int = _f(1024, "Maximum tokens per sample (per packed row with --packing).")
     overlong: str = _f("truncate", "Samples longer than --seq-len: truncate or drop.")
     packing: bool = _f(False, "Pack short samples into --seq-len rows; attention never crosses samples.")
@@ -104,6 +122,10 @@ class FinetuneConfig:
             problems.append(f"--warmup {self.warmup}: must be >= 0")
         if not 0 <= self.pooled_steps <= 1:
             problems.append(f"--pooled-steps {self.pooled_steps}: use a share between 0 and 1")
+        if self.router not in ROUTER_CHOICES:
+            problems.append(f"--router {self.router}: use one of {', '.join(ROUTER_CHOICES)}")
+        if self.pool_over not in POOL_OVER_CHOICES:
+            problems.append(f"--pool-over {self.pool_over}: use one of {', '.join(POOL_OVER_CHOICES)}")
         if self.save_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0 or self.router_loss < 0:
             problems.append("--save-every, --max-grad-norm, --weight-decay and --router-loss must be >= 0")
         if self.quant not in QUANT_CHOICES:
@@ -143,6 +165,22 @@ TINY_PRESET_DEFAULTS = {
     "warmup": 0.05,
     "save_every": 100,
 }
+
+
+# Gemma 3 270M on a 2-core CPU: short rows and a step budget that fits a quarter of an hour
+# (demo data), with the gate pass on a sample of each cluster.
+GEMMA_PRESET_DEFAULTS = {
+    "seq_len": 128,
+    "batch_size": 8,
+    "grad_accum": 1,
+    "lr": 5e-4,
+    "max_steps": 30,
+    "warmup": 0.1,
+    "save_every": 10,
+    "gate_samples_per_cluster": 16,
+}
+# What a preset fills in when neither the YAML nor a flag sets it.
+PRESET_DEFAULTS = {"tiny": TINY_PRESET_DEFAULTS, "gemma3-270m": GEMMA_PRESET_DEFAULTS}
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
@@ -220,11 +258,10 @@ def build_config(yaml_settings: dict, cli_settings: dict) -> FinetuneConfig:
         yaml_settings.pop("epochs", None)
     explicit = {**yaml_settings, **{k: v for k, v in cli_settings.items() if v is not None}}
     settings = dict(explicit)
-    if settings.get("model", "tiny") == "tiny":
-        for key, value in TINY_PRESET_DEFAULTS.items():
-            if key == "max_steps" and ("epochs" in explicit or "max_steps" in explicit):
-                continue
-            settings.setdefault(key, value)
+    for key, value in PRESET_DEFAULTS.get(settings.get("model", "tiny"), {}).items():
+        if key == "max_steps" and ("epochs" in explicit or "max_steps" in explicit):
+            continue
+        settings.setdefault(key, value)
     if cli_settings.get("epochs") is not None and cli_settings.get("max_steps") is not None:
         raise UserError("--epochs and --max-steps: give one of them, not both")
     try:

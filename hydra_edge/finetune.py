@@ -10,17 +10,20 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from hydra_edge import __version__
-from hydra_edge.adapter import WEIGHTS_FILE, base_fingerprint, find_target_modules, inject_hydra_lora, save_adapter
+from hydra_edge.adapter import (WEIGHTS_FILE, base_fingerprint, find_target_modules, freeze_uniform_router,
+                                inject_hydra_lora, save_adapter)
 from hydra_edge.checkpoint import checkpoint_problem, list_checkpoints, remove_stale_temp
 from hydra_edge.clustering import fit_clusters, load_clusters, save_clusters, summary_lines
-from hydra_edge.config import FinetuneConfig, check_settings
+from hydra_edge.config import PRESET_DEFAULTS, FinetuneConfig, check_settings
 from hydra_edge.data import load_records, pack_samples, read_records, tokenize_records
 from hydra_edge.errors import UserError
 from hydra_edge.files import atomic_write_text, ensure_writable_dir, read_json_object
 from hydra_edge.models import resolve_model_reference
+from hydra_edge.progress import PhaseProgress
 from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN, TINY_NAME
 
 RUN_CONFIG = "run_config.json"
@@ -80,7 +83,7 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
 
     from hydra_edge.evaluate import evaluate
     from hydra_edge.gates import mean_gates_per_cluster, save_cluster_gates
-    from hydra_edge.models import load_base
+    from hydra_edge.models import load_base, resolve_mixed_precision
     from hydra_edge.train import LoopSettings, steps_for, train_loop
 
     from accelerate import PartialState
@@ -97,13 +100,14 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     started = time.perf_counter()
 
     # 1. Model reference and data, validated before any model is loaded.
-    is_tiny = config.model == TINY_NAME
-    if not is_tiny:
+    is_preset = config.model in PRESET_DEFAULTS  # the presets train on the demo data by default
+    if config.model != TINY_NAME:
         resolve_model_reference(config.model)
-    data_files = config.data or ([str(DEMO_TRAIN)] if is_tiny else [])
+    data_files = config.data or ([str(DEMO_TRAIN)] if is_preset else [])
     if not data_files:
-        raise UserError("--data: no training file given; pass --data FILE.jsonl (the demo data is for --model tiny)")
-    eval_file = config.eval_data or (str(DEMO_EVAL) if is_tiny and not config.data else None)
+        raise UserError("--data: no training file given; pass --data FILE.jsonl "
+                        "(the demo data is for the presets: --model tiny or gemma3-270m)")
+    eval_file = config.eval_data or (str(DEMO_EVAL) if is_preset and not config.data else None)
     loaded = load_records(data_files, config.format, config.skip_invalid)
     records = loaded.records
     eval_records = read_records(eval_file) if eval_file else []
@@ -129,12 +133,18 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     num_heads = clusters.k
 
     # 3. Base model + HydraLoRA.
-    dtype = "fp32" if config.mixed_precision == "no" else "bf16"
+    mixed_precision = resolve_mixed_precision(config.mixed_precision)
+    if config.mixed_precision == "auto" and mixed_precision == "no":
+        log("precision: float32 (this CPU has no native bf16, which would run ~100x slower; "
+            "--mixed-precision bf16 forces it)")
+    dtype = "fp32" if mixed_precision == "no" else "bf16"
     base = load_base(config.model, quant=config.quant, gradient_checkpointing=config.gradient_checkpointing, dtype=dtype)
     fingerprint = base_fingerprint(base.resolved, base.model)
     modules = find_target_modules(base.model, config.targets)
     torch.manual_seed(config.seed)
     inject_hydra_lora(base.model, modules, config.rank, config.alpha, num_heads, config.dropout, config.head_init)
+    if config.router == "uniform":
+        freeze_uniform_router(base.model)
     trainable = sum(p.numel() for p in base.model.parameters() if p.requires_grad)
     log(f"model: {base.reference} ({config.quant}), {len(modules)} modules adapted, heads={num_heads}, r={config.rank}, trainable params={trainable:,}")
 
@@ -159,10 +169,10 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         weight_decay=config.weight_decay, warmup_steps=warmup, max_grad_norm=config.max_grad_norm,
         seed=config.seed, save_every=config.save_every, max_bad_steps=config.max_bad_steps,
         router_loss=config.router_loss if num_heads > 1 else 0.0,
-        pooled_steps=config.pooled_steps if num_heads > 1 else 0.0,
+        pooled_steps=config.pooled_steps if num_heads > 1 else 0.0, pool_over=config.pool_over,
     )
     summary = train_loop(
-        base.model, train_samples, settings, out, base.tokenizer.pad_token_id, config.mixed_precision,
+        base.model, train_samples, settings, out, base.tokenizer.pad_token_id, mixed_precision,
         resume_from=resume_from, on_step=on_step,
     )
 
@@ -181,6 +191,7 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         "heads": num_heads,
         "dropout": config.dropout,
         "head_init": config.head_init,
+        "router": config.router,
         "targets": config.targets,
         "target_modules": modules,
         "tokenizer": base.resolved,
@@ -189,13 +200,16 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         "training": {k: summary[k] for k in ("steps", "final_loss", "skipped_steps")},
     }
     save_adapter(base.model, out, adapter_config)
+    gate_rows = sum(min(n, config.gate_samples_per_cluster) for n in Counter(s.cluster for s in samples).values())
     gates, token_counts = mean_gates_per_cluster(
-        base.model, samples, num_heads, base.tokenizer.pad_token_id, config.gate_samples_per_cluster
+        base.model, samples, num_heads, base.tokenizer.pad_token_id, config.gate_samples_per_cluster,
+        progress=PhaseProgress("gates", gate_rows),
     )
     save_cluster_gates(out, gates, token_counts)
     result = {"train": summary, "adapter": str(out)}
     if eval_records:
-        scores = evaluate(base.model, base.tokenizer, eval_records, clusters, config.seq_len, config.max_new_tokens)
+        scores = evaluate(base.model, base.tokenizer, eval_records, clusters, config.seq_len, config.max_new_tokens,
+                          report_progress=True)
         atomic_write_text(out / EVAL_RESULTS, json.dumps(scores, indent=2) + "\n")
         result["eval"] = scores
     result["total_time_s"] = time.perf_counter() - started

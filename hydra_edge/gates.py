@@ -18,13 +18,15 @@ from hydra_edge.adapter import hydra_layers
 from hydra_edge.data import Sample, collate
 from hydra_edge.errors import UserError
 from hydra_edge.files import save_tensors
+from hydra_edge.progress import PhaseProgress
 
 GATES_FILE = "cluster_gates.safetensors"
 
 
 @torch.no_grad()
 def mean_gates_per_cluster(
-    model, samples: list[Sample], num_clusters: int, pad_id: int, per_cluster: int, batch_size: int = 16
+    model, samples: list[Sample], num_clusters: int, pad_id: int, per_cluster: int, batch_size: int = 16,
+    progress: PhaseProgress | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """{"cluster.<c>.<module>": [N]} and the token count behind each cluster."""
     layers = hydra_layers(model)
@@ -49,6 +51,8 @@ def mean_gates_per_cluster(
                 # Only the gates matter: skip the (B, T, vocab) logits.
                 model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False, logits_to_keep=1)
                 counts[c] += int(mask.sum())
+                if progress is not None:
+                    progress.update(mask.shape[0], int(mask.sum()))
                 for name, layer in layers.items():
                     gates = layer.gate_sink[-1]  # (B, T, N)
                     sums[(c, name)] += (gates * mask.unsqueeze(-1)).sum(dim=(0, 1)).float().cpu()

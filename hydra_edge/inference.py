@@ -40,10 +40,10 @@ def load_trained(adapter_dir: str | Path, model_override: str | None = None, dev
     config = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir)
     clusters = load_clusters(adapter_dir, expected_k=config["heads"])  # checked before the slow part: loading the base
-    base = load_base(
-        model_override or config["base_model"], quant=config["quantization"], device=device,
-        dtype=config.get("dtype", "bf16"),
-    )
+    # The training dtype, also where bf16 is slow: NF4 quantizes from the loaded weights, so
+    # another dtype would give (slightly) other base weights than the adapter was trained on.
+    base = load_base(model_override or config["base_model"], quant=config["quantization"], device=device,
+                     dtype=config.get("dtype", "bf16"))
     fingerprint = base_fingerprint(base.resolved, base.model)
     if fingerprint != config["base_fingerprint"]:
         raise UserError(
@@ -82,8 +82,10 @@ def generation_config(model, tokenizer, max_new_tokens: int, temperature: float 
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy answers for many conversations, batched with left padding."""
+def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 32,
+                    progress=None) -> list[str]:
+    """Greedy answers for many conversations, batched with left padding; progress (a
+    PhaseProgress) counts rows and generated tokens."""
     device = next(model.parameters()).device
     answers = []
     for i in range(0, len(conversations), batch_size):
@@ -100,6 +102,8 @@ def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_t
         )
         for row in out[:, width:]:
             answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        if progress is not None:
+            progress.update(len(encoded), int((out[:, width:] != tokenizer.pad_token_id).sum()))
     return answers
 
 

@@ -62,10 +62,11 @@ class HydraLoRALinear(nn.Module):
         # count of tokens it covers. See train.router_supervision.
         self.router_targets: torch.Tensor | None = None
         self.router_losses: list[tuple[torch.Tensor, int]] = []
-        # Pooled gates (training only): when set ((B, T) long: each token's sample within its row,
-        # -1 on padding), every token gets the mean gates of its sample: the constant per-request
-        # gating a per-cluster export applies, so training can optimise it too (--pooled-steps).
-        self.pool_segments: torch.Tensor | None = None
+        # Pooled gates (training only): when set, a pair of (B, T) tensors: each token's group
+        # (ids unique across the batch, -1 on padding) and whether its gates count toward its
+        # group's mean. Every token then gets its group's mean gates: the constant gating a
+        # per-cluster export applies, so training can optimise it too (--pooled-steps).
+        self.pool_groups: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_adapter_parameters()
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
@@ -92,8 +93,9 @@ class HydraLoRALinear(nn.Module):
             if self.router_targets is not None:
                 self._supervise_router(logits)
             gates = torch.softmax(logits, dim=-1)  # (B, T, N)
-            if self.pool_segments is not None:
-                gates = _pool_by_segment(gates, self.pool_segments.to(gates.device))
+            if self.pool_groups is not None:
+                groups, sources = (t.to(gates.device) for t in self.pool_groups)
+                gates = _pool_by_group(gates, groups, sources)
             return gates
 
     def _supervise_router(self, logits: torch.Tensor) -> None:
@@ -125,14 +127,18 @@ class HydraLoRALinear(nn.Module):
         )
 
 
-def _pool_by_segment(gates: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-    """Every token's gates replaced by the mean over its segment; padding (-1) gets zeros.
-    gates (B, T, N) float32, segments (B, T) long -> (B, T, N)."""
-    num_segments = int(segments.max()) + 1
-    member = F.one_hot(segments.clamp_min(0), num_segments).float() * (segments >= 0).unsqueeze(-1)  # (B, T, S)
-    sums = member.transpose(1, 2) @ gates  # (B, S, N)
-    means = sums / member.sum(dim=1).unsqueeze(-1).clamp_min(1.0)  # (B, S, N)
-    return member @ means  # (B, T, N)
+def _pool_by_group(gates: torch.Tensor, groups: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """Every token's gates replaced by the mean over the source tokens of its group (groups may
+    span rows; a group without sources uses all its tokens); padding (-1) gets zeros. gates (B, T, N) float32, groups (B, T) long, sources
+    (B, T) bool -> (B, T, N)."""
+    flat = gates.reshape(-1, gates.shape[-1])  # (B·T, N)
+    ids = groups.reshape(-1)  # (B·T,)
+    member = F.one_hot(ids.clamp_min(0), int(ids.max()) + 1).float() * (ids >= 0).unsqueeze(-1)  # (B·T, G)
+    counted = member * sources.reshape(-1, 1).float()  # (B·T, G)
+    # A group with no source token (say a row trained on every token) pools over all its tokens.
+    counted = torch.where(counted.sum(dim=0, keepdim=True) > 0, counted, member)  # (B·T, G)
+    means = (counted.T @ flat) / counted.sum(dim=0).unsqueeze(-1).clamp_min(1.0)  # (G, N)
+    return (member @ means).reshape(gates.shape)  # (B, T, N)
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -1,4 +1,5 @@
-"""Loading the base model and its tokenizer: the `tiny` preset, a local folder or a Hub id."""
+"""Loading the base model and its tokenizer: a preset (`tiny`, `gemma3-270m`), a local folder,
+a GGUF file or a Hub id."""
 
 from __future__ import annotations
 
@@ -29,23 +30,39 @@ class BaseModel:
 
 
 def resolve_model_reference(reference: str) -> str:
-    """`tiny` -> the cached preset folder; an existing folder -> itself; a Hub id -> itself."""
+    """`tiny` -> the cached preset folder; `gemma3-270m` or a GGUF file (or a folder holding
+    one) -> its converted folder (hydra_edge/gguf_models.py); an existing folder -> itself;
+    a Hub id -> itself."""
+    from hydra_edge.gguf_models import (
+        GEMMA_NAME,
+        converted_folder,
+        gemma_preset_folder,
+        gguf_file_of,
+    )
+
     if reference == TINY_NAME:
         _quiet_loading()
         return str(tiny_model_dir())
+    if reference == GEMMA_NAME:
+        _quiet_loading()
+        return str(gemma_preset_folder())
+    gguf_path = gguf_file_of(reference)
+    if gguf_path is not None:
+        _quiet_loading()
+        return str(converted_folder(gguf_path, reference))
     path = Path(reference).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(
                 f"--model {reference}: folder has no config.json; point it at a Hugging Face "
-                "model folder (save_pretrained output)"
+                "model folder (save_pretrained output) or a .gguf file"
             )
         return str(path.resolve())
     looks_like_path = reference.startswith((".", "/", "~")) or reference.count("/") > 1
     if looks_like_path or not HUB_ID.match(reference):
         raise UserError(
-            f"--model {reference}: no such folder; use tiny, a Hugging Face model id "
-            "(e.g. Qwen/Qwen2.5-0.5B-Instruct) or the path of a downloaded model"
+            f"--model {reference}: no such folder; use tiny, gemma3-270m, a Hugging Face model id "
+            "(e.g. Qwen/Qwen2.5-0.5B-Instruct), the path of a downloaded model or a .gguf file"
         )
     return reference
 
@@ -85,6 +102,35 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def has_fast_bf16(device: str) -> bool:
+    """Whether bf16 matmuls run at full speed here: CUDA with bf16 support, or a CPU with native
+    bf16 instructions (AVX512-BF16 or AMX). AVX2-only CPUs emulate bf16 through float32
+    conversions: measured 1.0 GFLOPS bf16 against 136 float32 on such a CPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    flags = _cpu_flags()
+    if flags is None:  # no /proc (macOS, Windows): trust torch's dispatch level
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return None
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+
+
+def resolve_mixed_precision(setting: str, device: str | None = None) -> str:
+    """--mixed-precision auto -> bf16 where it is fast, else no (float32); others as given."""
+    if setting != "auto":
+        return setting
+    return "bf16" if has_fast_bf16(device or pick_device()) else "no"
+
+
 def load_base(
     reference: str,
     quant: str = "nf4",
@@ -94,7 +140,8 @@ def load_base(
 ) -> BaseModel:
     """Loads the base, quantized with bitsandbytes unless quant == "none".
 
-    dtype is the dtype of the non-quantized weights ("bf16" or "fp32").
+    dtype is the dtype of the non-quantized weights and of the 4-bit layers' compute ("bf16" or
+    "fp32").
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -113,7 +160,7 @@ def load_base(
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             model = AutoModelForCausalLM.from_pretrained(
                 resolved,
-                quantization_config=bnb_config(quant),
+                quantization_config=bnb_config(quant, torch_dtype),
                 dtype=torch_dtype,
                 device_map={"": device},
             )
@@ -137,6 +184,9 @@ def load_base(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
+    from hydra_edge.lm_head import contiguous_head_inputs
+
+    contiguous_head_inputs(model)  # generation's prefill and the gate pass slice the head's input
     return BaseModel(model, tokenizer, reference, resolved, quant)
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 QUANT_CHOICES = ("nf4", "fp4", "none")
 
 
-def bnb_config(quant: str):
-    """The `BitsAndBytesConfig` for `--quant nf4|fp4` (double quant, bf16 compute), or None."""
+def bnb_config(quant: str, compute_dtype=None):
+    """The `BitsAndBytesConfig` for `--quant nf4|fp4` (double quant; compute in compute_dtype,
+    bf16 unless given), or None."""
     if quant == "none":
         return None
     import torch
@@ -19,7 +20,7 @@ def bnb_config(quant: str):
         load_in_4bit=True,
         bnb_4bit_quant_type=quant,
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
     )
 
 

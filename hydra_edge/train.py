@@ -22,6 +22,7 @@ import torch
 from hydra_edge.checkpoint import load_checkpoint, save_checkpoint
 from hydra_edge.data import IGNORE_INDEX, Sample, collate
 from hydra_edge.errors import TrainingDiverged, TrainingStopped
+from hydra_edge.lm_head import mean_label_loss
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -40,6 +41,7 @@ class LoopSettings:
     max_bad_steps: int
     router_loss: float = 0.0
     pooled_steps: float = 0.0
+    pool_over: str = "cluster"
 
 
 def steps_for(num_samples: int, batch_size: int, grad_accum: int, epochs: float, num_processes: int = 1) -> int:
@@ -73,14 +75,31 @@ def is_pooled_step(step: int, share: float) -> bool:
     return math.floor((step + 1) * share) > math.floor(step * share)
 
 
-def set_gate_pooling(model, segment_ids: torch.Tensor | None) -> None:
-    """Pools every HydraLoRA layer's gates over each sample's tokens (segment_ids (B, T), -1 on
-    padding); None: off. Like the router targets, it must stay set through backward
-    (checkpointing replays the forward there)."""
+def pooling_groups(batch: dict, pool_over: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a pooled step averages each token's gates over: (groups (B, T) long, ids unique
+    across the batch, -1 on padding; sources (B, T) bool, the tokens the mean is taken over).
+
+    sample: every token of its sample (the answer's tokens too, so a token sees a summary of
+    the tokens after it, which no export does); prompt: the prompt tokens of its sample (what
+    the request router sees); cluster: every token in the micro-batch of its data cluster (a
+    batch estimate of the cluster mean gates an export serves)."""
+    segments, clusters = batch["segment_ids"], batch["cluster_ids"]  # (B, T) each
+    real = segments >= 0
+    if pool_over == "cluster":
+        return clusters, real
+    row_offset = torch.arange(segments.shape[0], device=segments.device).unsqueeze(1) * segments.shape[1]
+    groups = torch.where(real, segments + row_offset, -1)  # (B, T): one id per sample in the batch
+    sources = real & (batch["labels"] == IGNORE_INDEX) if pool_over == "prompt" else real
+    return groups, sources
+
+
+def set_gate_pooling(model, groups: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Pools every HydraLoRA layer's gates by pooling_groups(); None: off. Like the router
+    targets, it must stay set through backward (checkpointing replays the forward there)."""
     from hydra_edge.adapter import hydra_layers
 
     for layer in hydra_layers(model).values():
-        layer.pool_segments = segment_ids
+        layer.pool_groups = groups
 
 
 def compute_loss(model, batch: dict, router_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +112,7 @@ def compute_loss(model, batch: dict, router_weight: float = 0.0) -> tuple[torch.
     cluster_ids = batch.pop("cluster_ids", None)
     batch.pop("segment_ids", None)
     collected = set_router_targets(model, cluster_ids if router_weight > 0 else None)
-    loss = model(**batch).loss
+    loss = mean_label_loss(model, batch)
     if not collected:
         return loss, torch.zeros((), device=loss.device)
     nll = sum(n for n, _ in collected)
@@ -215,7 +234,7 @@ def train_loop(
                 sync = micro == settings.grad_accum - 1
                 share = n_targets / total_targets
                 if is_pooled_step(step, settings.pooled_steps):
-                    set_gate_pooling(model, batch["segment_ids"])
+                    set_gate_pooling(model, pooling_groups(batch, settings.pool_over))
                 with accelerator.autocast(), (accelerator.no_sync(model) if not sync and world > 1 else _null()):
                     lm_loss, router_loss = compute_loss(model, batch, settings.router_loss)
                     accelerator.backward((lm_loss + settings.router_loss * router_loss) * share)

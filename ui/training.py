@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hydra_edge.config import TINY_PRESET_DEFAULTS, FinetuneConfig, build_config
+from hydra_edge.config import PRESET_DEFAULTS, TINY_PRESET_DEFAULTS, FinetuneConfig, build_config
 from hydra_edge.errors import UserError
 from hydra_edge.ui.jobs import STOPPED_CODES, Job, JobManager
 from hydra_edge.ui.workspace import RUNS_DIR, Workspace
@@ -57,29 +57,40 @@ class TrainSettings:
 def defaults_for(model: str) -> dict:
     """The length/speed settings worth starting from for this base: the tiny preset's demo values,
     or finetune's general defaults for a real model."""
-    if (model or "").strip() == "tiny":
-        return {k: TINY_PRESET_DEFAULTS[k] for k in ("seq_len", "batch_size", "grad_accum", "lr", "warmup", "save_every")} | {
-            "length": "steps", "max_steps": TINY_PRESET_DEFAULTS["max_steps"]}
+    preset = PRESET_DEFAULTS.get((model or "").strip())
+    if preset:
+        return {k: preset[k] for k in ("seq_len", "batch_size", "grad_accum", "lr", "warmup", "save_every")} | {
+            "length": "steps", "max_steps": preset["max_steps"]}
     return {"seq_len": _CONFIG_DEFAULTS.seq_len, "batch_size": _CONFIG_DEFAULTS.batch_size,
             "grad_accum": _CONFIG_DEFAULTS.grad_accum, "lr": _CONFIG_DEFAULTS.lr, "warmup": _CONFIG_DEFAULTS.warmup,
             "save_every": _CONFIG_DEFAULTS.save_every, "length": "epochs", "max_steps": 1000}
 
 
+def model_choices(ws: Workspace) -> list[str]:
+    """The base models the form offers: the presets this install can load, then the workspace's."""
+    from hydra_edge.gguf_models import GEMMA_NAME, gemma_installed
+
+    return ["tiny", *([GEMMA_NAME] if gemma_installed() else []), *ws.model_folders()]
+
+
 def resolve_model(ws: Workspace, text: str) -> str:
-    """`tiny`, a folder in the workspace (workspace-relative), or a Hugging Face id."""
+    """A preset (tiny, gemma3-270m), a folder or .gguf file in the workspace (workspace-relative),
+    or a Hugging Face id."""
     from hydra_edge.models import HUB_ID
 
     text = (text or "").strip()
     if not text:
         raise UserError("base model: empty; choose tiny, a Hugging Face id or a folder under models/")
-    if text == "tiny":
+    if text in PRESET_DEFAULTS:
         return text
     looks_like_path = text.startswith(("/", ".", "~", "\\")) or "\\" in text or text.count("/") > 1
     candidate = ws.resolve(text, "base model", must_exist=False)  # refuses '..' and outside paths
     if looks_like_path or candidate.exists():
+        if candidate.is_file() and candidate.suffix.lower() == ".gguf":
+            return ws.rel(ws.resolve(text, "base model", kind="file"))
         folder = ws.resolve(text, "base model", kind="dir")
-        if not (folder / "config.json").is_file():
-            raise UserError(f"base model {text}: the folder has no config.json; give a Hugging Face model folder")
+        if not (folder / "config.json").is_file() and not any(folder.glob("*.gguf")):
+            raise UserError(f"base model {text}: the folder has no config.json; give a Hugging Face model folder or a .gguf file")
         return ws.rel(folder)
     if not HUB_ID.match(text):
         raise UserError(f"base model {text}: use tiny, a Hugging Face id (org/name) or a folder under models/")

@@ -144,8 +144,9 @@ class Workspace:
         return [self.rel(p) for p in sorted(exports, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     def model_folders(self) -> list[str]:
-        """Local base models: Hugging Face folders (with config.json) under models/."""
-        return [self.rel(p) for p in sorted((self.root / MODELS_DIR).iterdir()) if (p / "config.json").is_file()]
+        """Local base models under models/: Hugging Face folders (with config.json) and GGUF files."""
+        return [self.rel(p) for p in sorted((self.root / MODELS_DIR).iterdir())
+                if (p / "config.json").is_file() or (p.is_file() and p.suffix.lower() == ".gguf")]
 
 
 def _is_datasets_folder(path: Path) -> bool:

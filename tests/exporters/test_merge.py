@@ -27,13 +27,14 @@ def logits_of(model, tokenizer, prompts=PROMPTS):
                 for p in prompts]
 
 
-def test_plain_base_holds_the_dequantized_nf4_weights(plain_base, tiny_dir):
+def test_plain_base_holds_the_dequantized_nf4_weights(plain_base, trained_adapter):
     import bitsandbytes.functional as bnbf
     from transformers import AutoModelForCausalLM
 
     from hydra_edge.models import load_base
 
-    nf4 = load_base("tiny", quant="nf4", device="cpu").model
+    dtype = json.loads((trained_adapter / "adapter_config.json").read_text())["dtype"]  # NF4 quantizes from it
+    nf4 = load_base("tiny", quant="nf4", device="cpu", dtype=dtype).model
     plain = AutoModelForCausalLM.from_pretrained(plain_base)
     layer = nf4.model.layers[1].mlp.down_proj
     expected = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()

@@ -17,6 +17,14 @@ def test_preset_does_not_apply_to_other_models():
     assert config.lr == FinetuneConfig.lr and config.max_steps is None and config.seq_len == 1024
 
 
+def test_gemma_preset_fills_its_own_defaults():
+    from hydra_edge.config import GEMMA_PRESET_DEFAULTS
+
+    config = build_config({}, {"model": "gemma3-270m", "lr": 1e-3})
+    assert config.lr == 1e-3 and config.max_steps == GEMMA_PRESET_DEFAULTS["max_steps"]
+    assert config.gate_samples_per_cluster == GEMMA_PRESET_DEFAULTS["gate_samples_per_cluster"]
+
+
 def test_epochs_given_means_no_preset_step_count():
     assert build_config({}, {"epochs": 2.0}).max_steps is None
 
@@ -24,7 +32,8 @@ def test_epochs_given_means_no_preset_step_count():
 @pytest.mark.parametrize(
     "settings, flag",
     [({"rank": 0}, "--rank"), ({"dropout": 1.5}, "--dropout"), ({"heads": "0"}, "--heads"),
-     ({"quant": "int8"}, "--quant"), ({"lr": -1.0}, "--lr"), ({"mixed_precision": "fp8"}, "--mixed-precision")],
+     ({"quant": "int8"}, "--quant"), ({"lr": -1.0}, "--lr"), ({"mixed_precision": "fp8"}, "--mixed-precision"),
+     ({"pool_over": "answer"}, "--pool-over")],
 )
 def test_bad_values_name_the_flag(settings, flag):
     with pytest.raises(UserError, match=flag):
@@ -49,3 +58,14 @@ def test_yaml_types_and_keys(tmp_path):
     path.write_text("rank: 4\n  bad indent: [\n")
     with pytest.raises(UserError, match="invalid YAML"):
         read_yaml_config(path)
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, "no"), ({"avx2", "avx512f", "avx512_bf16"}, "bf16"),
+                                             ({"avx2", "amx_bf16", "amx_tile"}, "bf16")])
+def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, flags, expected):
+    from hydra_edge import models
+
+    monkeypatch.setattr(models, "_cpu_flags", lambda: flags)
+    assert models.resolve_mixed_precision("auto", "cpu") == expected
+    assert models.resolve_mixed_precision("bf16", "cpu") == "bf16"  # an explicit choice stands
+    assert build_config({}, {}).mixed_precision == "auto"

@@ -171,20 +171,44 @@ def test_router_supervision_is_the_cross_entropy_of_the_router_logits(linear):
     assert layer.hydra_router.grad is not None and layer.hydra_A.grad is None  # it trains the router only
 
 
-def test_pooled_gates_are_each_samples_mean_gates(linear):
+def test_pooled_gates_are_each_groups_mean_over_its_sources(linear):
     layer = HydraLoRALinear(linear, R, 8.0, 3)
     randomize_heads(layer)
     x = torch.randn(2, 5, IN)
-    segments = torch.tensor([[0, 0, 0, -1, -1], [0, 0, 1, 1, 1]])  # row 1 packs two samples
+    groups = torch.tensor([[0, 0, 0, -1, -1], [1, 1, 2, 2, 2]])  # row 1 packs two samples
+    every = groups >= 0
     per_token = layer.gates(x)  # (B, T, N)
-    layer.pool_segments = segments
+    layer.pool_groups = (groups, every)
     pooled = layer.gates(x)
     for row, (start, end) in [(0, (0, 3)), (1, (0, 2)), (1, (2, 5))]:
         assert_close(pooled[row, start:end], per_token[row, start:end].mean(0).expand(end - start, -1))
     assert torch.equal(pooled[0, 3:], torch.zeros(2, 3))  # padding
+    # Sources: only the first token of each group counts; group 2 has none, so all of it counts.
+    sources = torch.tensor([[True, False, False, False, False], [True, False, False, False, False]])
+    layer.pool_groups = (groups, sources)
+    pooled = layer.gates(x)
+    assert_close(pooled[0, :3], per_token[0, :1].expand(3, -1))
+    assert_close(pooled[1, :2], per_token[1, :1].expand(2, -1))
+    assert_close(pooled[1, 2:], per_token[1, 2:].mean(0).expand(3, -1))
+    # One group may span rows (a data cluster across the batch).
+    layer.pool_groups = (torch.tensor([[0, 0, 0, -1, -1], [0, 0, 0, 0, 0]]), every | True)
+    pooled = layer.gates(x)
+    both = torch.cat([per_token[0, :3], per_token[1]]).mean(0)
+    assert_close(pooled[1, 4], both)
+    assert_close(pooled[0, 0], both)
     # ...and the output is the merged computation with those gates
-    layer.pool_segments = None
+    layer.pool_groups = None
     layer.fixed_gates = per_token[0, :3].mean(0)
     expected = layer(x[:1, :3])
-    layer.fixed_gates, layer.pool_segments = None, segments[:1, :3]
+    layer.fixed_gates, layer.pool_groups = None, (groups[:1, :3], every[:1, :3])
     assert_close(layer(x[:1, :3]), expected)
+
+def test_uniform_router_gives_every_head_the_same_weight_and_does_not_train(linear):
+    from hydra_edge.adapter import freeze_uniform_router
+
+    model = torch.nn.Sequential(HydraLoRALinear(linear, R, 8.0, 4))
+    freeze_uniform_router(model)
+    layer = model[0]
+    gates = layer.gates(torch.randn(2, 3, IN))
+    assert torch.allclose(gates, torch.full_like(gates, 0.25))
+    assert not layer.hydra_router.requires_grad and layer.hydra_A.requires_grad

@@ -149,3 +149,24 @@ def test_two_process_ddp_run_on_cpu(tmp_path, tiny_dir):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert (out / "adapter_model.safetensors").is_file() and (out / "eval_results.json").is_file()
     assert result.stderr.count("model: tiny") == 1  # only the main process reports
+
+
+def test_pooling_groups_per_sample_prompt_and_cluster():
+    from hydra_edge.data import IGNORE_INDEX
+    from hydra_edge.train import pooling_groups
+
+    I = IGNORE_INDEX
+    batch = {  # row 0: one sample (cluster 2) + padding; row 1: two packed samples (clusters 0 and 2)
+        "segment_ids": torch.tensor([[0, 0, 0, -1], [0, 0, 1, 1]]),
+        "cluster_ids": torch.tensor([[2, 2, 2, -1], [0, 0, 2, 2]]),
+        "labels": torch.tensor([[I, 5, 6, I], [I, 7, I, 8]]),
+    }
+    groups, sources = pooling_groups(batch, "sample")
+    assert groups.tolist() == [[0, 0, 0, -1], [4, 4, 5, 5]]  # one id per sample across the batch
+    assert sources.tolist() == [[True, True, True, False], [True, True, True, True]]
+    groups, sources = pooling_groups(batch, "prompt")
+    assert groups.tolist() == [[0, 0, 0, -1], [4, 4, 5, 5]]
+    assert sources.tolist() == [[True, False, False, False], [True, False, True, False]]  # prompt tokens only
+    groups, sources = pooling_groups(batch, "cluster")
+    assert groups.tolist() == [[2, 2, 2, -1], [0, 0, 2, 2]]  # cluster 2 spans both rows
+    assert sources.tolist() == [[True, True, True, False], [True, True, True, True]]

@@ -1,0 +1,168 @@
+"""Does HydraLoRA beat LoRA at matched parameters? Per-family exact-match on a multi-task set.
+
+Variants, all at matched trainable parameters (within 10 %, checked):
+  lora     plain LoRA (`--heads 1`), its rank chosen to match HydraLoRA's parameter count;
+  hydra    HydraLoRA `--heads auto` (the data's clusters pick N);
+  uniform  the same N heads with the router fixed to uniform gates (`--router uniform`).
+Each variant's learning rate is picked by a sweep scored on the validation split (never the
+test split); then every seed trains with it and is scored on the test split (held-out
+phrasings, fresh inputs; benchmarks/multitask_data.py), greedily, with the per-token PyTorch
+model. Prints a table (per-family mean over seeds, and the spread), writes JSON and a PNG.
+
+    python benchmarks/quality.py --model tiny --seeds 0 1 2            # ~40 min on 2 cores
+    python benchmarks/quality.py --model gemma3-270m --seeds 0 --steps 150 --lrs 2e-4 5e-4 1e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from heads_vs_lora import matched_rank  # noqa: E402
+from multitask_data import FAMILIES, write_splits  # noqa: E402
+
+DEFAULT_LRS = {"tiny": [1e-3, 3e-3, 1e-2], "gemma3-270m": [2e-4, 5e-4, 1e-3]}
+VARIANTS = ("lora", "hydra", "uniform")
+
+
+def finetune(out: Path, flags: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "hydra_edge", "finetune", "--out", str(out), *flags]
+    print("$", " ".join(cmd[2:]), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "eval_results.json").read_text())
+
+
+def trainable_params(adapter_dir: Path) -> int:
+    """Parameters that trained: every adapter tensor, less a uniform router's (fixed at zero)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    frozen = config.get("router") == "uniform"
+    return sum(t.numel() for key, t in tensors.items() if not (frozen and key.endswith("hydra_router")))
+
+
+def score_families(adapter_dir: Path, rows: list[dict], max_new_tokens: int) -> dict[str, float]:
+    """Exact-match per task family (and "all") of the per-token PyTorch model, greedy."""
+    from hydra_edge.inference import generate_greedy, load_trained
+
+    trained = load_trained(adapter_dir)
+    answers = generate_greedy(trained.model, trained.tokenizer, [r["messages"][:-1] for r in rows], max_new_tokens)
+    correct: dict[str, list[bool]] = {}
+    for row, answer in zip(rows, answers):
+        correct.setdefault(row["task"], []).append(answer == row["messages"][-1]["content"].strip())
+    scores = {family: sum(v) / len(v) for family, v in sorted(correct.items())}
+    scores["all"] = sum(sum(v) for v in correct.values()) / len(rows)
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lrs", type=float, nargs="+", help="the sweep (default: per model)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--finetune-args", default="", help="more finetune flags for every run, one string")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--json", type=Path, default=Path("bench-out/quality.json"))
+    parser.add_argument("--png", type=Path, default=Path("bench-out/quality.png"))
+    args = parser.parse_args()
+    lrs = args.lrs or DEFAULT_LRS.get(args.model, [1e-4, 3e-4, 1e-3])
+
+    work = Path(tempfile.mkdtemp(prefix="hydra-quality-"))
+    data = write_splits(work / "data")
+    test_rows = [json.loads(line) for line in data["test"].read_text().splitlines()]
+    common = ["--model", args.model, "--data", str(data["train"]), "--eval-data", str(data["validation"]),
+              "--max-steps", str(args.steps), "--save-every", "0", "--max-new-tokens", str(args.max_new_tokens),
+              *args.finetune_args.split()]
+    alpha_per_rank = 4.0  # alpha / r, the same scaling for every variant
+
+    # HydraLoRA at the first seed and the middle learning rate fixes N and the parameter budget.
+    probe = work / "probe"
+    finetune(probe, [*common, "--heads", "auto", "--rank", str(args.rank), "--alpha", f"{alpha_per_rank * args.rank:g}",
+                     "--lr", f"{lrs[len(lrs) // 2]:g}", "--seed", str(args.seeds[0])])
+    heads = json.loads((probe / "adapter_config.json").read_text())["heads"]
+    lora_rank, _ = matched_rank(probe)
+    shape = {
+        "hydra": ["--heads", str(heads), "--rank", str(args.rank)],
+        "uniform": ["--heads", str(heads), "--rank", str(args.rank), "--router", "uniform"],
+        "lora": ["--heads", "1", "--rank", str(lora_rank)],
+    }
+
+    results = {}
+    for variant in args.variants:
+        rank = lora_rank if variant == "lora" else args.rank
+        flags = [*common, *shape[variant], "--alpha", f"{alpha_per_rank * rank:g}"]
+        sweep = {}
+        for lr in lrs:
+            out = work / f"{variant}-lr{lr:g}-seed{args.seeds[0]}"
+            scores = finetune(out, [*flags, "--lr", f"{lr:g}", "--seed", str(args.seeds[0])])
+            sweep[lr] = (scores["exact_match"], -scores["loss"])
+        best_lr = max(sweep, key=lambda lr: sweep[lr])
+        per_seed = []
+        for seed in args.seeds:
+            out = work / f"{variant}-lr{best_lr:g}-seed{seed}"
+            if not out.exists():
+                finetune(out, [*flags, "--lr", f"{best_lr:g}", "--seed", str(seed)])
+            per_seed.append(score_families(out, test_rows, args.max_new_tokens))
+        results[variant] = {
+            "lr": best_lr, "validation_sweep": {f"{lr:g}": v[0] for lr, v in sweep.items()},
+            "trainable_params": trainable_params(work / f"{variant}-lr{best_lr:g}-seed{args.seeds[0]}"),
+            "per_seed": per_seed, "heads": 1 if variant == "lora" else heads, "rank": rank,
+        }
+
+    budget = results.get("hydra", next(iter(results.values())))["trainable_params"]
+    for variant, result in results.items():
+        result["params_vs_hydra"] = result["trainable_params"] / budget
+        assert abs(result["params_vs_hydra"] - 1) <= 0.10, (variant, result["params_vs_hydra"])
+    _print_and_save(args, results)
+
+
+def _print_and_save(args, results: dict) -> None:
+    columns = [*FAMILIES, "all"]
+    print(f"\nmodel {args.model}, {args.steps} steps, seeds {args.seeds}; test exact-match %, mean (spread = stdev over seeds)")
+    print(f"{'variant':<8} {'heads':>5} {'r':>3} {'params':>9} {'lr':>7} " + " ".join(f"{c[:9]:>12}" for c in columns))
+    for variant, result in results.items():
+        cells = []
+        for column in columns:
+            values = [100 * s.get(column, 0.0) for s in result["per_seed"]]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            result.setdefault("mean", {})[column] = statistics.fmean(values)
+            result.setdefault("spread", {})[column] = spread
+            cells.append(f"{statistics.fmean(values):6.1f}±{spread:<4.1f}")
+        print(f"{variant:<8} {result['heads']:>5} {result['rank']:>3} {result['trainable_params']:>9,} "
+              f"{result['lr']:>7g} " + " ".join(f"{c:>12}" for c in cells))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"model": args.model, "steps": args.steps, "seeds": args.seeds,
+                                     "results": results}, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(results)
+    for i, (variant, result) in enumerate(results.items()):
+        xs = [j + i * width for j in range(len(columns))]
+        ax.bar(xs, [result["mean"][c] for c in columns], width, yerr=[result["spread"][c] for c in columns],
+               label=f"{variant} (lr {result['lr']:g})", capsize=2)
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(columns))], columns, rotation=20)
+    ax.set_ylabel("test exact-match %")
+    ax.set_title(f"{args.model}: {args.steps} steps, seeds {args.seeds}, matched parameters")
+    ax.legend()
+    fig.tight_layout()
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.png, dpi=120)
+    print(f"wrote {args.json} and {args.png}")
+
+
+if __name__ == "__main__":
+    main()

