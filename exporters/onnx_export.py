@@ -92,8 +92,9 @@ def lora_node_names(modules) -> list[str]:
 
 def build_onnx(hf_dir: Path, out_dir: Path, precision: str, device: str, cache_dir: Path,
                adapter_path: Path | None = None, keep_float: list[str] | None = None) -> None:
-    """Runs onnxruntime-genai's model builder on an HF folder (with a PEFT LoRA: LoRA branches)."""
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
+    """Runs onnxruntime-genai's model builder (through genai_builder.py) on an HF folder (with a PEFT
+    LoRA: LoRA branches)."""
+    cmd = [sys.executable, "-m", "hydra_edge.exporters.genai_builder", "-i", str(hf_dir), "-o", str(out_dir),
            "-p", precision, "-e", device, "-c", str(cache_dir)]
     extra = [f"adapter_path={adapter_path}"] if adapter_path is not None else []
     if keep_float:
@@ -168,14 +169,22 @@ def run_decoder(session, decoder: dict, input_ids: list[int], extra_feeds: dict 
     extra_feeds: graph inputs to override (an adapter's LoRA weights)."""
     feeds = {"input_ids": np.array([input_ids], dtype=np.int64),
              "attention_mask": np.ones((1, len(input_ids)), dtype=np.int64)}
+    # An empty cache, (B, kv_heads, capacity, head_size). Sliding-window attention (Gemma 3)
+    # needs a buffer of at least the window; the attention mask says none of it is filled.
+    capacity = (decoder.get("sliding_window") or {}).get("window_size", 0)
     for spec in session.get_inputs():
-        if spec.name.startswith("past_key_values"):  # (B, kv_heads, 0, head_size): an empty cache
+        if spec.name.startswith("past_key_values"):
             dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
-            feeds[spec.name] = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=dtype)
+            feeds[spec.name] = np.zeros((1, decoder["num_key_value_heads"], capacity, decoder["head_size"]), dtype=dtype)
         elif spec.name == "position_ids":  # the fp16 graphs take positions explicitly
             feeds[spec.name] = np.arange(len(input_ids), dtype=np.int64)[None]
     feeds.update(extra_feeds or {})
-    return session.run(["logits"], feeds)[0][0].astype(np.float32)
+    try:
+        return session.run(["logits"], feeds)[0][0].astype(np.float32)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no public base class
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"export: onnxruntime could not run the built model ({first_line[:300]}); "
+                        "this architecture may not be supported by the installed onnxruntime") from exc
 
 
 def onnx_logits(model_dir: Path, input_ids: list[int], extra_feeds: dict | None = None, device: str = "cpu") -> np.ndarray:
