@@ -83,7 +83,8 @@ def onnx_side(export_dir: Path, new_tokens: int) -> list[tuple[float, float]]:
         model, tokenizer, hf_tokenizer, adapters = chat._model(cluster)
         ids = tokenizer.encode(render_chat(hf_tokenizer, messages, add_generation_prompt=True))
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
+        params.set_search_options(max_length=chat.max_length(cluster, len(ids) + new_tokens),
+                                  min_length=len(ids) + new_tokens, do_sample=False)
         start = time.perf_counter()
         generator = og.Generator(model, params)
         if adapters is not None:
@@ -92,7 +93,7 @@ def onnx_side(export_dir: Path, new_tokens: int) -> list[tuple[float, float]]:
         generator.generate_next_token()
         first = time.perf_counter()
         produced = 1
-        while not generator.is_done():
+        while produced < new_tokens and not generator.is_done():
             generator.generate_next_token()
             produced += 1
         end = time.perf_counter()

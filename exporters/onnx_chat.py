@@ -6,6 +6,8 @@ through the `hydra_edge.engines` entry point, so hydra_edge/ never imports this 
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 from hydra_edge.data import render_chat
@@ -46,6 +48,22 @@ class OnnxChat:
             self._models[key] = (model, og.Tokenizer(model), AutoTokenizer.from_pretrained(model_dir), adapters)
         return self._models[key]
 
+    def _genai_config(self, cluster: int) -> dict:
+        return json.loads((self.folder / "models" / self._key(cluster) / "genai_config.json").read_text())["model"]
+
+    def max_length(self, cluster: int, wanted: int) -> int:
+        """The generator's max_length for `wanted` tokens in all: at least the sliding window,
+        since sliding-window attention (Gemma 3) needs a KV buffer that large; the caller stops
+        at the tokens it wants."""
+        window = (self._genai_config(cluster)["decoder"].get("sliding_window") or {}).get("window_size", 0)
+        return max(wanted, window)
+
+    def stop_tokens(self, cluster: int) -> set[int]:
+        """Every end token the model knows (Gemma's chat turns end with <end_of_turn>, not EOS)."""
+        eos = self._genai_config(cluster).get("eos_token_id")
+        stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return stops | {self.tokenizer(cluster).eos_token_id}
+
     def route(self, messages: list[dict]) -> int:
         prompt = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
         return self.route_text(prompt)
@@ -85,16 +103,18 @@ class OnnxChat:
         ids = tokenizer.encode(render_chat(hf_tokenizer, messages, add_generation_prompt=True))
         params = og.GeneratorParams(model)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-        params.set_search_options(max_length=len(ids) + max_new_tokens, **sampling)
+        params.set_search_options(max_length=self.max_length(cluster, len(ids) + max_new_tokens), **sampling)
         generator = og.Generator(model, params)
         if adapters is not None:
             generator.set_active_adapter(adapters, f"cluster_{cluster}")
         generator.append_tokens(ids)
-        stream, pieces = tokenizer.create_stream(), []
-        while not generator.is_done():
+        stream, pieces, stops = tokenizer.create_stream(), [], self.stop_tokens(cluster)
+        for _ in range(max_new_tokens):
+            if generator.is_done():
+                break
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
-            if token == hf_tokenizer.eos_token_id:
+            if token in stops:
                 break
             piece = stream.decode(token)
             pieces.append(piece)

@@ -78,6 +78,13 @@ INT4_OPTIONS = ["accuracy_level=4", "algo_config=k_quant", "block_size=16"]
 INT4_MIN_DECISIVE_AGREEMENT = 0.9  # a broken export agrees ~1/vocab of the time
 INT4_MAX_RELATIVE_ERROR = 0.5
 DECISIVE_SIGMAS = 3.0
+# Too few decisive positions make the agreement there vacuous: on Gemma 3 270M, int4's error is
+# so large next to the margins that no position was decisive, and the export "passed" while
+# top-1 agreed at 31-34 % of positions and held-out exact-match fell from 86.1 % (fp32) to
+# 75.9 %. Below this share of decisive positions, the next-token agreement over all positions
+# must reach MIN_OVERALL_AGREEMENT instead.
+MIN_DECISIVE_SHARE = 0.25
+MIN_OVERALL_AGREEMENT = {"int4": 0.6, "fp16": 0.8}
 VALIDATION_PROMPTS = 4
 
 
@@ -313,6 +320,7 @@ def compare_logits(got: np.ndarray, expected: np.ndarray) -> dict:
     return {
         "max_abs_logit_diff": float(np.abs(got - expected).max()),
         "top1_agreement": float(same_top1.mean()),
+        "positions": int(same_top1.shape[0]),
         "decisive_positions": int(decisive.sum()),
         "decisive_agreement": float(same_top1[decisive].mean()) if decisive.any() else 1.0,
         "relative_error": float(np.abs(got - expected).mean() / max(float(expected.std()), 1e-12)),
@@ -330,7 +338,14 @@ def validation_problem(check: dict, precision: str) -> str | None:
     """Why a check fails for this precision, or None."""
     if precision in ("int4", "fp16"):
         min_agreement, max_error = _rounded_limits(precision)
-        if check["decisive_agreement"] < min_agreement:
+        positions = check.get("positions", check["decisive_positions"])
+        if check["decisive_positions"] < MIN_DECISIVE_SHARE * positions:
+            if check["top1_agreement"] < MIN_OVERALL_AGREEMENT[precision]:
+                return (f"only {check['decisive_positions']} of {positions} positions are decisive, and next-token "
+                        f"agreement with PyTorch over all of them is {check['top1_agreement']:.3f} < "
+                        f"{MIN_OVERALL_AGREEMENT[precision]}: {precision} changes this model's choices; "
+                        "export fp32" + (" or fp16" if precision == "int4" else ""))
+        elif check["decisive_agreement"] < min_agreement:
             return (f"next-token agreement with PyTorch where its choice is decisive "
                     f"{check['decisive_agreement']:.3f} < {min_agreement} ({check['decisive_positions']} positions)")
         if check["relative_error"] > max_error:
@@ -346,7 +361,8 @@ def describe_criteria(precision: str) -> str:
     if precision in ("int4", "fp16"):
         min_agreement, max_error = _rounded_limits(precision)
         return (f"next-token agreement >= {min_agreement} where PyTorch's top-1 leads by > "
-                f"{DECISIVE_SIGMAS:g} sigma of the error, mean |diff| / std(logits) <= {max_error}")
+                f"{DECISIVE_SIGMAS:g} sigma of the error (>= {MIN_OVERALL_AGREEMENT[precision]} over all positions "
+                f"when under {MIN_DECISIVE_SHARE:.0%} are decisive), mean |diff| / std(logits) <= {max_error}")
     return f"max |logit diff| <= {TOLERANCE[precision]:g}"
 
 

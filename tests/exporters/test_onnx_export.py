@@ -312,3 +312,19 @@ def test_validation_rejects_a_wrong_model():
     check = compare_logits(wrong, peaked)
     assert check["relative_error"] < 0.25 and check["decisive_positions"] == 40
     assert "decisive" in validation_problem(check, "int4")
+
+
+def test_rounded_precisions_cannot_pass_on_zero_decisive_positions():
+    """Gemma 3 270M in int4: no position was decisive, and the old rule passed vacuously."""
+    from hydra_edge.exporters.onnx_export import validation_problem
+
+    gemma_int4 = {"positions": 120, "decisive_positions": 0, "decisive_agreement": 1.0, "top1_agreement": 0.31,
+                  "relative_error": 0.084, "max_abs_logit_diff": 27.6}
+    problem = validation_problem(gemma_int4, "int4")
+    assert problem and "0 of 120 positions are decisive" in problem and "export fp32 or fp16" in problem
+    assert validation_problem({**gemma_int4, "top1_agreement": 0.9}, "int4") is None  # flat but faithful
+    assert validation_problem({**gemma_int4, "top1_agreement": 0.7}, "fp16")  # fp16 is held tighter
+    demo_int4 = {"positions": 120, "decisive_positions": 63, "decisive_agreement": 1.0, "top1_agreement": 0.55,
+                 "relative_error": 0.137, "max_abs_logit_diff": 3.9}
+    assert validation_problem(demo_int4, "int4") is None  # enough decisive positions: judged there
+    assert validation_problem({**demo_int4, "decisive_agreement": 0.8}, "int4")
