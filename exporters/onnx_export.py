@@ -338,6 +338,8 @@ def validation_problem(check: dict, precision: str) -> str | None:
     """Why a check fails for this precision, or None."""
     if precision in ("int4", "fp16"):
         min_agreement, max_error = _rounded_limits(precision)
+        if check["relative_error"] > max_error:  # unrelated logits: a broken or mismatched export
+            return f"mean logit error {check['relative_error']:.3f} of their spread > {max_error}"
         positions = check.get("positions", check["decisive_positions"])
         if check["decisive_positions"] < MIN_DECISIVE_SHARE * positions:
             if check["top1_agreement"] < MIN_OVERALL_AGREEMENT[precision]:
@@ -348,8 +350,6 @@ def validation_problem(check: dict, precision: str) -> str | None:
         elif check["decisive_agreement"] < min_agreement:
             return (f"next-token agreement with PyTorch where its choice is decisive "
                     f"{check['decisive_agreement']:.3f} < {min_agreement} ({check['decisive_positions']} positions)")
-        if check["relative_error"] > max_error:
-            return f"mean logit error {check['relative_error']:.3f} of their spread > {max_error}"
         return None
     if check["max_abs_logit_diff"] > TOLERANCE[precision]:
         return (f"max |ONNX - PyTorch| logit difference {check['max_abs_logit_diff']:.3g} > tolerance "

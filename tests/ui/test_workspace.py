@@ -205,3 +205,18 @@ def test_ui_datasets_folder_naming_an_outside_file_is_refused(ws):
     assert "data/uploaded" in argv
     with pytest.raises(UserError, match="data file or datasets folder"):
         build_command(ws, TrainSettings(data="runs/r1", eval_data=""), "r3")
+
+
+def test_model_list_offers_installed_presets_and_workspace_models(ws, monkeypatch, tmp_path):
+    import hydra_edge.gguf_models as gguf_models
+    from hydra_edge.ui.training import model_choices, resolve_model
+
+    (ws.root / "models" / "mine.gguf").write_bytes(b"GGUF")
+    (ws.root / "models" / "hf").mkdir()
+    (ws.root / "models" / "hf" / "config.json").write_text("{}")
+    monkeypatch.setattr(gguf_models, "gemma_installed", lambda: True)
+    assert model_choices(ws) == ["tiny", "gemma3-270m", "models/hf", "models/mine.gguf"]
+    monkeypatch.setattr(gguf_models, "gemma_installed", lambda: False)
+    assert model_choices(ws) == ["tiny", "models/hf", "models/mine.gguf"]
+    assert resolve_model(ws, "gemma3-270m") == "gemma3-270m"
+    assert resolve_model(ws, "models/mine.gguf") == "models/mine.gguf"
