@@ -9,18 +9,27 @@ test split); then every seed trains with it and is scored on the test split (hel
 phrasings, fresh inputs; benchmarks/multitask_data.py), greedily, with the per-token PyTorch
 model. Prints a table (per-family mean over seeds, and the spread), writes JSON and a PNG.
 
+For the HydraLoRA variants it also says how the heads were used, the usual suspects when they
+do not pay off: how much the router's mix over the heads differs between task families
+("routing spread", total variation from the overall mix: 0 = every family gets the same mix)
+and how alike the heads ended up (mean pairwise cosine similarity of the B heads).
+
+Runs live in --work (default bench-out/quality-<model>) and a rerun skips every run that
+finished with the same flags, so a long benchmark can be stopped and resumed.
+
     python benchmarks/quality.py --model tiny --seeds 0 1 2            # ~40 min on 2 cores
-    python benchmarks/quality.py --model gemma3-270m --seeds 0 --steps 150 --lrs 2e-4 5e-4 1e-3
+    python benchmarks/quality.py --model gemma3-270m --seeds 0 --steps 200 --lrs 2e-4 5e-4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,10 +41,20 @@ VARIANTS = ("lora", "hydra", "uniform")
 
 
 def finetune(out: Path, flags: list[str]) -> dict:
+    """Trains into `out`, or reuses a finished run there with the same flags (resume)."""
+    done, flags_file = out / "eval_results.json", out.parent / f"{out.name}.flags.json"
+    if done.is_file() and flags_file.is_file() and json.loads(flags_file.read_text()) == flags:
+        print(f"reusing {out}", file=sys.stderr, flush=True)
+        return json.loads(done.read_text())
+    if out.exists():
+        shutil.rmtree(out)  # an unfinished or different run
     cmd = [sys.executable, "-m", "hydra_edge", "finetune", "--out", str(out), *flags]
     print("$", " ".join(cmd[2:]), file=sys.stderr, flush=True)
+    started = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "eval_results.json").read_text())
+    print(f"  {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    flags_file.write_text(json.dumps(flags))
+    return json.loads(done.read_text())
 
 
 def trainable_params(adapter_dir: Path) -> int:
@@ -62,6 +81,32 @@ def score_families(adapter_dir: Path, rows: list[dict], max_new_tokens: int) -> 
     return scores
 
 
+def diagnose(adapter_dir: Path, rows: list[dict]) -> dict:
+    """How a HydraLoRA adapter uses its heads: the router's mean mix per task family (prompt
+    tokens, averaged over modules), its routing spread and the heads' similarity."""
+    import itertools
+
+    import torch
+    from safetensors.torch import load_file
+
+    from hydra_edge.inference import load_trained, prompt_gate_mix
+
+    trained = load_trained(adapter_dir)
+    mixes: dict[str, list[list[float]]] = {}
+    for row in rows:
+        mixes.setdefault(row["task"], []).append(prompt_gate_mix(trained.model, trained.tokenizer, row["messages"][:-1]))
+    per_family = {family: torch.tensor(m).mean(0) for family, m in sorted(mixes.items())}  # each (N,)
+    overall = torch.stack(list(per_family.values())).mean(0)  # (N,)
+    spread = statistics.fmean(0.5 * float((mix - overall).abs().sum()) for mix in per_family.values())
+    similarities = []
+    for key, heads in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+        if key.endswith(".hydra_B") and heads.shape[0] > 1:  # (N, out, r)
+            flat = torch.nn.functional.normalize(heads.flatten(1).float(), dim=1)  # (N, out*r)
+            similarities += [float(flat[i] @ flat[j]) for i, j in itertools.combinations(range(len(flat)), 2)]
+    return {"gate_mix": {family: [round(float(g), 3) for g in mix] for family, mix in per_family.items()},
+            "routing_spread": spread, "head_cosine": statistics.fmean(similarities) if similarities else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
@@ -74,10 +119,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--json", type=Path, default=Path("bench-out/quality.json"))
     parser.add_argument("--png", type=Path, default=Path("bench-out/quality.png"))
+    parser.add_argument("--work", type=Path, help="where the runs live (default bench-out/quality-<model>)")
     args = parser.parse_args()
     lrs = args.lrs or DEFAULT_LRS.get(args.model, [1e-4, 3e-4, 1e-3])
 
-    work = Path(tempfile.mkdtemp(prefix="hydra-quality-"))
+    work = args.work or Path("bench-out") / f"quality-{args.model}"
     data = write_splits(work / "data")
     test_rows = [json.loads(line) for line in data["test"].read_text().splitlines()]
     common = ["--model", args.model, "--data", str(data["train"]), "--eval-data", str(data["validation"]),
@@ -86,13 +132,15 @@ def main() -> None:
     alpha_per_rank = 4.0  # alpha / r, the same scaling for every variant
 
     # HydraLoRA at the first seed and the middle learning rate fixes N and the parameter budget.
-    probe = work / "probe"
+    # It trains exactly as the hydra variant's sweep point there, and is reused as that point.
+    probe_lr = lrs[len(lrs) // 2]
+    probe = work / f"hydra-lr{probe_lr:g}-seed{args.seeds[0]}"
     finetune(probe, [*common, "--heads", "auto", "--rank", str(args.rank), "--alpha", f"{alpha_per_rank * args.rank:g}",
-                     "--lr", f"{lrs[len(lrs) // 2]:g}", "--seed", str(args.seeds[0])])
+                     "--lr", f"{probe_lr:g}", "--seed", str(args.seeds[0])])
     heads = json.loads((probe / "adapter_config.json").read_text())["heads"]
     lora_rank, _ = matched_rank(probe)
     shape = {
-        "hydra": ["--heads", str(heads), "--rank", str(args.rank)],
+        "hydra": ["--heads", "auto", "--rank", str(args.rank)],
         "uniform": ["--heads", str(heads), "--rank", str(args.rank), "--router", "uniform"],
         "lora": ["--heads", "1", "--rank", str(lora_rank)],
     }
@@ -110,10 +158,15 @@ def main() -> None:
         per_seed = []
         for seed in args.seeds:
             out = work / f"{variant}-lr{best_lr:g}-seed{seed}"
-            if not out.exists():
-                finetune(out, [*flags, "--lr", f"{best_lr:g}", "--seed", str(seed)])
-            per_seed.append(score_families(out, test_rows, args.max_new_tokens))
-        results[variant] = {
+            finetune(out, [*flags, "--lr", f"{best_lr:g}", "--seed", str(seed)])
+            scores_file = out / "test_scores.json"  # kept with the run, so a resumed benchmark skips it
+            if not scores_file.is_file():
+                scores_file.write_text(json.dumps(score_families(out, test_rows, args.max_new_tokens)))
+            per_seed.append(json.loads(scores_file.read_text()))
+        diagnostics = None
+        if variant != "lora":
+            diagnostics = diagnose(work / f"{variant}-lr{best_lr:g}-seed{args.seeds[0]}", test_rows)
+        results[variant] = {"diagnostics": diagnostics,
             "lr": best_lr, "validation_sweep": {f"{lr:g}": v[0] for lr, v in sweep.items()},
             "trainable_params": trainable_params(work / f"{variant}-lr{best_lr:g}-seed{args.seeds[0]}"),
             "per_seed": per_seed, "heads": 1 if variant == "lora" else heads, "rank": rank,
@@ -140,6 +193,13 @@ def _print_and_save(args, results: dict) -> None:
             cells.append(f"{statistics.fmean(values):6.1f}±{spread:<4.1f}")
         print(f"{variant:<8} {result['heads']:>5} {result['rank']:>3} {result['trainable_params']:>9,} "
               f"{result['lr']:>7g} " + " ".join(f"{c:>12}" for c in cells))
+    for variant, result in results.items():
+        if result.get("diagnostics"):
+            d = result["diagnostics"]
+            print(f"{variant}: routing spread {d['routing_spread']:.3f} (0 = the same head mix for every family), "
+                  f"head cosine {d['head_cosine']:.3f}; mean gate per family (test prompts):")
+            for family, mix in d["gate_mix"].items():
+                print(f"    {family:<14} " + " ".join(f"{g:.2f}" for g in mix))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"model": args.model, "steps": args.steps, "seeds": args.seeds,
                                      "results": results}, indent=2) + "\n")

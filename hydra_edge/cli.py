@@ -48,6 +48,7 @@ def finetune(
     dropout: Optional[float] = _opt("dropout"),
     head_init: Optional[str] = _opt("head_init"),
     router_loss: Optional[float] = _opt("router_loss"),
+    router: Optional[str] = _opt("router"),
     pooled_steps: Optional[float] = _opt("pooled_steps"),
     pool_over: Optional[str] = _opt("pool_over"),
     targets: Optional[str] = _opt("targets"),
@@ -72,6 +73,7 @@ def finetune(
     save_every: Optional[int] = _opt("save_every"),
     resume: Optional[bool] = typer.Option(None, "--resume", help=_help("resume"), show_default=False),
     max_bad_steps: Optional[int] = _opt("max_bad_steps"),
+    gate_samples_per_cluster: Optional[int] = _opt("gate_samples_per_cluster"),
     max_new_tokens: Optional[int] = _opt("max_new_tokens"),
 ) -> None:
     """Train a HydraLoRA adapter. With no arguments: the tiny preset on the bundled demo data."""

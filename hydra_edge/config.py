@@ -183,6 +183,16 @@ GEMMA_PRESET_DEFAULTS = {
 PRESET_DEFAULTS = {"tiny": TINY_PRESET_DEFAULTS, "gemma3-270m": GEMMA_PRESET_DEFAULTS}
 
 
+def run_data_files(model: str, data: list[str], eval_data: str | None) -> tuple[list[str], str | None]:
+    """(training files, held-out file) of a run: a preset without --data trains on the demo data
+    and scores on its held-out rows. Export reads the same rule to validate on those rows."""
+    from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN
+
+    demo = model in PRESET_DEFAULTS and not data
+    return (list(data) or ([str(DEMO_TRAIN)] if demo else []),
+            eval_data or (str(DEMO_EVAL) if demo else None))
+
+
 def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 

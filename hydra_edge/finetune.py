@@ -18,13 +18,13 @@ from hydra_edge.adapter import (WEIGHTS_FILE, base_fingerprint, find_target_modu
                                 inject_hydra_lora, save_adapter)
 from hydra_edge.checkpoint import checkpoint_problem, list_checkpoints, remove_stale_temp
 from hydra_edge.clustering import fit_clusters, load_clusters, save_clusters, summary_lines
-from hydra_edge.config import PRESET_DEFAULTS, FinetuneConfig, check_settings
+from hydra_edge.config import FinetuneConfig, check_settings, run_data_files
 from hydra_edge.data import load_records, pack_samples, read_records, tokenize_records
 from hydra_edge.errors import UserError
 from hydra_edge.files import atomic_write_text, ensure_writable_dir, read_json_object
 from hydra_edge.models import resolve_model_reference
 from hydra_edge.progress import PhaseProgress
-from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN, TINY_NAME
+from hydra_edge.tiny import TINY_NAME
 
 RUN_CONFIG = "run_config.json"
 EVAL_RESULTS = "eval_results.json"
@@ -100,14 +100,12 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     started = time.perf_counter()
 
     # 1. Model reference and data, validated before any model is loaded.
-    is_preset = config.model in PRESET_DEFAULTS  # the presets train on the demo data by default
     if config.model != TINY_NAME:
         resolve_model_reference(config.model)
-    data_files = config.data or ([str(DEMO_TRAIN)] if is_preset else [])
+    data_files, eval_file = run_data_files(config.model, config.data, config.eval_data)
     if not data_files:
         raise UserError("--data: no training file given; pass --data FILE.jsonl "
                         "(the demo data is for the presets: --model tiny or gemma3-270m)")
-    eval_file = config.eval_data or (str(DEMO_EVAL) if is_preset and not config.data else None)
     loaded = load_records(data_files, config.format, config.skip_invalid)
     records = loaded.records
     eval_records = read_records(eval_file) if eval_file else []

@@ -232,7 +232,10 @@ def test_rounded_precisions_keep_lora_float_and_validate(trained_adapter, tmp_pa
     lora = [i for i in graph.initializer if ".lora_A." in i.name or ".hydra_" in i.name or ".lora_B." in i.name]
     assert lora
     if precision == "int4":
-        assert "MatMulNBits" in [node.op_type for node in graph.node]  # the base is int4
+        bits = {node.name: next(a.i for a in node.attribute if a.name == "bits")
+                for node in graph.node if node.op_type == "MatMulNBits"}
+        assert 4 in bits.values()  # the base is int4 ...
+        assert bits["/lm_head/MatMul"] == 8  # ... but for the LM head (Q4_K_M's mix: int4_mixed in the README)
         assert not any(i.name.endswith(("_Q4", "_scales")) for i in lora)  # the adapters are not
     else:
         assert {i.data_type for i in graph.initializer if i.name.endswith(".weight")} == {TensorProto.FLOAT16}
@@ -328,3 +331,22 @@ def test_rounded_precisions_cannot_pass_on_zero_decisive_positions():
                  "relative_error": 0.137, "max_abs_logit_diff": 3.9}
     assert validation_problem(demo_int4, "int4") is None  # enough decisive positions: judged there
     assert validation_problem({**demo_int4, "decisive_agreement": 0.8}, "int4")
+
+
+@pytest.mark.parametrize("run_config, expected", [
+    ({"model": "gemma3-270m", "data": [], "eval_data": None}, "demo"),  # a preset on the demo data
+    ({"model": "tiny", "data": [], "eval_data": None}, "demo"),
+    ({"model": "gemma3-270m", "data": ["mine.jsonl"], "eval_data": None}, "generic"),  # own data, no held-out rows
+    ({"model": "some/model", "data": [], "eval_data": None}, "generic"),
+])
+def test_validation_prompts_are_the_rows_the_run_was_scored_on(tmp_path, run_config, expected):
+    from hydra_edge.data import read_records
+    from hydra_edge.exporters.onnx_export import VALIDATION_PROMPTS, validation_prompts
+    from hydra_edge.tiny import DEMO_EVAL
+
+    (tmp_path / "run_config.json").write_text(json.dumps(run_config))
+    prompts = validation_prompts(tmp_path)
+    demo = [r.messages for r in read_records(str(DEMO_EVAL))][:VALIDATION_PROMPTS]
+    assert (prompts == demo) == (expected == "demo")
+    if expected == "demo":  # whole conversations: the answer positions are validated too
+        assert all(p[-1]["role"] == "assistant" for p in prompts)

@@ -220,3 +220,14 @@ def test_chat_repl_streams_and_keeps_going(demo_run):
     answers = [line.strip() for line in result.stdout.replace("> ", "\n").splitlines() if line.strip()]
     assert answers == ["Rome", "7"], result.stdout
     assert result.stderr.count("[cluster ") == 2
+
+
+def test_every_finetune_setting_is_a_finetune_option():
+    """A FinetuneConfig field without its Typer option (--router was one) can be set in YAML only."""
+    import inspect
+
+    from hydra_edge.cli import finetune
+    from hydra_edge.config import config_fields
+
+    options = set(inspect.signature(finetune).parameters) - {"config"}
+    assert options == set(config_fields())
