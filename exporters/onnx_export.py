@@ -182,14 +182,18 @@ def run_decoder(session, decoder: dict, input_ids: list[int], extra_feeds: dict 
     extra_feeds: graph inputs to override (an adapter's LoRA weights)."""
     feeds = {"input_ids": np.array([input_ids], dtype=np.int64),
              "attention_mask": np.ones((1, len(input_ids)), dtype=np.int64)}
-    # An empty cache, (B, kv_heads, capacity, head_size). Sliding-window attention (Gemma 3)
-    # needs a buffer of at least the window; the attention mask says none of it is filled.
-    capacity = (decoder.get("sliding_window") or {}).get("window_size", 0)
+    # An empty cache, (B, kv_heads, capacity, head_size). A sliding-window layer (Gemma 3's local
+    # ones) reads a fixed buffer of at least the window, of which the attention mask says none is
+    # filled; the others take an empty one and grow it (a fixed buffer there would have to hold
+    # the whole sequence).
+    window = decoder.get("sliding_window") or {}
     for spec in session.get_inputs():
-        if spec.name.startswith("past_key_values"):
+        if spec.name.startswith("past_key_values"):  # past_key_values.<layer>.key
+            sliding = "layers" not in window or int(spec.name.split(".")[1]) in window["layers"]
+            capacity = window.get("window_size", 0) if sliding else 0
             dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
             feeds[spec.name] = np.zeros((1, decoder["num_key_value_heads"], capacity, decoder["head_size"]), dtype=dtype)
-        elif spec.name == "position_ids":  # the fp16 graphs take positions explicitly
+        elif spec.name == "position_ids":  # graphs without GroupQueryAttention take positions explicitly
             feeds[spec.name] = np.arange(len(input_ids), dtype=np.int64)[None]
     feeds.update(extra_feeds or {})
     try:
