@@ -28,6 +28,7 @@ def score(adapter_dir: Path, max_new_tokens: int) -> dict:
     from hydra_edge.data import read_records
     from hydra_edge.gates import load_cluster_gates
     from hydra_edge.inference import generate_greedy, load_trained
+    from hydra_edge.switches import fixed_gates
     from hydra_edge.tiny import DEMO_EVAL
 
     trained = load_trained(adapter_dir)
@@ -50,9 +51,11 @@ def score(adapter_dir: Path, max_new_tokens: int) -> dict:
     for kind in ("per-token router", "cluster mean gates", "cluster head alone"):
         correct = 0
         for cluster, rows in rows_by_cluster.items():
-            for name, layer in layers.items():
-                layer.fixed_gates = gates_for(kind, cluster, name, layer)
-            answers = generate_greedy(trained.model, trained.tokenizer, [records[i].messages[:-1] for i in rows], max_new_tokens)
+            gates = {name: gates_for(kind, cluster, name, layer) for name, layer in layers.items()}
+            with fixed_gates(trained.model, gates):
+                answers = generate_greedy(
+                    trained.model, trained.tokenizer, [records[i].messages[:-1] for i in rows], max_new_tokens
+                )
             correct += sum(a == records[i].reference_answer.strip() for i, a in zip(rows, answers))
         result[kind] = correct / len(records)
     return result
@@ -60,8 +63,12 @@ def score(adapter_dir: Path, max_new_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=["0:0", "0.5:0", "0.5:0.1"],
-                        help="POOLED_STEPS:ROUTER_LOSS[:POOL_OVER] settings (POOL_OVER defaults to the finetune default)")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["0:0", "0.5:0", "0.5:0.1"],
+        help="POOLED_STEPS:ROUTER_LOSS[:POOL_OVER] settings (POOL_OVER defaults to the finetune default)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--finetune-args", default="", help="more finetune flags for every run, one string")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -74,21 +81,44 @@ def main() -> None:
             pooled, router, *pool_over = spec.split(":")
             for seed in args.seeds:
                 out = Path(tmp) / f"{spec.replace(':', '_')}-{seed}"
-                cmd = [sys.executable, "-m", "hydra_edge", "finetune", "--out", str(out), "--seed", str(seed),
-                       "--pooled-steps", pooled, "--router-loss", router, *(["--pool-over", *pool_over] if pool_over else []),
-                       *shlex.split(args.finetune_args)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "hydra_edge",
+                    "finetune",
+                    "--out",
+                    str(out),
+                    "--seed",
+                    str(seed),
+                    "--pooled-steps",
+                    pooled,
+                    "--router-loss",
+                    router,
+                    *(["--pool-over", *pool_over] if pool_over else []),
+                    *shlex.split(args.finetune_args),
+                ]
                 print("$", " ".join(cmd[2:]), file=sys.stderr, flush=True)
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                row = {"pooled_steps": float(pooled), "router_loss": float(router),
-                       "pool_over": pool_over[0] if pool_over else "default", "seed": seed, **score(out, args.max_new_tokens)}
+                row = {
+                    "pooled_steps": float(pooled),
+                    "router_loss": float(router),
+                    "pool_over": pool_over[0] if pool_over else "default",
+                    "seed": seed,
+                    **score(out, args.max_new_tokens),
+                }
                 row["kept"] = row["cluster mean gates"] / max(row["per-token router"], 1e-9)
                 table.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    print(f"{'pooled':>6} {'router':>6} {'pool over':>9} {'seed':>4} {'per-token EM':>13} {'mean-gates EM':>14} {'kept':>6} {'head-alone EM':>14}")
+    print(
+        f"{'pooled':>6} {'router':>6} {'pool over':>9} {'seed':>4} {'per-token EM':>13} {'mean-gates EM':>14} "
+        f"{'kept':>6} {'head-alone EM':>14}"
+    )
     for row in table:
-        print(f"{row['pooled_steps']:>6g} {row['router_loss']:>6g} {row['pool_over']:>9} {row['seed']:>4} "
-              f"{100 * row['per-token router']:>12.1f}% {100 * row['cluster mean gates']:>13.1f}% "
-              f"{100 * row['kept']:>5.0f}% {100 * row['cluster head alone']:>13.1f}%")
+        print(
+            f"{row['pooled_steps']:>6g} {row['router_loss']:>6g} {row['pool_over']:>9} {row['seed']:>4} "
+            f"{100 * row['per-token router']:>12.1f}% {100 * row['cluster mean gates']:>13.1f}% "
+            f"{100 * row['kept']:>5.0f}% {100 * row['cluster head alone']:>13.1f}%"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(table, indent=2) + "\n")
 

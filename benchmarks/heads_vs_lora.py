@@ -19,6 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_summary import summarise  # noqa: E402
 
+from hydra_edge.adapter_config import AdapterConfig
+
 
 def finetune(out: Path, extra: list[str]) -> None:
     cmd = [sys.executable, "-m", "hydra_edge", "finetune", "--out", str(out), *extra]
@@ -39,6 +41,7 @@ def matched_rank(adapter_dir: Path) -> tuple[int, int]:
                 module = key[: -len(".hydra_B")]
                 in_features = f.get_slice(module + ".hydra_A").get_shape()[1]
                 dims.append((in_features, shape[1]))
+
     # heads=1: per module r*(in + out) + in (the 1-row router)
     def count(r):
         return sum(r * (i + o) + i for i, o in dims)
@@ -67,14 +70,17 @@ def main() -> None:
 
     rows = []
     for label, out in (("HydraLoRA --heads auto", hydra_out), (f"LoRA --heads 1 (r={lora_rank})", lora_out)):
-        config = json.loads((out / "adapter_config.json").read_text())
-        rows.append({"run": label, "heads": config["heads"], "r": config["r"], **summarise(out)})
+        config = AdapterConfig.load(out)
+        rows.append({"run": label, "heads": config.heads, "r": config.r, **summarise(out)})
     print(f"\nmodel {args.model}, {args.steps} steps each (same data, seed, batch)")
     print(f"{'run':<28} {'heads':>5} {'r':>4} {'params':>9} {'step ms':>8} {'tok/s':>7} {'loss':>7} {'exact':>6}")
     for r in rows:
         em = "n/a" if r.get("exact_match") is None else f"{100 * r['exact_match']:.1f}%"
-        print(f"{r['run']:<28} {r['heads']:>5} {r['r']:>4} {r['trainable_params']:>9,} {1000 * r['median_step_time_s']:>8.1f} "
-              f"{r['median_tokens_per_s']:>7.0f} {r['last_loss']:>7.4f} {em:>6}")
+        print(
+            f"{r['run']:<28} {r['heads']:>5} {r['r']:>4} {r['trainable_params']:>9,} "
+            f"{1000 * r['median_step_time_s']:>8.1f} "
+            f"{r['median_tokens_per_s']:>7.0f} {r['last_loss']:>7.4f} {em:>6}"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"wrote {args.json}")

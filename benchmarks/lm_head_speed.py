@@ -35,13 +35,17 @@ def main() -> None:
     from hydra_edge.tiny import DEMO_TRAIN
 
     precision = resolve_mixed_precision(args.mixed_precision)
-    base = load_base(args.model, quant="nf4", gradient_checkpointing=True, dtype="fp32" if precision == "no" else "bf16")
+    base = load_base(
+        args.model, quant="nf4", gradient_checkpointing=True, dtype="fp32" if precision == "no" else "bf16"
+    )
     inject_hydra_lora(base.model, find_target_modules(base.model, "mlp"), 8, 32.0, 3, 0.0)
     base.model.train()
     records = read_records(DEMO_TRAIN)
     samples = [tokenize_record(base.tokenizer, r, args.seq_len) for r in records]
-    batches = [collate(samples[i : i + args.batch_size], base.tokenizer.pad_token_id)
-               for i in range(0, len(samples), args.batch_size)]
+    batches = [
+        collate(samples[i : i + args.batch_size], base.tokenizer.pad_token_id)
+        for i in range(0, len(samples), args.batch_size)
+    ]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     full_head = lambda model, ids: False  # noqa: E731 - forces the model's own full head
     selective_head = lm_head.supports_deferred_head
@@ -68,16 +72,22 @@ def main() -> None:
     lm_head.supports_deferred_head = selective_head
     tokens = [int(b["attention_mask"].sum()) for b in batches[1 : args.steps + 1]]
     row = {
-        "model": args.model, "precision": precision, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "model": args.model,
+        "precision": precision,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
         "vocab": base.model.get_output_embeddings().weight.shape[0],
-        "full_head_s": statistics.median(times["full"]), "selective_head_s": statistics.median(times["selective"]),
+        "full_head_s": statistics.median(times["full"]),
+        "selective_head_s": statistics.median(times["selective"]),
         "tokens_per_step": statistics.mean(tokens),
         "max_loss_difference": max(abs(a - b) for a, b in zip(losses["full"], losses["selective"])),
     }
     row["speedup"] = row["full_head_s"] / row["selective_head_s"]
     print(f"\n{'model':>12} {'precision':>9} {'full head':>10} {'selective':>10} {'speed-up':>9} {'max |Δloss|':>12}")
-    print(f"{row['model']:>12} {row['precision']:>9} {row['full_head_s']:>9.2f}s {row['selective_head_s']:>9.2f}s "
-          f"{row['speedup']:>8.2f}x {row['max_loss_difference']:>12.2e}")
+    print(
+        f"{row['model']:>12} {row['precision']:>9} {row['full_head_s']:>9.2f}s {row['selective_head_s']:>9.2f}s "
+        f"{row['speedup']:>8.2f}x {row['max_loss_difference']:>12.2e}"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(row, indent=2) + "\n")
 

@@ -12,9 +12,17 @@ from pathlib import Path
 SHAPES = {
     # Qwen/Qwen2.5-0.5B's config.json (architecture numbers only).
     "qwen2.5-0.5b": dict(
-        arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
-        tie_word_embeddings=True, rms_norm_eps=1e-6,
+        arch="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
     ),
 }
 
@@ -34,7 +42,9 @@ def main() -> None:
     shape = dict(SHAPES[args.shape])
     shape.pop("arch")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
-    config = Qwen2Config(**shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config = Qwen2Config(
+        **shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
+    )
     torch.manual_seed(args.seed)
     with torch.device("cpu"):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)

@@ -21,36 +21,78 @@ import json
 import random
 from pathlib import Path
 
-WORDS = ("apple river stone cloud tiger piano lemon garden candle rocket window mirror forest "
-         "silver pencil button castle dragon jacket island ladder marble needle orange pepper "
-         "rabbit saddle tunnel violin wagon yellow zebra anchor bridge carpet desert engine "
-         "feather guitar hammer jungle kettle lantern meadow napkin ocean parrot quilt").split()
+WORDS = (
+    "apple river stone cloud tiger piano lemon garden candle rocket window mirror forest "
+    "silver pencil button castle dragon jacket island ladder marble needle orange pepper "
+    "rabbit saddle tunnel violin wagon yellow zebra anchor bridge carpet desert engine "
+    "feather guitar hammer jungle kettle lantern meadow napkin ocean parrot quilt"
+).split()
 
 FAMILIES: dict[str, list[str]] = {
-    "reverse": ["Reverse the order of these words: {w}", "Write these words backwards, last one first: {w}",
-                "Words: {w}. List them in reverse order.", "Give the words in opposite order: {w}",
-                "Flip the order of the list {w}", "Read this list from the end to the start: {w}"],
-    "sort": ["Sort these words alphabetically: {w}", "Put these words in alphabetical order: {w}",
-             "Words: {w}. Sort them from A to Z.", "Arrange alphabetically: {w}",
-             "Order the list {w} as a dictionary would", "Alphabetize the following words: {w}"],
-    "count": ["How many words are in this list? {w}", "Count the words: {w}",
-              "Words: {w}. How many are there?", "Give the number of words in: {w}",
-              "Tell me the length of the list {w}", "What is the word count of the following? {w}"],
-    "first_letters": ["Write the first letter of each word: {w}", "Give the initials of these words: {w}",
-                      "Words: {w}. Join their first letters.", "Take the first letter of every word in: {w}",
-                      "Spell the acronym formed by the list {w}", "Which letters start the following words? {w}"],
-    "last_word": ["What is the last word in this list? {w}", "Give the final word: {w}",
-                  "Words: {w}. Which one comes last?", "Name the word at the end of: {w}",
-                  "Tell me which word closes the list {w}", "Return only the final item of the following: {w}"],
-    "longest": ["Which word in this list is the longest? {w}", "Find the longest word: {w}",
-                "Words: {w}. Which has the most letters?", "Give the longest of these words: {w}",
-                "Tell me the word with the greatest length in the list {w}",
-                "Return the longest item of the following: {w}"],
-    "sum": ["Add up these numbers: {n}", "What is the sum of {n}?", "Numbers: {n}. What is their total?",
-            "Compute the total of: {n}", "Tell me what the list {n} adds up to", "Sum the following values: {n}"],
-    "max": ["Which number is the largest? {n}", "Find the maximum of: {n}", "Numbers: {n}. Which is biggest?",
-            "Give the greatest of these numbers: {n}", "Tell me the highest value in the list {n}",
-            "Return the largest item of the following: {n}"],
+    "reverse": [
+        "Reverse the order of these words: {w}",
+        "Write these words backwards, last one first: {w}",
+        "Words: {w}. List them in reverse order.",
+        "Give the words in opposite order: {w}",
+        "Flip the order of the list {w}",
+        "Read this list from the end to the start: {w}",
+    ],
+    "sort": [
+        "Sort these words alphabetically: {w}",
+        "Put these words in alphabetical order: {w}",
+        "Words: {w}. Sort them from A to Z.",
+        "Arrange alphabetically: {w}",
+        "Order the list {w} as a dictionary would",
+        "Alphabetize the following words: {w}",
+    ],
+    "count": [
+        "How many words are in this list? {w}",
+        "Count the words: {w}",
+        "Words: {w}. How many are there?",
+        "Give the number of words in: {w}",
+        "Tell me the length of the list {w}",
+        "What is the word count of the following? {w}",
+    ],
+    "first_letters": [
+        "Write the first letter of each word: {w}",
+        "Give the initials of these words: {w}",
+        "Words: {w}. Join their first letters.",
+        "Take the first letter of every word in: {w}",
+        "Spell the acronym formed by the list {w}",
+        "Which letters start the following words? {w}",
+    ],
+    "last_word": [
+        "What is the last word in this list? {w}",
+        "Give the final word: {w}",
+        "Words: {w}. Which one comes last?",
+        "Name the word at the end of: {w}",
+        "Tell me which word closes the list {w}",
+        "Return only the final item of the following: {w}",
+    ],
+    "longest": [
+        "Which word in this list is the longest? {w}",
+        "Find the longest word: {w}",
+        "Words: {w}. Which has the most letters?",
+        "Give the longest of these words: {w}",
+        "Tell me the word with the greatest length in the list {w}",
+        "Return the longest item of the following: {w}",
+    ],
+    "sum": [
+        "Add up these numbers: {n}",
+        "What is the sum of {n}?",
+        "Numbers: {n}. What is their total?",
+        "Compute the total of: {n}",
+        "Tell me what the list {n} adds up to",
+        "Sum the following values: {n}",
+    ],
+    "max": [
+        "Which number is the largest? {n}",
+        "Find the maximum of: {n}",
+        "Numbers: {n}. Which is biggest?",
+        "Give the greatest of these numbers: {n}",
+        "Tell me the highest value in the list {n}",
+        "Return the largest item of the following: {n}",
+    ],
 }
 TRAIN_PHRASINGS = 4
 
@@ -80,19 +122,28 @@ def _row(family: str, phrasing: str, rng: random.Random) -> dict:
             words = rng.sample(WORDS, rng.randint(3, 6))
     numbers = [rng.randint(1, 49) for _ in range(rng.randint(2, 4))]
     prompt = phrasing.format(w=" ".join(words), n=" ".join(map(str, numbers)))
-    return {"messages": [{"role": "user", "content": prompt},
-                         {"role": "assistant", "content": _answer(family, words, numbers)}], "task": family}
+    return {
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _answer(family, words, numbers)},
+        ],
+        "task": family,
+    }
 
 
-def make_splits(train_per_family: int = 120, validation_per_family: int = 20, test_per_family: int = 30,
-                seed: int = 7) -> dict[str, list[dict]]:
+def make_splits(
+    train_per_family: int = 120, validation_per_family: int = 20, test_per_family: int = 30, seed: int = 7
+) -> dict[str, list[dict]]:
     """{"train", "validation", "test"}: rows of {"messages", "task"}; test uses held-out phrasings."""
     rng = random.Random(seed)
     splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
     for family, phrasings in FAMILIES.items():
         seen, held_out = phrasings[:TRAIN_PHRASINGS], phrasings[TRAIN_PHRASINGS:]
-        for split, count, choices in (("train", train_per_family, seen), ("validation", validation_per_family, seen),
-                                      ("test", test_per_family, held_out)):
+        for split, count, choices in (
+            ("train", train_per_family, seen),
+            ("validation", validation_per_family, seen),
+            ("test", test_per_family, held_out),
+        ):
             splits[split] += [_row(family, rng.choice(choices), rng) for _ in range(count)]
     for rows in splits.values():
         rng.shuffle(rows)

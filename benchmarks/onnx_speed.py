@@ -22,17 +22,23 @@ from pathlib import Path
 
 import torch
 
-PROMPTS = ["What is the capital of Japan?", "Give the antonym of the word early.", "Write the number eight in digits.",
-           "Classify the sentiment of this review: The meal was superb.", "Tell me a short story about a lighthouse."]
+PROMPTS = [
+    "What is the capital of Japan?",
+    "Give the antonym of the word early.",
+    "Write the number eight in digits.",
+    "Classify the sentiment of this review: The meal was superb.",
+    "Tell me a short story about a lighthouse.",
+]
 
 
-def pytorch_side(export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: int, dynamic: bool,
-                 device: str = "cpu") -> list[tuple[float, float]]:
+def pytorch_side(
+    export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: int, dynamic: bool, device: str = "cpu"
+) -> list[tuple[float, float]]:
     from transformers import GenerationConfig
 
-    from hydra_edge.adapter import hydra_layers
     from hydra_edge.exporters.merge import cluster_gates, hydra_on_plain_base
     from hydra_edge.inference import prompt_ids
+    from hydra_edge.switches import fixed_gates
 
     model, tokenizer = hydra_on_plain_base(export_dir / "peft" / "base", adapter_dir)
     model.to(device)  # a CUDA export is compared with PyTorch on the same GPU
@@ -40,8 +46,6 @@ def pytorch_side(export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: in
     results = []
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
-        for name, layer in hydra_layers(model).items():  # dynamic exports keep the per-token router
-            layer.fixed_gates = None if dynamic else gates[cluster_of(messages)][name]
         ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
         timings = []
 
@@ -49,7 +53,7 @@ def pytorch_side(export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: in
             def __init__(self):
                 self.calls = 0
 
-            def put(self, value):
+            def put(self, value, timings=timings):
                 self.calls += 1
                 if self.calls == 2:  # the first call carries the prompt
                     timings.append(time.perf_counter())
@@ -57,12 +61,19 @@ def pytorch_side(export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: in
             def end(self):
                 pass
 
-        config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+        config = GenerationConfig(
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=None,
+        )
         start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                                 streamer=FirstToken())
+        # dynamic exports keep the per-token router; the others serve the cluster's mean gates
+        with torch.no_grad(), fixed_gates(model, None if dynamic else gates[cluster_of(messages)]):
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=FirstToken()
+            )
         end = time.perf_counter()
         produced = out.shape[1] - ids.shape[1]
         results.append((timings[0] - start, (produced - 1) / (end - timings[0])))
@@ -83,8 +94,11 @@ def onnx_side(export_dir: Path, new_tokens: int) -> list[tuple[float, float]]:
         model, tokenizer, hf_tokenizer, adapters = chat._model(cluster)
         ids = tokenizer.encode(render_chat(hf_tokenizer, messages, add_generation_prompt=True))
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=chat.max_length(cluster, len(ids) + new_tokens),
-                                  min_length=len(ids) + new_tokens, do_sample=False)
+        params.set_search_options(
+            max_length=chat.max_length(cluster, len(ids) + new_tokens),
+            min_length=len(ids) + new_tokens,
+            do_sample=False,
+        )
         start = time.perf_counter()
         generator = og.Generator(model, params)
         if adapters is not None:
@@ -128,8 +142,13 @@ def main() -> None:
     torch_runs = pytorch_side(args.export[0], args.adapter, routers[0].route, args.new_tokens, modes.pop(), device)
     rows = []
     for label, runs in {"PyTorch eager": torch_runs, **runs_by_label}.items():
-        rows.append({"runtime": label, "ttft_ms": 1000 * statistics.median(r[0] for r in runs),
-                     "decode_tokens_per_s": statistics.median(r[1] for r in runs)})
+        rows.append(
+            {
+                "runtime": label,
+                "ttft_ms": 1000 * statistics.median(r[0] for r in runs),
+                "decode_tokens_per_s": statistics.median(r[1] for r in runs),
+            }
+        )
     for row in rows:
         row["decode_speedup"] = row["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
     print(f"{args.new_tokens} new tokens x {len(PROMPTS)} prompts, torch threads {torch.get_num_threads()}")
@@ -137,8 +156,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['runtime']:<28} {r['ttft_ms']:>9.1f} {r['decode_tokens_per_s']:>13.1f} {r['decode_speedup']:>8.1f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows, "new_tokens": args.new_tokens,
-                                     "exports": [str(e) for e in args.export]}, indent=2) + "\n")
+    args.json.write_text(
+        json.dumps({"rows": rows, "new_tokens": args.new_tokens, "exports": [str(e) for e in args.export]}, indent=2)
+        + "\n"
+    )
     sys.exit(0)
 
 

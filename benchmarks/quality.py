@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heads_vs_lora import matched_rank  # noqa: E402
 from multitask_data import FAMILIES, write_splits  # noqa: E402
 
+from hydra_edge.adapter_config import AdapterConfig
+
 DEFAULT_LRS = {"tiny": [1e-3, 3e-3, 1e-2], "gemma3-270m": [2e-4, 5e-4, 1e-3]}
 VARIANTS = ("lora", "hydra", "uniform")
 
@@ -61,9 +63,9 @@ def trainable_params(adapter_dir: Path) -> int:
     """Parameters that trained: every adapter tensor, less a uniform router's (fixed at zero)."""
     from safetensors.torch import load_file
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = AdapterConfig.load(adapter_dir)
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    frozen = config.get("router") == "uniform"
+    frozen = config.router == "uniform"
     return sum(t.numel() for key, t in tensors.items() if not (frozen and key.endswith("hydra_router")))
 
 
@@ -94,7 +96,9 @@ def diagnose(adapter_dir: Path, rows: list[dict]) -> dict:
     trained = load_trained(adapter_dir)
     mixes: dict[str, list[list[float]]] = {}
     for row in rows:
-        mixes.setdefault(row["task"], []).append(prompt_gate_mix(trained.model, trained.tokenizer, row["messages"][:-1]))
+        mixes.setdefault(row["task"], []).append(
+            prompt_gate_mix(trained.model, trained.tokenizer, row["messages"][:-1])
+        )
     per_family = {family: torch.tensor(m).mean(0) for family, m in sorted(mixes.items())}  # each (N,)
     overall = torch.stack(list(per_family.values())).mean(0)  # (N,)
     spread = statistics.fmean(0.5 * float((mix - overall).abs().sum()) for mix in per_family.values())
@@ -103,8 +107,11 @@ def diagnose(adapter_dir: Path, rows: list[dict]) -> dict:
         if key.endswith(".hydra_B") and heads.shape[0] > 1:  # (N, out, r)
             flat = torch.nn.functional.normalize(heads.flatten(1).float(), dim=1)  # (N, out*r)
             similarities += [float(flat[i] @ flat[j]) for i, j in itertools.combinations(range(len(flat)), 2)]
-    return {"gate_mix": {family: [round(float(g), 3) for g in mix] for family, mix in per_family.items()},
-            "routing_spread": spread, "head_cosine": statistics.fmean(similarities) if similarities else None}
+    return {
+        "gate_mix": {family: [round(float(g), 3) for g in mix] for family, mix in per_family.items()},
+        "routing_spread": spread,
+        "head_cosine": statistics.fmean(similarities) if similarities else None,
+    }
 
 
 def main() -> None:
@@ -126,18 +133,44 @@ def main() -> None:
     work = args.work or Path("bench-out") / f"quality-{args.model}"
     data = write_splits(work / "data")
     test_rows = [json.loads(line) for line in data["test"].read_text().splitlines()]
-    common = ["--model", args.model, "--data", str(data["train"]), "--eval-data", str(data["validation"]),
-              "--max-steps", str(args.steps), "--save-every", "0", "--max-new-tokens", str(args.max_new_tokens),
-              *args.finetune_args.split()]
+    common = [
+        "--model",
+        args.model,
+        "--data",
+        str(data["train"]),
+        "--eval-data",
+        str(data["validation"]),
+        "--max-steps",
+        str(args.steps),
+        "--save-every",
+        "0",
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        *args.finetune_args.split(),
+    ]
     alpha_per_rank = 4.0  # alpha / r, the same scaling for every variant
 
     # HydraLoRA at the first seed and the middle learning rate fixes N and the parameter budget.
     # It trains exactly as the hydra variant's sweep point there, and is reused as that point.
     probe_lr = lrs[len(lrs) // 2]
     probe = work / f"hydra-lr{probe_lr:g}-seed{args.seeds[0]}"
-    finetune(probe, [*common, "--heads", "auto", "--rank", str(args.rank), "--alpha", f"{alpha_per_rank * args.rank:g}",
-                     "--lr", f"{probe_lr:g}", "--seed", str(args.seeds[0])])
-    heads = json.loads((probe / "adapter_config.json").read_text())["heads"]
+    finetune(
+        probe,
+        [
+            *common,
+            "--heads",
+            "auto",
+            "--rank",
+            str(args.rank),
+            "--alpha",
+            f"{alpha_per_rank * args.rank:g}",
+            "--lr",
+            f"{probe_lr:g}",
+            "--seed",
+            str(args.seeds[0]),
+        ],
+    )
+    heads = AdapterConfig.load(probe).heads
     lora_rank, _ = matched_rank(probe)
     shape = {
         "hydra": ["--heads", "auto", "--rank", str(args.rank)],
@@ -166,10 +199,14 @@ def main() -> None:
         diagnostics = None
         if variant != "lora":
             diagnostics = diagnose(work / f"{variant}-lr{best_lr:g}-seed{args.seeds[0]}", test_rows)
-        results[variant] = {"diagnostics": diagnostics,
-            "lr": best_lr, "validation_sweep": {f"{lr:g}": v[0] for lr, v in sweep.items()},
+        results[variant] = {
+            "diagnostics": diagnostics,
+            "lr": best_lr,
+            "validation_sweep": {f"{lr:g}": v[0] for lr, v in sweep.items()},
             "trainable_params": trainable_params(work / f"{variant}-lr{best_lr:g}-seed{args.seeds[0]}"),
-            "per_seed": per_seed, "heads": 1 if variant == "lora" else heads, "rank": rank,
+            "per_seed": per_seed,
+            "heads": 1 if variant == "lora" else heads,
+            "rank": rank,
         }
 
     budget = results.get("hydra", next(iter(results.values())))["trainable_params"]
@@ -181,7 +218,10 @@ def main() -> None:
 
 def _print_and_save(args, results: dict) -> None:
     columns = [*FAMILIES, "all"]
-    print(f"\nmodel {args.model}, {args.steps} steps, seeds {args.seeds}; test exact-match %, mean (spread = stdev over seeds)")
+    print(
+        f"\nmodel {args.model}, {args.steps} steps, seeds {args.seeds}; test exact-match %, mean (spread = "
+        "stdev over seeds)"
+    )
     print(f"{'variant':<8} {'heads':>5} {'r':>3} {'params':>9} {'lr':>7} " + " ".join(f"{c[:9]:>12}" for c in columns))
     for variant, result in results.items():
         cells = []
@@ -191,18 +231,23 @@ def _print_and_save(args, results: dict) -> None:
             result.setdefault("mean", {})[column] = statistics.fmean(values)
             result.setdefault("spread", {})[column] = spread
             cells.append(f"{statistics.fmean(values):6.1f}±{spread:<4.1f}")
-        print(f"{variant:<8} {result['heads']:>5} {result['rank']:>3} {result['trainable_params']:>9,} "
-              f"{result['lr']:>7g} " + " ".join(f"{c:>12}" for c in cells))
+        print(
+            f"{variant:<8} {result['heads']:>5} {result['rank']:>3} {result['trainable_params']:>9,} "
+            f"{result['lr']:>7g} " + " ".join(f"{c:>12}" for c in cells)
+        )
     for variant, result in results.items():
         if result.get("diagnostics"):
             d = result["diagnostics"]
-            print(f"{variant}: routing spread {d['routing_spread']:.3f} (0 = the same head mix for every family), "
-                  f"head cosine {d['head_cosine']:.3f}; mean gate per family (test prompts):")
+            print(
+                f"{variant}: routing spread {d['routing_spread']:.3f} (0 = the same head mix for every family), "
+                f"head cosine {d['head_cosine']:.3f}; mean gate per family (test prompts):"
+            )
             for family, mix in d["gate_mix"].items():
                 print(f"    {family:<14} " + " ".join(f"{g:.2f}" for g in mix))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"model": args.model, "steps": args.steps, "seeds": args.seeds,
-                                     "results": results}, indent=2) + "\n")
+    args.json.write_text(
+        json.dumps({"model": args.model, "steps": args.steps, "seeds": args.seeds, "results": results}, indent=2) + "\n"
+    )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,8 +257,14 @@ def _print_and_save(args, results: dict) -> None:
     width = 0.8 / len(results)
     for i, (variant, result) in enumerate(results.items()):
         xs = [j + i * width for j in range(len(columns))]
-        ax.bar(xs, [result["mean"][c] for c in columns], width, yerr=[result["spread"][c] for c in columns],
-               label=f"{variant} (lr {result['lr']:g})", capsize=2)
+        ax.bar(
+            xs,
+            [result["mean"][c] for c in columns],
+            width,
+            yerr=[result["spread"][c] for c in columns],
+            label=f"{variant} (lr {result['lr']:g})",
+            capsize=2,
+        )
     ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(columns))], columns, rotation=20)
     ax.set_ylabel("test exact-match %")
     ax.set_title(f"{args.model}: {args.steps} steps, seeds {args.seeds}, matched parameters")

@@ -55,7 +55,8 @@ def main() -> None:
     s = summarise(args.out_dir)
     label = args.label or args.out_dir.name
     print(
-        f"{label}: {s['steps']} steps, step {s['median_step_time_s'] * 1000:.0f} ms, {s['median_tokens_per_s']:.0f} tokens/s, "
+        f"{label}: {s['steps']} steps, step {s['median_step_time_s'] * 1000:.0f} ms, "
+        f"{s['median_tokens_per_s']:.0f} tokens/s, "
         f"peak GPU memory {s['peak_gpu_mem_gb']:.2f} GiB, loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}"
     )
     if args.json:

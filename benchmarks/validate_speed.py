@@ -21,8 +21,13 @@ def make_row(i: int, fmt: str) -> dict:
     question = f"Question number {i}: what is {i % 97} plus {i % 13}? Please answer briefly and explain."
     answer = f"The answer is {i % 97 + i % 13}."
     return {
-        "messages": {"messages": [{"role": "system", "content": "You are helpful."},
-                                  {"role": "user", "content": question}, {"role": "assistant", "content": answer}]},
+        "messages": {
+            "messages": [
+                {"role": "system", "content": "You are helpful."},
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+        },
         "alpaca": {"instruction": question, "input": "", "output": answer},
         "sharegpt": {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]},
     }[fmt]
@@ -47,11 +52,20 @@ def main() -> None:
         loaded = load_records([str(path)], "auto", skip_invalid=True)
         times.append(time.perf_counter() - start)
     best = min(times)
-    result = {"rows": args.rows, "format": args.format, "file_mb": round(size_mb, 1), "valid": len(loaded.records),
-              "invalid": len(loaded.problems), "best_s": round(best, 3), "rows_per_s": round(args.rows / best)}
+    result = {
+        "rows": args.rows,
+        "format": args.format,
+        "file_mb": round(size_mb, 1),
+        "valid": len(loaded.records),
+        "invalid": len(loaded.problems),
+        "best_s": round(best, 3),
+        "rows_per_s": round(args.rows / best),
+    }
     print(f"{'rows':>8} {'format':>9} {'MB':>6} {'valid':>7} {'invalid':>7} {'best s':>7} {'rows/s':>9}")
-    print(f"{result['rows']:>8} {result['format']:>9} {result['file_mb']:>6} {result['valid']:>7} "
-          f"{result['invalid']:>7} {result['best_s']:>7} {result['rows_per_s']:>9}")
+    print(
+        f"{result['rows']:>8} {result['format']:>9} {result['file_mb']:>6} {result['valid']:>7} "
+        f"{result['invalid']:>7} {result['best_s']:>7} {result['rows_per_s']:>9}"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     path.unlink()

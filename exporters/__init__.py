@@ -1,4 +1,5 @@
-"""ONNX export and the ONNX chat engine (installed as `hydra_edge.exporters`).
+"""ONNX export and the ONNX engine (installed as `hydra_edge.exporters`).
 
-Not built yet: the export pipeline is tracked as its own issue. Imports hydra_edge, never ui.
+`hydra-edge export` builds an export folder (onnx_export.py); `OnnxChat` serves one through the
+core's engine interface (hydra_edge/engines.py). Imports hydra_edge, never ui.
 """

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hydra_edge.adapter import hydra_layers, read_adapter_config, read_adapter_weights
+from hydra_edge.adapter import read_adapter_weights
+from hydra_edge.adapter_config import AdapterConfig
 from hydra_edge.files import save_tensors
 from hydra_edge.gates import load_cluster_gates
 from hydra_edge.quant import dequantized_weight, is_linear4bit
@@ -25,9 +26,9 @@ from hydra_edge.quant import dequantized_weight, is_linear4bit
 
 def cluster_gates(adapter_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
     """{cluster: {module: ḡ (N,)}} from cluster_gates.safetensors, checked against the adapter."""
-    config = read_adapter_config(adapter_dir)
+    config = AdapterConfig.load(adapter_dir)
     per_cluster: dict[int, dict[str, torch.Tensor]] = {}
-    gates_file = load_cluster_gates(adapter_dir, config["target_modules"], config["heads"], config["heads"])
+    gates_file = load_cluster_gates(adapter_dir, config.target_modules, config.heads, config.heads)
     for key, gates in gates_file.items():
         _, cluster, module = key.split(".", 2)  # "cluster.<c>.<module>"
         per_cluster.setdefault(int(cluster), {})[module] = gates.float()
@@ -69,36 +70,46 @@ def dequantize_in_place(model: nn.Module) -> nn.Module:
     return model.float()
 
 
-def save_plain_base(adapter_config: dict, out_dir: Path) -> Path:
+def save_plain_base(adapter_config: AdapterConfig, out_dir: Path) -> Path:
     """Writes the base the adapter was trained against, dequantized to float32, as an HF folder."""
     from hydra_edge.models import load_base
 
-    base = load_base(adapter_config["base_model"], quant=adapter_config["quantization"], device="cpu",
-                     dtype=adapter_config.get("dtype", "bf16"))
+    base = load_base(
+        adapter_config.base_model,
+        quant=adapter_config.quantization,
+        device="cpu",
+        dtype=adapter_config.dtype,
+    )
     dequantize_in_place(base.model)
     base.model.save_pretrained(out_dir)
     base.tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
-def hydra_on_plain_base(plain_dir: Path, adapter_dir: Path, gates: dict[str, torch.Tensor] | None = None):
-    """(model, tokenizer): the float32 plain base with the HydraLoRA adapter; with `gates`
-    ({module: ḡ}) every layer uses those fixed gates, i.e. one cluster's merged computation."""
+def hydra_on_plain_base(plain_dir: Path, adapter_dir: Path):
+    """(model, tokenizer): the float32 plain base with the HydraLoRA adapter, routing per token;
+    inside `switches.fixed_gates(model, ḡ_c)` it computes cluster c's merged model."""
     from hydra_edge.adapter import inject_hydra_lora, load_adapter_state_dict
     from hydra_edge.models import load_base
 
-    config = read_adapter_config(adapter_dir)
+    config = AdapterConfig.load(adapter_dir)
     base = load_base(str(plain_dir), quant="none", device="cpu", dtype="fp32")
-    inject_hydra_lora(base.model, config["target_modules"], config["r"], config["alpha"], config["heads"], 0.0,
-                      source=str(Path(adapter_dir) / "adapter_config.json"))
+    inject_hydra_lora(
+        base.model,
+        config.target_modules,
+        config.r,
+        config.alpha,
+        config.heads,
+        0.0,
+        source=str(Path(adapter_dir) / "adapter_config.json"),
+    )
     load_adapter_state_dict(base.model, read_adapter_weights(adapter_dir), str(adapter_dir))
-    if gates is not None:
-        for name, layer in hydra_layers(base.model).items():
-            layer.fixed_gates = gates[name]
     return base.model.eval(), base.tokenizer
 
 
-def fold_cluster_into_base(model: nn.Module, heads: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
+def fold_cluster_into_base(
+    model: nn.Module, heads: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float
+) -> None:
     """W <- W + scaling · B̄_c · A for every adapted module of a float32 plain base (merged mode)."""
     with torch.no_grad():
         for module, (a, b) in heads.items():
@@ -106,8 +117,9 @@ def fold_cluster_into_base(model: nn.Module, heads: dict[str, tuple[torch.Tensor
             layer.weight += scaling * (b @ a)  # (out, r) @ (r, in) -> (out, in)
 
 
-def write_peft_adapter(out_dir: Path, base_reference: str, r: int, alpha: float,
-                       heads: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+def write_peft_adapter(
+    out_dir: Path, base_reference: str, r: int, alpha: float, heads: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> Path:
     """One cluster as a PEFT LoRA folder (A and B̄_c; PEFT applies the alpha/r scaling)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -116,22 +128,31 @@ def write_peft_adapter(out_dir: Path, base_reference: str, r: int, alpha: float,
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
     save_tensors(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_reference,
-        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "target_modules": sorted(heads), "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_reference,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": sorted(heads),
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
         "inference_mode": True,
     }
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
-def check_exportable(adapter_dir: Path) -> dict:
+def check_exportable(adapter_dir: Path) -> AdapterConfig:
     """The adapter's config, once every file an export reads is known to be sound: the config
     and weights, the router (an export must not ship one that cannot route) and the gates."""
     from hydra_edge.clustering import load_clusters
 
-    config = read_adapter_config(adapter_dir)
+    config = AdapterConfig.load(adapter_dir)
     read_adapter_weights(adapter_dir)
-    load_clusters(adapter_dir, expected_k=config["heads"])
+    load_clusters(adapter_dir, expected_k=config.heads)
     cluster_gates(adapter_dir)
     return config

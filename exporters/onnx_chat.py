@@ -1,22 +1,26 @@
 """Serving an export: route the request, pick that cluster's model (or adapter), stream tokens.
 
-`OnnxChat` is the `onnx` engine behind `hydra-edge chat --onnx` and `eval --onnx` (found
-through the `hydra_edge.engines` entry point, so hydra_edge/ never imports this module).
+`OnnxChat` is the `onnx` engine (hydra_edge.engines.Engine) behind `hydra-edge chat --onnx`,
+`eval --onnx` and the web UI's chat, found through the `hydra_edge.engines` entry point, so
+hydra_edge/ never imports this module.
 """
 
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
-from hydra_edge.data import render_chat
+from hydra_edge.data import render_chat, routing_text
+from hydra_edge.errors import UserError
+from hydra_edge.evaluate import rowwise_token_losses
 from hydra_edge.exporters.onnx_export import open_decoder, run_decoder, verify_export
-from hydra_edge.exporters.router import RequestRouter
+from hydra_edge.request_router import RequestRouter
 
 
 class OnnxChat:
     """Loads each cluster's ONNX model on first use (onnxruntime-genai)."""
+
+    backend = "onnx"
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -65,11 +69,28 @@ class OnnxChat:
         return stops | {self.tokenizer(cluster).eos_token_id}
 
     def route(self, messages: list[dict]) -> int:
-        prompt = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
-        return self.route_text(prompt)
+        return int(self.router.route([routing_text(messages)])[0])
 
-    def route_text(self, text: str) -> int:
-        return int(self.router.route([text])[0])
+    def describe(self) -> str:
+        m = self.manifest
+        return f"ONNX export ({m['mode']}, {m['precision']}), {len(m['clusters'])} clusters"
+
+    def gate_mix(self, messages: list[dict]) -> None:
+        return None  # the export's gates are per cluster (or inside the dynamic graph)
+
+    def base_only(self):
+        raise UserError("comparing with the base model needs a PyTorch adapter (a finished run), not an ONNX export")
+
+    def token_losses(self, samples: list, clusters: list[int], progress=None) -> list[tuple[float, int]]:
+        return rowwise_token_losses(self, samples, clusters, progress)
+
+    def greedy_answers(self, conversations, clusters, max_new_tokens: int, progress=None) -> list[str]:
+        answers = []
+        for conversation in conversations:
+            answers.append(self.answer(conversation, max_new_tokens=max_new_tokens)[1])
+            if progress is not None:
+                progress.update(1, 0)
+        return answers
 
     def tokenizer(self, cluster: int):
         """The Hugging Face tokenizer (and chat template) of the model serving this cluster."""
@@ -90,11 +111,19 @@ class OnnxChat:
 
             adapter = ort.AdapterFormat.read_adapter(str(self.folder / "adapters" / f"cluster_{cluster}.onnx_adapter"))
             # copy: the arrays would otherwise point into the adapter object's memory
-            self._adapter_feeds[cluster] = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
+            self._adapter_feeds[cluster] = {
+                k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()
+            }
         return self._adapter_feeds[cluster]
 
-    def answer(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, on_text=None) -> tuple[int, str]:
+    def answer(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        on_text=None,
+    ) -> tuple[int, str]:
         """(cluster, answer); on_text(piece) is called as tokens arrive."""
         import onnxruntime_genai as og
 
@@ -102,7 +131,9 @@ class OnnxChat:
         model, tokenizer, hf_tokenizer, adapters = self._model(cluster)
         ids = tokenizer.encode(render_chat(hf_tokenizer, messages, add_generation_prompt=True))
         params = og.GeneratorParams(model)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        )
         params.set_search_options(max_length=self.max_length(cluster, len(ids) + max_new_tokens), **sampling)
         generator = og.Generator(model, params)
         if adapters is not None:

@@ -39,14 +39,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hydra_edge.adapter import hydra_layers
+from hydra_edge.adapter_config import AdapterConfig
 from hydra_edge.config import run_data_files
 from hydra_edge.errors import UserError
-from hydra_edge.files import disk_errors, ensure_writable_dir, sha256_of
 from hydra_edge.exporters.merge import (
-    check_exportable, cluster_gates, fold_cluster_into_base, hydra_on_plain_base, merged_heads, save_plain_base,
+    check_exportable,
+    cluster_gates,
+    fold_cluster_into_base,
+    hydra_on_plain_base,
+    merged_heads,
+    save_plain_base,
     write_peft_adapter,
 )
+from hydra_edge.files import disk_errors, ensure_writable_dir, sha256_of
+from hydra_edge.switches import fixed_gates
 
 MANIFEST = "export_manifest.json"
 MODES = ("adapters", "merged", "dynamic")
@@ -103,12 +109,32 @@ def lora_node_names(modules) -> list[str]:
     return names
 
 
-def build_onnx(hf_dir: Path, out_dir: Path, precision: str, device: str, cache_dir: Path,
-               adapter_path: Path | None = None, keep_float: list[str] | None = None) -> None:
+def build_onnx(
+    hf_dir: Path,
+    out_dir: Path,
+    precision: str,
+    device: str,
+    cache_dir: Path,
+    adapter_path: Path | None = None,
+    keep_float: list[str] | None = None,
+) -> None:
     """Runs onnxruntime-genai's model builder (through genai_builder.py) on an HF folder (with a PEFT
     LoRA: LoRA branches)."""
-    cmd = [sys.executable, "-m", "hydra_edge.exporters.genai_builder", "-i", str(hf_dir), "-o", str(out_dir),
-           "-p", precision, "-e", device, "-c", str(cache_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hydra_edge.exporters.genai_builder",
+        "-i",
+        str(hf_dir),
+        "-o",
+        str(out_dir),
+        "-p",
+        precision,
+        "-e",
+        device,
+        "-c",
+        str(cache_dir),
+    ]
     extra = [f"adapter_path={adapter_path}"] if adapter_path is not None else []
     if keep_float:
         extra.append("nodes_to_exclude=" + ",".join(keep_float))
@@ -142,7 +168,9 @@ def check_onnx_model(model_dir: Path) -> None:
     try:
         onnx.checker.check_model(str(probe))
     except onnx.checker.ValidationError as exc:
-        raise UserError(f"export: onnx.checker rejects {model_dir.name}/model.onnx ({str(exc).splitlines()[0]})") from exc
+        raise UserError(
+            f"export: onnx.checker rejects {model_dir.name}/model.onnx ({str(exc).splitlines()[0]})"
+        ) from exc
     finally:
         probe.unlink()
 
@@ -170,18 +198,24 @@ def check_runtime(device: str) -> None:
         except PackageNotFoundError:
             pass
     if len(installed) > 1:  # both install the same `onnxruntime` package and overwrite each other
-        raise UserError(f"--device {device}: both {' and '.join(installed)} are installed; uninstall both, then "
-                        "install one extra: pip install 'hydra-edge[export]' (CPU) or 'hydra-edge[export-cuda]'")
+        raise UserError(
+            f"--device {device}: both {' and '.join(installed)} are installed; uninstall both, then "
+            "install one extra: pip install 'hydra-edge[export]' (CPU) or 'hydra-edge[export-cuda]'"
+        )
     if PROVIDERS[device] not in ort.get_available_providers():
-        raise UserError(f"--device {device}: this onnxruntime offers {', '.join(ort.get_available_providers())}; "
-                        "a CUDA export is built and validated on an NVIDIA GPU with pip install 'hydra-edge[export-cuda]'")
+        raise UserError(
+            f"--device {device}: this onnxruntime offers {', '.join(ort.get_available_providers())}; "
+            "a CUDA export is built and validated on an NVIDIA GPU with pip install 'hydra-edge[export-cuda]'"
+        )
 
 
 def run_decoder(session, decoder: dict, input_ids: list[int], extra_feeds: dict | None = None) -> np.ndarray:
     """Full-sequence logits with an empty KV cache. (T, vocab)
     extra_feeds: graph inputs to override (an adapter's LoRA weights)."""
-    feeds = {"input_ids": np.array([input_ids], dtype=np.int64),
-             "attention_mask": np.ones((1, len(input_ids)), dtype=np.int64)}
+    feeds = {
+        "input_ids": np.array([input_ids], dtype=np.int64),
+        "attention_mask": np.ones((1, len(input_ids)), dtype=np.int64),
+    }
     # An empty cache, (B, kv_heads, capacity, head_size). A sliding-window layer (Gemma 3's local
     # ones) reads a fixed buffer of at least the window, of which the attention mask says none is
     # filled; the others take an empty one and grow it (a fixed buffer there would have to hold
@@ -192,7 +226,9 @@ def run_decoder(session, decoder: dict, input_ids: list[int], extra_feeds: dict 
             sliding = "layers" not in window or int(spec.name.split(".")[1]) in window["layers"]
             capacity = window.get("window_size", 0) if sliding else 0
             dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
-            feeds[spec.name] = np.zeros((1, decoder["num_key_value_heads"], capacity, decoder["head_size"]), dtype=dtype)
+            feeds[spec.name] = np.zeros(
+                (1, decoder["num_key_value_heads"], capacity, decoder["head_size"]), dtype=dtype
+            )
         elif spec.name == "position_ids":  # graphs without GroupQueryAttention take positions explicitly
             feeds[spec.name] = np.arange(len(input_ids), dtype=np.int64)[None]
     feeds.update(extra_feeds or {})
@@ -200,22 +236,27 @@ def run_decoder(session, decoder: dict, input_ids: list[int], extra_feeds: dict 
         return session.run(["logits"], feeds)[0][0].astype(np.float32)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no public base class
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"export: onnxruntime could not run the built model ({first_line[:300]}); "
-                        "this architecture may not be supported by the installed onnxruntime") from exc
+        raise UserError(
+            f"export: onnxruntime could not run the built model ({first_line[:300]}); "
+            "this architecture may not be supported by the installed onnxruntime"
+        ) from exc
 
 
-def onnx_logits(model_dir: Path, input_ids: list[int], extra_feeds: dict | None = None, device: str = "cpu") -> np.ndarray:
+def onnx_logits(
+    model_dir: Path, input_ids: list[int], extra_feeds: dict | None = None, device: str = "cpu"
+) -> np.ndarray:
     return run_decoder(*open_decoder(model_dir, device), input_ids, extra_feeds)
 
 
 def validation_prompts(adapter_dir: Path, count: int = VALIDATION_PROMPTS) -> list[list[dict]]:
     """Fixed conversations: the training run's held-out rows when it had any, else generic prompts."""
     from hydra_edge.data import read_records
-
     from hydra_edge.files import read_json_object
 
     config_file = adapter_dir / "run_config.json"
-    run_config = read_json_object(config_file, "the run's settings are damaged; retrain") if config_file.is_file() else {}
+    run_config = (
+        read_json_object(config_file, "the run's settings are damaged; retrain") if config_file.is_file() else {}
+    )
     model, data, eval_file = run_config.get("model"), run_config.get("data"), run_config.get("eval_data")
     if isinstance(model, str) and isinstance(data, list) and (eval_file is None or isinstance(eval_file, str)):
         eval_file = run_data_files(model, data, eval_file)[1]  # a preset's demo rows when it trained on them
@@ -223,12 +264,25 @@ def validation_prompts(adapter_dir: Path, count: int = VALIDATION_PROMPTS) -> li
         records = [r for r in read_records(eval_file) if r.messages][:count]
         if records:
             return [r.messages for r in records]  # whole conversations: answer positions are checked too
-    return [[{"role": "user", "content": text}] for text in
-            ("Hello! Who are you?", "Summarise: the cat sat on the mat.", "What is 2 + 2?", "Translate 'good morning'.")][:count]
+    return [
+        [{"role": "user", "content": text}]
+        for text in (
+            "Hello! Who are you?",
+            "Summarise: the cat sat on the mat.",
+            "What is 2 + 2?",
+            "Translate 'good morning'.",
+        )
+    ][:count]
 
 
-def export(adapter_dir: str | Path, out_dir: str | Path, mode: str = "adapters", precision: str = "fp32",
-           device: str = "cpu", log=print) -> dict:
+def export(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    mode: str = "adapters",
+    precision: str = "fp32",
+    device: str = "cpu",
+    log=print,
+) -> dict:
     """Builds, validates and writes the export; returns the manifest."""
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -247,12 +301,13 @@ def export(adapter_dir: str | Path, out_dir: str | Path, mode: str = "adapters",
         return _build_validate_and_write(adapter_dir, out_dir, mode, precision, device, config, log)
 
 
-def _build_validate_and_write(adapter_dir: Path, out_dir: Path, mode: str, precision: str, device: str,
-                              config: dict, log) -> dict:
+def _build_validate_and_write(
+    adapter_dir: Path, out_dir: Path, mode: str, precision: str, device: str, config: AdapterConfig, log
+) -> dict:
     """Everything export() writes, in a temporary folder renamed into place at the end."""
     from hydra_edge.inference import prompt_ids
 
-    scaling = config["alpha"] / config["r"]
+    scaling = config.scaling
     heads_by_cluster = merged_heads(adapter_dir)
     gates_by_cluster = cluster_gates(adapter_dir)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
@@ -273,13 +328,11 @@ def _build_validate_and_write(adapter_dir: Path, out_dir: Path, mode: str, preci
             check_onnx_model(model_dir)
         validation = {}
         for target, gates in targets:
-            for name, layer in hydra_layers(reference).items():
-                layer.fixed_gates = None if gates is None else gates[name]
             model_dir = work / "models" / {"adapters": "base", "dynamic": "dynamic"}.get(mode, f"cluster_{target}")
             got, expected = [], []
             for messages in prompts:
                 ids = prompt_ids(tokenizer, messages)
-                with torch.no_grad():
+                with torch.no_grad(), fixed_gates(reference, gates):
                     expected.append(reference(input_ids=torch.tensor([ids])).logits[0].float().numpy())
                 got.append(onnx_logits(model_dir, ids, feeds_by_cluster.get(target), device))
             check = compare_logits(np.concatenate(got), np.concatenate(expected))
@@ -290,19 +343,27 @@ def _build_validate_and_write(adapter_dir: Path, out_dir: Path, mode: str, preci
                 raise UserError(f"export: validation failed for {name}: {problem}; nothing was written to {out_dir}")
             log(f"export: {name} validated ({describe_check(check, precision)})")
         for cluster, heads in heads_by_cluster.items():
-            write_peft_adapter(work / "peft" / f"cluster_{cluster}", "../base", config["r"], config["alpha"], heads)
+            write_peft_adapter(work / "peft" / f"cluster_{cluster}", "../base", config.r, config.alpha, heads)
         shutil.rmtree(work / "tmp")
         (work / "router").mkdir()
         for name in ("clusters.json", "clusters.safetensors"):
             shutil.copy2(adapter_dir / name, work / "router" / name)
         manifest = {
-            "format_version": 1, "mode": mode, "precision": precision, "device": device,
+            "format_version": 1,
+            "mode": mode,
+            "precision": precision,
+            "device": device,
             "adapter": str(adapter_dir.resolve()),
-            "base": {"model": config["base_model"], "fingerprint": config["base_fingerprint"],
-                     "weights": f"dequantized {config['quantization']}" if config["quantization"] != "none" else "as trained"},
-            "clusters": sorted(int(c) for c in heads_by_cluster), "heads": config["heads"], "r": config["r"],
-            "alpha": config["alpha"], "validation": {"criteria": describe_criteria(precision), "checks": validation,
-                                                     "onnx_checker": "passed"},
+            "base": {
+                "model": config.base_model,
+                "fingerprint": config.base_fingerprint,
+                "weights": f"dequantized {config.quantization}" if config.quantization != "none" else "as trained",
+            },
+            "clusters": sorted(int(c) for c in heads_by_cluster),
+            "heads": config.heads,
+            "r": config.r,
+            "alpha": config.alpha,
+            "validation": {"criteria": describe_criteria(precision), "checks": validation, "onnx_checker": "passed"},
         }
         manifest["files"] = {str(p.relative_to(work)): sha256_of(p) for p in sorted(work.rglob("*")) if p.is_file()}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -351,33 +412,43 @@ def validation_problem(check: dict, precision: str) -> str | None:
         positions = check.get("positions", check["decisive_positions"])
         if check["decisive_positions"] < MIN_DECISIVE_SHARE * positions:
             if check["top1_agreement"] < MIN_OVERALL_AGREEMENT[precision]:
-                return (f"only {check['decisive_positions']} of {positions} positions are decisive, and next-token "
-                        f"agreement with PyTorch over all of them is {check['top1_agreement']:.3f} < "
-                        f"{MIN_OVERALL_AGREEMENT[precision]}: {precision} changes this model's choices; "
-                        "export fp32" + (" or fp16" if precision == "int4" else ""))
+                return (
+                    f"only {check['decisive_positions']} of {positions} positions are decisive, and next-token "
+                    f"agreement with PyTorch over all of them is {check['top1_agreement']:.3f} < "
+                    f"{MIN_OVERALL_AGREEMENT[precision]}: {precision} changes this model's choices; "
+                    "export fp32" + (" or fp16" if precision == "int4" else "")
+                )
         elif check["decisive_agreement"] < min_agreement:
-            return (f"next-token agreement with PyTorch where its choice is decisive "
-                    f"{check['decisive_agreement']:.3f} < {min_agreement} ({check['decisive_positions']} positions)")
+            return (
+                f"next-token agreement with PyTorch where its choice is decisive "
+                f"{check['decisive_agreement']:.3f} < {min_agreement} ({check['decisive_positions']} positions)"
+            )
         return None
     if check["max_abs_logit_diff"] > TOLERANCE[precision]:
-        return (f"max |ONNX - PyTorch| logit difference {check['max_abs_logit_diff']:.3g} > tolerance "
-                f"{TOLERANCE[precision]:g}")
+        return (
+            f"max |ONNX - PyTorch| logit difference {check['max_abs_logit_diff']:.3g} > tolerance "
+            f"{TOLERANCE[precision]:g}"
+        )
     return None
 
 
 def describe_criteria(precision: str) -> str:
     if precision in ("int4", "fp16"):
         min_agreement, max_error = _rounded_limits(precision)
-        return (f"next-token agreement >= {min_agreement} where PyTorch's top-1 leads by > "
-                f"{DECISIVE_SIGMAS:g} sigma of the error (>= {MIN_OVERALL_AGREEMENT[precision]} over all positions "
-                f"when under {MIN_DECISIVE_SHARE:.0%} are decisive), mean |diff| / std(logits) <= {max_error}")
+        return (
+            f"next-token agreement >= {min_agreement} where PyTorch's top-1 leads by > "
+            f"{DECISIVE_SIGMAS:g} sigma of the error (>= {MIN_OVERALL_AGREEMENT[precision]} over all positions "
+            f"when under {MIN_DECISIVE_SHARE:.0%} are decisive), mean |diff| / std(logits) <= {max_error}"
+        )
     return f"max |logit diff| <= {TOLERANCE[precision]:g}"
 
 
 def describe_check(check: dict, precision: str) -> str:
     if precision in ("int4", "fp16"):
-        return (f"next-token agreement {check['decisive_agreement']:.3f} on {check['decisive_positions']} decisive "
-                f"positions ({check['top1_agreement']:.3f} on all), relative error {check['relative_error']:.3f}")
+        return (
+            f"next-token agreement {check['decisive_agreement']:.3f} on {check['decisive_positions']} decisive "
+            f"positions ({check['top1_agreement']:.3f} on all), relative error {check['relative_error']:.3f}"
+        )
     return f"max |logit diff| {check['max_abs_logit_diff']:.2e} <= {TOLERANCE[precision]:g}"
 
 
@@ -387,7 +458,9 @@ def _build_merged(work: Path, plain: Path, heads_by_cluster, scaling, precision,
         log(f"export: cluster {cluster}: folding B̄_c·A into the base and building ONNX ({precision}, {device})")
         folded_dir = work / "tmp" / f"folded_{cluster}"
         _fold(plain, heads, scaling).save_pretrained(folded_dir)
-        shutil.copytree(plain, folded_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+        shutil.copytree(
+            plain, folded_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json")
+        )
         build_onnx(folded_dir, work / "models" / f"cluster_{cluster}", precision, device, work / "tmp" / "cache")
     return {}
 
@@ -405,8 +478,15 @@ def _build_adapters(work: Path, plain: Path, heads_by_cluster, scaling, precisio
     rank = next(iter(heads_by_cluster[first].values()))[0].shape[0]
     template = write_peft_adapter(work / "tmp" / "template", str(plain), rank, float(rank), heads_by_cluster[first])
     model_dir = work / "models" / "base"
-    build_onnx(plain, model_dir, precision, device, work / "tmp" / "cache", adapter_path=template,
-               keep_float=lora_node_names(heads_by_cluster[first]) if precision == "int4" else None)
+    build_onnx(
+        plain,
+        model_dir,
+        precision,
+        device,
+        work / "tmp" / "cache",
+        adapter_path=template,
+        keep_float=lora_node_names(heads_by_cluster[first]) if precision == "int4" else None,
+    )
     lora_dtypes = _lora_initializers_to_inputs(model_dir)
     (work / "adapters").mkdir()
     feeds_by_cluster = {}
@@ -417,7 +497,9 @@ def _build_adapters(work: Path, plain: Path, heads_by_cluster, scaling, precisio
             params[f"{module}.lora_B.MatMul.weight"] = np.ascontiguousarray((scaling * b).numpy().T)  # (r, out)
         missing = set(lora_dtypes) ^ set(params)
         if missing:
-            raise UserError(f"export: the builder's LoRA weights do not match the adapter's modules ({sorted(missing)[:2]})")
+            raise UserError(
+                f"export: the builder's LoRA weights do not match the adapter's modules ({sorted(missing)[:2]})"
+            )
         params = {k: v.astype(lora_dtypes[k]) for k, v in params.items()}  # float16 in an fp16 export
         adapter = ort.AdapterFormat()
         adapter.set_adapter_version(1)
@@ -428,7 +510,7 @@ def _build_adapters(work: Path, plain: Path, heads_by_cluster, scaling, precisio
     return feeds_by_cluster
 
 
-def _build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: dict, precision, device, log) -> dict:
+def _build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: AdapterConfig, precision, device, log) -> dict:
     """One ONNX model that runs the router and all heads per token, exactly as in training.
 
     The builder's LoRA branch per module, MatMul(x, Aᵀ) -> MatMul(h, B_scaledᵀ), is rewritten to
@@ -442,14 +524,21 @@ def _build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: dict, pre
     from hydra_edge.adapter import read_adapter_weights
 
     weights = read_adapter_weights(adapter_dir)
-    modules = config["target_modules"]
-    scaling = config["alpha"] / config["r"]
-    log(f"export: building the dynamic ONNX model (router + {config['heads']} heads per module; {precision}, {device})")
+    modules = config.target_modules
+    scaling = config.scaling
+    log(f"export: building the dynamic ONNX model (router + {config.heads} heads per module; {precision}, {device})")
     template_heads = {m: (weights[f"{m}.hydra_A"].float(), weights[f"{m}.hydra_B"][0].float()) for m in modules}
-    template = write_peft_adapter(work / "tmp" / "template", str(plain), config["r"], float(config["r"]), template_heads)
+    template = write_peft_adapter(work / "tmp" / "template", str(plain), config.r, float(config.r), template_heads)
     model_dir = work / "models" / "dynamic"
-    build_onnx(plain, model_dir, precision, device, work / "tmp" / "cache", adapter_path=template,
-               keep_float=lora_node_names(modules) if precision == "int4" else None)
+    build_onnx(
+        plain,
+        model_dir,
+        precision,
+        device,
+        work / "tmp" / "cache",
+        adapter_path=template,
+        keep_float=lora_node_names(modules) if precision == "int4" else None,
+    )
 
     path = model_dir / "model.onnx"
     graph_model = onnx.load(str(path))
@@ -457,9 +546,11 @@ def _build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: dict, pre
     initializers = {init.name: init for init in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
     new_nodes, rewritten = [], 0
-    axes = {"-1": numpy_helper.from_array(np.array([-1], dtype=np.int64), "hydra_axes_last"),
-            "-2": numpy_helper.from_array(np.array([-2], dtype=np.int64), "hydra_axes_second_last"),
-            "shape": numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), "hydra_shape_flatten_heads")}
+    axes = {
+        "-1": numpy_helper.from_array(np.array([-1], dtype=np.int64), "hydra_axes_last"),
+        "-2": numpy_helper.from_array(np.array([-2], dtype=np.int64), "hydra_axes_second_last"),
+        "shape": numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), "hydra_shape_flatten_heads"),
+    }
     graph.initializer.extend(axes.values())
     for node in graph.node:
         new_nodes.append(node)
@@ -477,15 +568,29 @@ def _build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: dict, pre
         router_t = weights[f"{module}.hydra_router"].float().numpy().T  # (in, N)
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(router_t, dtype=dtype), router_name))
         initializers[node.input[1]].CopyFrom(numpy_helper.from_array(b_cat.astype(dtype), node.input[1]))
-        initializers[a_node.input[1]].CopyFrom(numpy_helper.from_array(
-            np.ascontiguousarray(weights[f"{module}.hydra_A"].float().numpy().T, dtype=dtype), a_node.input[1]))
+        initializers[a_node.input[1]].CopyFrom(
+            numpy_helper.from_array(
+                np.ascontiguousarray(weights[f"{module}.hydra_A"].float().numpy().T, dtype=dtype), a_node.input[1]
+            )
+        )
         gate_nodes = [
             helper.make_node("MatMul", [x, router_name], [f"{prefix}/router_logits"], name=f"{prefix}/router/MatMul"),
-            helper.make_node("Softmax", [f"{prefix}/router_logits"], [f"{prefix}/gates"], name=f"{prefix}/Softmax", axis=-1),
-            helper.make_node("Unsqueeze", [f"{prefix}/gates", "hydra_axes_last"], [f"{prefix}/gates_u"], name=f"{prefix}/UnsqueezeG"),
-            helper.make_node("Unsqueeze", [h, "hydra_axes_second_last"], [f"{prefix}/h_u"], name=f"{prefix}/UnsqueezeH"),
+            helper.make_node(
+                "Softmax", [f"{prefix}/router_logits"], [f"{prefix}/gates"], name=f"{prefix}/Softmax", axis=-1
+            ),
+            helper.make_node(
+                "Unsqueeze", [f"{prefix}/gates", "hydra_axes_last"], [f"{prefix}/gates_u"], name=f"{prefix}/UnsqueezeG"
+            ),
+            helper.make_node(
+                "Unsqueeze", [h, "hydra_axes_second_last"], [f"{prefix}/h_u"], name=f"{prefix}/UnsqueezeH"
+            ),
             helper.make_node("Mul", [f"{prefix}/gates_u", f"{prefix}/h_u"], [f"{prefix}/gh"], name=f"{prefix}/Mul"),
-            helper.make_node("Reshape", [f"{prefix}/gh", "hydra_shape_flatten_heads"], [f"{prefix}/gh_flat"], name=f"{prefix}/Reshape"),
+            helper.make_node(
+                "Reshape",
+                [f"{prefix}/gh", "hydra_shape_flatten_heads"],
+                [f"{prefix}/gh_flat"],
+                name=f"{prefix}/Reshape",
+            ),
         ]
         new_nodes[-1:] = gate_nodes + [node]
         node.input[0] = f"{prefix}/gh_flat"
@@ -497,8 +602,14 @@ def _build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: dict, pre
     del graph.node[:]
     graph.node.extend(new_nodes)
     (model_dir / "model.onnx.data").unlink()
-    onnx.save_model(graph_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
+    onnx.save_model(
+        graph_model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
     return {}
 
 
@@ -518,8 +629,14 @@ def _lora_initializers_to_inputs(model_dir: Path) -> dict[str, np.dtype]:
             graph_model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(zeros.shape)))
             names[init.name] = zeros.dtype
     (model_dir / "model.onnx.data").unlink()
-    onnx.save_model(graph_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
+    onnx.save_model(
+        graph_model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
     return names
 
 
@@ -550,10 +667,16 @@ def verify_export(folder: str | Path) -> dict:
     if not isinstance(files, dict) or not files or not all(isinstance(d, str) for d in files.values()):
         raise UserError(f"{manifest_path}: no 'files' table of sha256 digests; the export is damaged, re-export")
     clusters = manifest.get("clusters")
-    if (manifest.get("mode") not in MODES or manifest.get("device", "cpu") not in DEVICES
-            or not isinstance(clusters, list) or not clusters
-            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clusters)):
-        raise UserError(f"{manifest_path}: mode, device or clusters missing or invalid; the export is damaged, re-export")
+    if (
+        manifest.get("mode") not in MODES
+        or manifest.get("device", "cpu") not in DEVICES
+        or not isinstance(clusters, list)
+        or not clusters
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clusters)
+    ):
+        raise UserError(
+            f"{manifest_path}: mode, device or clusters missing or invalid; the export is damaged, re-export"
+        )
     root = folder.resolve()
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
@@ -610,9 +733,14 @@ def _external_data_locations(model_file: Path, folder: Path) -> list[str]:
     try:
         graph = onnx.load(str(model_file), load_external_data=False)
     except Exception as exc:  # DecodeError and friends: not an ONNX model
-        raise UserError(f"--onnx {folder}: {model_file.relative_to(folder)} is not a readable ONNX model; re-export") from exc
-    tensors = list(graph.graph.initializer) + [n.attribute[0].t for n in graph.graph.node
-                                               if n.op_type == "Constant" and n.attribute and n.attribute[0].HasField("t")]
+        raise UserError(
+            f"--onnx {folder}: {model_file.relative_to(folder)} is not a readable ONNX model; re-export"
+        ) from exc
+    tensors = list(graph.graph.initializer) + [
+        n.attribute[0].t
+        for n in graph.graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].HasField("t")
+    ]
     return [entry.value for t in tensors for entry in t.external_data if entry.key == "location"]
 
 

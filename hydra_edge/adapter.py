@@ -1,31 +1,23 @@
-"""Putting HydraLoRA layers into a model, and the adapter directory contract (DESIGN.md §3).
+"""Putting HydraLoRA layers into a model, and its weights file.
 
-    <out>/adapter_config.json        format version, base model + fingerprint, quantization, r,
-                                     alpha, heads, dropout, target_modules, tokenizer reference
-    <out>/adapter_model.safetensors  <module>.hydra_A [r, in], .hydra_B [N, out, r],
-                                     .hydra_router [N, in]
+<out>/adapter_model.safetensors  <module>.hydra_A [r, in], .hydra_B [N, out, r],
+                                 .hydra_router [N, in]
+<out>/adapter_config.json        the AdapterConfig (adapter_config.py)
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from hydra_edge.adapter_config import ADAPTER_KEYS, WEIGHTS_FILE, AdapterConfig
 from hydra_edge.errors import UserError
-from hydra_edge.files import atomic_write_text, read_json_object, save_tensors
+from hydra_edge.files import save_tensors
 from hydra_edge.layers import HydraLoRALinear
 from hydra_edge.quant import is_linear4bit
-
-FORMAT_VERSION = 1
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-ADAPTER_KEYS = ("hydra_A", "hydra_B", "hydra_router")
 
 # `--targets` presets: last component of the module name. Llama/Qwen/Mistral/Gemma names, plus
 # GPT-NeoX / Falcon / Phi-style fused names so common families work without a comma list.
@@ -105,25 +97,7 @@ def inject_hydra_lora(
 
 def hydra_layers(model: nn.Module) -> dict[str, HydraLoRALinear]:
     """{base-model module name: layer} for every HydraLoRA layer in the model."""
-    return {
-        name: module for name, module in model.named_modules() if isinstance(module, HydraLoRALinear)
-    }
-
-
-@contextmanager
-def training_switches_paused(model: nn.Module):
-    """A side forward (a probe on a few tokens) with every HydraLoRA layer's training-time
-    switches off: pooled gates, router targets and the gate sink describe the batch being
-    trained, not the probe, and are restored afterwards."""
-    layers = list(hydra_layers(model).values())
-    saved = [(layer.pool_groups, layer.router_targets, layer.gate_sink) for layer in layers]
-    for layer in layers:
-        layer.pool_groups = layer.router_targets = layer.gate_sink = None
-    try:
-        yield
-    finally:
-        for layer, (pool_groups, router_targets, gate_sink) in zip(layers, saved):
-            layer.pool_groups, layer.router_targets, layer.gate_sink = pool_groups, router_targets, gate_sink
+    return {name: module for name, module in model.named_modules() if isinstance(module, HydraLoRALinear)}
 
 
 def freeze_uniform_router(model: nn.Module) -> None:
@@ -226,92 +200,12 @@ def _checkpoint_files(resolved: str) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def save_adapter(model: nn.Module, out_dir: Path, adapter_config: dict) -> None:
-    """Writes adapter_config.json and adapter_model.safetensors into out_dir."""
+def save_adapter(model: nn.Module, out_dir: Path, config: AdapterConfig) -> None:
+    """Writes adapter_model.safetensors, then adapter_config.json (the folder is complete once
+    the config is there)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"format_version": FORMAT_VERSION, **adapter_config}
     save_tensors(adapter_state_dict(model), out_dir / WEIGHTS_FILE, metadata={"format": "hydra-lora"})
-    atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-
-
-def read_adapter_config(adapter_dir: Path) -> dict:
-    """The adapter's config, checked field by field and against the weights file's header
-    (shapes only, no tensor read), so a damaged or crafted config is refused before any layer
-    is built from it: `heads: 1000000` would otherwise allocate gigabytes first."""
-    path = Path(adapter_dir) / CONFIG_FILE
-    if not Path(adapter_dir).is_dir():
-        raise UserError(f"--adapter {adapter_dir}: no such folder")
-    if not path.is_file() or not (Path(adapter_dir) / WEIGHTS_FILE).is_file():
-        raise UserError(
-            f"--adapter {adapter_dir}: not a hydra-edge adapter (needs {CONFIG_FILE} and "
-            f"{WEIGHTS_FILE}); point it at the --out folder of a finetune run"
-        )
-    config = read_json_object(path, "the adapter folder is damaged; retrain or restore it")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{path}: format_version {config.get('format_version')!r} is not supported by this "
-            f"hydra-edge (expects {FORMAT_VERSION}); upgrade hydra-edge or retrain"
-        )
-    _check_config_fields(config, path)
-    _check_weight_shapes(config, Path(adapter_dir) / WEIGHTS_FILE)
-    return config
-
-
-def _is_whole(value, least: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _check_config_fields(config: dict, path: Path) -> None:
-    from hydra_edge.quant import QUANT_CHOICES
-
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    rules = {
-        "base_model": (lambda v: isinstance(v, str) and bool(v.strip()), "a model name or folder"),
-        "base_fingerprint": (lambda v: isinstance(v, str), "a string"),
-        "quantization": (lambda v: v in QUANT_CHOICES, f"one of {', '.join(QUANT_CHOICES)}"),
-        "r": (_is_whole, "a whole number >= 1"),
-        "heads": (_is_whole, "a whole number >= 1"),
-        "alpha": (lambda v: number(v) and v > 0, "a number > 0"),
-        "target_modules": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(m, str) and m for m in v)
-                           and len(set(v)) == len(v), "a non-empty list of distinct module names"),
-    }
-    for key, (ok, expected) in rules.items():
-        if key not in config:
-            raise UserError(f"{path}: '{key}' is missing; the adapter folder is damaged, retrain or restore it")
-        if not ok(config[key]):
-            raise UserError(f"{path}: '{key}' is {config[key]!r}, expected {expected}; the adapter folder is damaged")
-    if config.get("dtype", "bf16") not in ("bf16", "fp32"):
-        raise UserError(f"{path}: 'dtype' is {config['dtype']!r}, expected bf16 or fp32; the adapter folder is damaged")
-
-
-def _check_weight_shapes(config: dict, weights_path: Path) -> None:
-    """Every target module has hydra_A (r, in), hydra_B (heads, out, r) and hydra_router
-    (heads, in) in the weights file, and nothing else is there. Reads the header only
-    (safetensors checks that it covers the file exactly, so a truncated file fails here)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights_path), "pt") as f:
-            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
-    except Exception as exc:  # SafetensorError and friends: damaged or truncated file
-        raise UserError(f"{weights_path}: cannot read adapter weights ({exc}); the file is damaged") from exc
-    r, heads = config["r"], config["heads"]
-    expected = {f"{m}.{k}" for m in config["target_modules"] for k in ADAPTER_KEYS}
-    if set(shapes) != expected:
-        odd = sorted(set(shapes) ^ expected)[0]
-        raise UserError(f"{weights_path}: its tensors do not match adapter_config.json's target_modules "
-                        f"(e.g. {odd}); the adapter folder is damaged")
-    for module in config["target_modules"]:
-        a, b, router = (shapes[f"{module}.{k}"] for k in ADAPTER_KEYS)
-        fits = (len(a) == 2 and len(b) == 3 and len(router) == 2 and a[0] == r and b[0] == heads and b[2] == r
-                and router == [heads, a[1]])
-        if not fits:
-            raise UserError(
-                f"{weights_path}: {module} has A {a}, B {b}, router {router}, but adapter_config.json says "
-                f"r={r}, heads={heads}; the adapter folder is damaged"
-            )
+    config.save(out_dir)
 
 
 def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:

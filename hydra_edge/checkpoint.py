@@ -99,7 +99,8 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, train
 def _no_space(out_dir: Path, final: Path, needed: int, free: int | None) -> UserError:
     room = f", {megabytes(free)} free" if free is not None else ""
     return UserError(
-        f"--out {out_dir}: no room to save checkpoint {final.name} (a checkpoint needs about {megabytes(needed)}{room}); "
+        f"--out {out_dir}: no room to save checkpoint {final.name} (a checkpoint needs about "
+        f"{megabytes(needed)}{room}); "
         f"free some space, then continue with: hydra-edge finetune --out {out_dir} --resume"
     )
 
@@ -136,8 +137,14 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"{STATE_FILE} unreadable: {type(exc).__name__}"
     if not isinstance(state, dict):
         return f"{STATE_FILE} is not a JSON object"
-    shapes = {"step": int, "bad_in_a_row": int, "skipped_total": int, "scheduler": dict,
-              "optimizer_param_groups": list, "optimizer_scalars": dict}
+    shapes = {
+        "step": int,
+        "bad_in_a_row": int,
+        "skipped_total": int,
+        "scheduler": dict,
+        "optimizer_param_groups": list,
+        "optimizer_scalars": dict,
+    }
     for key, kind in shapes.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             return f"{STATE_FILE}: '{key}' missing or not a {kind.__name__}"
@@ -178,8 +185,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         raise
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path}: cannot be restored into this run ({first}); the checkpoint is damaged or from "
-                        "another run") from exc
+        raise UserError(
+            f"{path}: cannot be restored into this run ({first}); the checkpoint is damaged or from another run"
+        ) from exc
 
 
 def _restore(path: Path, model, optimizer, scheduler) -> dict:

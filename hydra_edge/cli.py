@@ -6,13 +6,15 @@ a user can cause ends as one line on stderr with exit code 2 (see `main`).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import sys
-from typing import Optional
+import typing
 
 import typer
 
-from hydra_edge.config import FinetuneConfig, build_config, config_fields, read_yaml_config
+from hydra_edge.config import FinetuneConfig, build_config, read_yaml_config
 from hydra_edge.errors import TrainingStopped, UserError
 
 app = typer.Typer(
@@ -25,78 +27,70 @@ app = typer.Typer(
 )
 
 
-def _help(name: str) -> str:
-    return config_fields()[name].metadata["help"]
+def finetune_parameters(config_class: type[FinetuneConfig] = FinetuneConfig) -> list[inspect.Parameter]:
+    """`finetune`'s options, one per config field: its type (Literal -> choices), its help, a
+    --flag/--no-flag pair for booleans, repeatable for lists. Every default is None, so a flag
+    the user did not give leaves the YAML's or the preset's value alone."""
+    hints = typing.get_type_hints(config_class)
+    params = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--config", help="YAML file with any of these settings; flags override it."),
+            annotation=str | None,
+        )
+    ]
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        if typing.get_origin(hints[f.name]) is typing.Literal:
+            kind = hints[f.name]
+        names = (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
+        option = typer.Option(None, *names, help=f.metadata["help"], show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None))
+    return params
 
 
-def _opt(name: str, *flags: str):
-    return typer.Option(None, *(flags or ("--" + name.replace("_", "-"),)), help=_help(name), show_default=False)
+def finetune_command(config_class: type[FinetuneConfig] = FinetuneConfig):
+    """The `finetune` command for a settings dataclass (FinetuneConfig, or a subclass in tests)."""
+
+    def finetune(**options) -> None:
+        """Train a HydraLoRA adapter. With no arguments: the tiny preset on the bundled demo data."""
+        config = options.pop("config")
+        cli_settings = {k: v for k, v in options.items() if v is not None and v != []}
+        yaml_settings = read_yaml_config(config, config_class) if config else {}
+        settings = build_config(yaml_settings, cli_settings, config_class)
+        run_and_report(settings, set(yaml_settings) | set(cli_settings))
+
+    params = finetune_parameters(config_class)
+    finetune.__signature__ = inspect.Signature(params)
+    finetune.__annotations__ = {p.name: p.annotation for p in params}
+    return finetune
 
 
-@app.command()
-def finetune(
-    config: Optional[str] = typer.Option(None, "--config", help="YAML file with any of these settings; flags override it."),
-    model: Optional[str] = _opt("model"),
-    data: Optional[list[str]] = _opt("data"),
-    format: Optional[str] = _opt("format"),
-    skip_invalid: Optional[bool] = typer.Option(None, "--skip-invalid", help=_help("skip_invalid"), show_default=False),
-    eval_data: Optional[str] = _opt("eval_data"),
-    heads: Optional[str] = _opt("heads"),
-    max_k: Optional[int] = _opt("max_k"),
-    rank: Optional[int] = _opt("rank"),
-    alpha: Optional[float] = _opt("alpha"),
-    dropout: Optional[float] = _opt("dropout"),
-    head_init: Optional[str] = _opt("head_init"),
-    router_loss: Optional[float] = _opt("router_loss"),
-    router: Optional[str] = _opt("router"),
-    pooled_steps: Optional[float] = _opt("pooled_steps"),
-    pool_over: Optional[str] = _opt("pool_over"),
-    targets: Optional[str] = _opt("targets"),
-    quant: Optional[str] = _opt("quant"),
-    gradient_checkpointing: Optional[bool] = typer.Option(
-        None, "--gradient-checkpointing/--no-gradient-checkpointing", help=_help("gradient_checkpointing"), show_default=False
-    ),
-    mixed_precision: Optional[str] = _opt("mixed_precision"),
-    seq_len: Optional[int] = _opt("seq_len"),
-    overlong: Optional[str] = _opt("overlong"),
-    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help=_help("packing"), show_default=False),
-    batch_size: Optional[int] = _opt("batch_size"),
-    grad_accum: Optional[int] = _opt("grad_accum"),
-    lr: Optional[float] = _opt("lr"),
-    weight_decay: Optional[float] = _opt("weight_decay"),
-    epochs: Optional[float] = _opt("epochs"),
-    max_steps: Optional[int] = _opt("max_steps"),
-    warmup: Optional[float] = _opt("warmup"),
-    max_grad_norm: Optional[float] = _opt("max_grad_norm"),
-    seed: Optional[int] = _opt("seed"),
-    out: Optional[str] = _opt("out"),
-    save_every: Optional[int] = _opt("save_every"),
-    resume: Optional[bool] = typer.Option(None, "--resume", help=_help("resume"), show_default=False),
-    max_bad_steps: Optional[int] = _opt("max_bad_steps"),
-    gate_samples_per_cluster: Optional[int] = _opt("gate_samples_per_cluster"),
-    max_new_tokens: Optional[int] = _opt("max_new_tokens"),
-) -> None:
-    """Train a HydraLoRA adapter. With no arguments: the tiny preset on the bundled demo data."""
-    cli_settings = {k: v for k, v in locals().items() if k != "config" and v is not None}
-    if "data" in cli_settings and not cli_settings["data"]:
-        del cli_settings["data"]
-    yaml_settings = read_yaml_config(config) if config else {}
-    settings = build_config(yaml_settings, cli_settings)
-    explicit = set(yaml_settings) | set(cli_settings)
-
+def run_and_report(settings: FinetuneConfig, explicit: set[str]) -> None:
     from hydra_edge.finetune import run_finetune
 
     result = run_finetune(settings, explicit)
     if result.get("secondary_process"):
         return
     train = result["train"]
-    print(f"trained {train['steps']} steps in {train['train_time_s']:.1f}s; final loss {train['final_loss']:.4f}; adapter: {result['adapter']}")
+    print(
+        f"trained {train['steps']} steps in {train['train_time_s']:.1f}s; final loss {train['final_loss']:.4f}; "
+        f"adapter: {result['adapter']}"
+    )
     if "eval" in result:
         scores = result["eval"]
         em = scores["exact_match"]
         em_text = "n/a" if em is None else f"{100 * em:.1f}%"
-        print(f"held-out: exact-match {em_text} on {scores['n']} rows, loss {scores['loss']:.4f}, perplexity {scores['perplexity']:.2f}")
+        print(
+            f"held-out: exact-match {em_text} on {scores['n']} rows, loss {scores['loss']:.4f}, perplexity "
+            f"{scores['perplexity']:.2f}"
+        )
     print(f"total time {result['total_time_s']:.1f}s")
+
+
+app.command("finetune")(finetune_command())
 
 
 def _print_scores(scores: dict) -> None:
@@ -106,34 +100,36 @@ def _print_scores(scores: dict) -> None:
     print(f"{'cluster':>8} {'n':>5} {'loss':>8} {'ppl':>9} {'exact':>7}")
     for c, s in scores["per_cluster"].items():
         print(f"{c:>8} {s['n']:>5} {s['loss']:>8.4f} {s['perplexity']:>9.2f} {em(s['exact_match']):>7}")
-    print(f"{'all':>8} {scores['n']:>5} {scores['loss']:>8.4f} {scores['perplexity']:>9.2f} {em(scores['exact_match']):>7}")
+    print(
+        f"{'all':>8} {scores['n']:>5} {scores['loss']:>8.4f} {scores['perplexity']:>9.2f} "
+        f"{em(scores['exact_match']):>7}"
+    )
 
 
 @app.command("eval")
 def eval_command(
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter folder (the --out of finetune)."),
-    onnx: Optional[str] = typer.Option(None, "--onnx", help="Or an export folder (the --out of export)."),
+    adapter: str | None = typer.Option(None, "--adapter", help="Adapter folder (the --out of finetune)."),
+    onnx: str | None = typer.Option(None, "--onnx", help="Or an export folder (the --out of export)."),
     data: str = typer.Option(..., "--data", help="Held-out data file (any format finetune reads)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: loss, perplexity, exact_match, n, per_cluster."),
-    format: str = typer.Option("auto", "--format", help="Row format of --data (auto, alpaca, sharegpt, messages, prompt_completion, text)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Load the adapter onto this base instead of the one it names."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object: loss, perplexity, exact_match, n, per_cluster."
+    ),
+    format: str = typer.Option(
+        "auto", "--format", help="Row format of --data (auto, alpaca, sharegpt, messages, prompt_completion, text)."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Load the adapter onto this base instead of the one it names."
+    ),
     seq_len: int = typer.Option(1024, "--seq-len", min=1, help="Truncate rows to this many tokens for the loss."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens generated per row for exact-match."),
 ) -> None:
     """Score an adapter: loss, perplexity and exact-match, overall and per cluster."""
     from hydra_edge.data import read_records
+    from hydra_edge.engines import open_engine
     from hydra_edge.evaluate import evaluate
-    from hydra_edge.inference import load_trained
 
     records = read_records(data, format)
-    if _one_source(adapter, onnx) == "onnx":
-        from hydra_edge.engines import load_engine
-        from hydra_edge.evaluate import evaluate_engine
-
-        scores = evaluate_engine(load_engine("onnx", onnx), records, seq_len, max_new_tokens)
-    else:
-        trained = load_trained(adapter, model)
-        scores = evaluate(trained.model, trained.tokenizer, records, trained.clusters, seq_len, max_new_tokens)
+    scores = evaluate(open_engine(adapter, onnx, model), records, seq_len, max_new_tokens)
     if as_json:
         print(json.dumps(scores))
     else:
@@ -142,11 +138,15 @@ def eval_command(
 
 @app.command()
 def chat(
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter folder (the --out of finetune)."),
-    onnx: Optional[str] = typer.Option(None, "--onnx", help="Or an export folder (the --out of export)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Answer this one prompt and exit (answer on stdout, routing on stderr)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    model: Optional[str] = typer.Option(None, "--model", help="Load the adapter onto this base instead of the one it names."),
+    adapter: str | None = typer.Option(None, "--adapter", help="Adapter folder (the --out of finetune)."),
+    onnx: str | None = typer.Option(None, "--onnx", help="Or an export folder (the --out of export)."),
+    prompt: str | None = typer.Option(
+        None, "--prompt", help="Answer this one prompt and exit (answer on stdout, routing on stderr)."
+    ),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    model: str | None = typer.Option(
+        None, "--model", help="Load the adapter onto this base instead of the one it names."
+    ),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens per answer."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
@@ -158,29 +158,17 @@ def chat(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    if _one_source(adapter, onnx) == "onnx":
-        from hydra_edge.engines import load_engine
+    from hydra_edge.engines import open_engine
 
-        engine = load_engine("onnx", onnx)
+    engine = open_engine(adapter, onnx, model)
 
-        def reply_to(messages: list[dict]) -> str:
-            cluster, reply = engine.answer(messages, max_new_tokens, temperature, top_p, show)
-            sys.stdout.write("\n")
-            print(f"[cluster {cluster} | onnx {engine.manifest['mode']}]", file=sys.stderr, flush=True)
-            return reply
-    else:
-        from hydra_edge.inference import load_trained, prompt_gate_mix, stream_answer
-
-        trained = load_trained(adapter, model)
-
-        def reply_to(messages: list[dict]) -> str:
-            cluster = int(trained.clusters.assign([messages[-1]["content"]])[0])
-            mix = prompt_gate_mix(trained.model, trained.tokenizer, messages)
-            reply = stream_answer(trained.model, trained.tokenizer, messages, max_new_tokens, temperature, top_p, show)
-            sys.stdout.write("\n")
-            gates = " ".join(f"h{i}={g:.2f}" for i, g in enumerate(mix))
-            print(f"[cluster {cluster} | gates {gates}]", file=sys.stderr, flush=True)
-            return reply
+    def reply_to(messages: list[dict]) -> str:
+        mix = engine.gate_mix(messages)
+        cluster, reply = engine.answer(messages, max_new_tokens, temperature, top_p, show)
+        sys.stdout.write("\n")
+        about = "gates " + " ".join(f"h{i}={g:.2f}" for i, g in enumerate(mix)) if mix else engine.describe()
+        print(f"[cluster {cluster} | {about}]", file=sys.stderr, flush=True)
+        return reply
 
     def answer(text: str) -> None:
         reply = reply_to(history + [{"role": "user", "content": text}])
@@ -199,7 +187,7 @@ def chat(
         if text.strip() in ("/exit", "/quit"):
             return
         if text.strip() == "/reset":
-            del history[len([m for m in history if m["role"] == "system"]):]
+            del history[len([m for m in history if m["role"] == "system"]) :]
             continue
         if text.strip():
             answer(text)
@@ -231,20 +219,16 @@ def _register_plugins() -> None:
         register(app)
 
 
-def _one_source(adapter: str | None, onnx: str | None) -> str:
-    if bool(adapter) == bool(onnx):
-        raise UserError("give either --adapter DIR (PyTorch) or --onnx DIR (an export), not both or neither")
-    return "onnx" if onnx else "adapter"
-
-
 def describe_os_error(exc: OSError) -> str:
     """One line for an OSError that reached the top: the file, what went wrong, what to do."""
     from hydra_edge.files import is_out_of_space
 
     where = f"{exc.filename}: " if exc.filename else ""
     if is_out_of_space(exc):
-        return (f"{where}the disk is full ({exc.strerror}); free some space and run the command again "
-                "(a stopped training continues with --resume)")
+        return (
+            f"{where}the disk is full ({exc.strerror}); free some space and run the command again "
+            "(a stopped training continues with --resume)"
+        )
     return f"{where}{exc.strerror or exc}; check that the path exists and that you may read and write it"
 
 

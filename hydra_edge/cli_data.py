@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
 
 import typer
 
@@ -74,8 +73,11 @@ def preview(
         if as_json:
             print(json.dumps({"source": record.source, "input_ids": sample.input_ids, "labels": sample.labels}))
             continue
-        print(f"--- {record.source}: {len(sample.input_ids)} tokens, {trained} trained"
-              + (" (truncated)" if sample.truncated else "") + " ---")
+        print(
+            f"--- {record.source}: {len(sample.input_ids)} tokens, {trained} trained"
+            + (" (truncated)" if sample.truncated else "")
+            + " ---"
+        )
         pieces = []
         for is_trained, text in _segments(tokenizer, sample.input_ids, sample.labels):
             if is_trained:
@@ -88,9 +90,11 @@ def clusters(
     data: list[str] = typer.Option(..., "--data", help=DATA_HELP),
     format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
     max_k: int = typer.Option(8, "--max-k", min=2, help="Largest k tried for the elbow."),
-    heads: Optional[int] = typer.Option(None, "--heads", min=1, help="Fix k instead of choosing it at the elbow."),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Write the elbow curve and cluster sizes to this PNG."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: k, sizes, top_terms, labels, inertia_by_k."),
+    heads: int | None = typer.Option(None, "--heads", min=1, help="Fix k instead of choosing it at the elbow."),
+    plot: str | None = typer.Option(None, "--plot", help="Write the elbow curve and cluster sizes to this PNG."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object: k, sizes, top_terms, labels, inertia_by_k."
+    ),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Ignore invalid rows instead of stopping."),
 ) -> None:
     """Show the data's intrinsic components: the k chosen for --heads auto, sizes and top terms."""
@@ -106,10 +110,18 @@ def clusters(
 
         plot_clusters(model, plot)
     if as_json:
-        print(json.dumps({
-            "k": model.k, "sizes": model.sizes, "top_terms": model.top_terms(),
-            "labels": [int(x) for x in labels], "inertia_by_k": {str(k): v for k, v in sorted(model.inertia_by_k.items())},
-        }, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "k": model.k,
+                    "sizes": model.sizes,
+                    "top_terms": model.top_terms(),
+                    "labels": [int(x) for x in labels],
+                    "inertia_by_k": {str(k): v for k, v in sorted(model.inertia_by_k.items())},
+                },
+                ensure_ascii=False,
+            )
+        )
         return
     for line in summary_lines(model):
         print(line)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from hydra_edge.errors import UserError
+from hydra_edge.request_router import nearest_centroid
 
 CLUSTERS_JSON = "clusters.json"
 CLUSTERS_TENSORS = "clusters.safetensors"
@@ -60,12 +61,7 @@ class ClusterModel:
 
     def assign(self, texts: list[str]) -> np.ndarray:
         """The nearest centroid of each text. (n,) int."""
-        if self.k == 1:
-            return np.zeros(len(texts), dtype=np.int64)
-        x = self.features(texts)  # (n, d)
-        # ||x - c||^2 = ||x||^2 - 2 x·c + ||c||^2; ||x||^2 is the same for every centroid.
-        scores = 2 * (x @ self.centroids.T) - (self.centroids**2).sum(axis=1)[None, :]
-        return np.asarray(scores).argmax(axis=1)
+        return nearest_centroid(self.features(texts), self.centroids)
 
     def top_terms(self, n: int = 8) -> list[list[str]]:
         """The heaviest n-grams of each cluster (found at fit time): a hint at what it holds."""
@@ -125,9 +121,7 @@ def fit_clusters(texts: list[str], heads: int | None, max_k: int = 8) -> tuple[C
     from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    vec = TfidfVectorizer(
-        analyzer="char_wb", ngram_range=NGRAM_RANGE, sublinear_tf=True, max_features=MAX_FEATURES
-    )
+    vec = TfidfVectorizer(analyzer="char_wb", ngram_range=NGRAM_RANGE, sublinear_tf=True, max_features=MAX_FEATURES)
     tfidf = vec.fit_transform(texts)  # (n, V) sparse
     dims = min(max(LSA_DIMS, 2 * max_k), tfidf.shape[0] - 1, tfidf.shape[1] - 1)
     if dims >= 2:
@@ -142,9 +136,7 @@ def fit_clusters(texts: list[str], heads: int | None, max_k: int = 8) -> tuple[C
             candidates = [1]
     else:
         if heads > distinct:
-            raise UserError(
-                f"--heads {heads}: the data has only {distinct} distinct prompts; use fewer heads"
-            )
+            raise UserError(f"--heads {heads}: the data has only {distinct} distinct prompts; use fewer heads")
         candidates = [heads]
     fits, inertia = {}, {}
     for k in candidates:
@@ -177,14 +169,21 @@ def save_clusters(model: ClusterModel, out_dir: Path, labels: np.ndarray | None 
         "k": model.k,
         "sizes": model.sizes,
         "inertia_by_k": {str(k): v for k, v in sorted(model.inertia_by_k.items())},
-        "featurizer": {"analyzer": "char_wb", "ngram_range": list(NGRAM_RANGE), "sublinear_tf": True,
-                       "lsa_dims": int(model.projection.shape[0]), "l2_normalised": True},
+        "featurizer": {
+            "analyzer": "char_wb",
+            "ngram_range": list(NGRAM_RANGE),
+            "sublinear_tf": True,
+            "lsa_dims": int(model.projection.shape[0]),
+            "l2_normalised": True,
+        },
         "top_terms": model.top_terms(),
         "labels": [] if labels is None else [int(x) for x in labels],
         "vocabulary": model.vocabulary,
     }
     arrays = {"idf": model.idf, "projection": model.projection, "centroids": model.centroids}
-    save_tensors({name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}, out_dir / CLUSTERS_TENSORS)
+    save_tensors(
+        {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}, out_dir / CLUSTERS_TENSORS
+    )
     atomic_write_text(out_dir / CLUSTERS_JSON, json.dumps(meta, ensure_ascii=False) + "\n")
 
 
@@ -212,10 +211,19 @@ def read_cluster_files(folder: Path, expected_k: int | None = None) -> tuple[dic
     vocabulary, featurizer = meta.get("vocabulary"), meta.get("featurizer")
     if not isinstance(vocabulary, dict) or not vocabulary:
         raise bad("json: 'vocabulary' is missing or empty")
-    if not isinstance(featurizer, dict) or featurizer.get("analyzer") != "char_wb" or featurizer.get("sublinear_tf") is not True:
+    if (
+        not isinstance(featurizer, dict)
+        or featurizer.get("analyzer") != "char_wb"
+        or featurizer.get("sublinear_tf") is not True
+    ):
         raise bad("json: 'featurizer' is missing or not the char_wb TF-IDF this version reads")
     ngrams = featurizer.get("ngram_range")
-    if not (isinstance(ngrams, list) and len(ngrams) == 2 and all(_whole(n) for n in ngrams) and 1 <= ngrams[0] <= ngrams[1] <= 16):
+    if not (
+        isinstance(ngrams, list)
+        and len(ngrams) == 2
+        and all(_whole(n) for n in ngrams)
+        and 1 <= ngrams[0] <= ngrams[1] <= 16
+    ):
         raise bad(f"json: 'featurizer.ngram_range' is {ngrams!r}")
     idf, centroids = arrays.get("idf"), arrays.get("centroids")
     if idf is None or centroids is None or idf.ndim != 1 or centroids.ndim != 2:
@@ -233,9 +241,11 @@ def read_cluster_files(folder: Path, expected_k: int | None = None) -> tuple[dic
         raise bad(f"json: 'vocabulary' does not map onto the {size} idf columns")
     if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() for a in (idf, projection, centroids)):
         raise bad("tensors: non-finite or non-float values")
-    for key, check in (("sizes", lambda v: isinstance(v, list) and len(v) == k and all(_whole(n) for n in v)),
-                       ("inertia_by_k", lambda v: isinstance(v, dict) and all(str(x).isdigit() for x in v)),
-                       ("top_terms", lambda v: isinstance(v, list) and all(isinstance(t, list) for t in v))):
+    for key, check in (
+        ("sizes", lambda v: isinstance(v, list) and len(v) == k and all(_whole(n) for n in v)),
+        ("inertia_by_k", lambda v: isinstance(v, dict) and all(str(x).isdigit() for x in v)),
+        ("top_terms", lambda v: isinstance(v, list) and all(isinstance(t, list) for t in v)),
+    ):
         if not check(meta.get(key)):
             raise bad(f"json: '{key}' is missing or malformed")
     arrays["projection"] = projection

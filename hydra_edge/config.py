@@ -1,7 +1,11 @@
-"""The `finetune` settings: one dataclass whose field help doubles as CLI help (litgpt-style).
+"""The `finetune` settings: one dataclass that is also the CLI, the YAML file and the UI's form.
 
-A YAML file gives the same keys (dashes or underscores); command-line flags override it; the
-`tiny` preset supplies demo-friendly values for what neither of them set.
+Each field's type, default, help and bounds are written once, here: `hydra-edge finetune`'s
+options and their help are generated from the fields (cli.py), choices are `Literal[...]` types
+(Typer lists them; YAML values are checked against them), and a YAML file gives the same keys
+(dashes or underscores). Command-line flags override the YAML; a preset (`tiny`,
+`gemma3-270m`) supplies demo-friendly values for what neither of them set. Adding a setting is
+adding a field (and a widget, if the web UI should show it).
 """
 
 from __future__ import annotations
@@ -11,133 +15,135 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from hydra_edge.data import OVERLONG_CHOICES
+from hydra_edge.data import Overlong
 from hydra_edge.errors import UserError
-from hydra_edge.formats import FORMATS
-from hydra_edge.quant import QUANT_CHOICES
+from hydra_edge.formats import FormatChoice
+from hydra_edge.layers import HeadInit
+from hydra_edge.quant import Quant
 
-MIXED_PRECISION_CHOICES = ("auto", "bf16", "no")
-POOL_OVER_CHOICES = ("cluster", "sample", "prompt")
-ROUTER_CHOICES = ("learned", "uniform")
+MixedPrecision = Literal["auto", "bf16", "no"]
+PoolOver = Literal["cluster", "sample", "prompt"]
+Router = Literal["learned", "uniform"]
 
 
-def _f(default, help: str, **kw):
-    """A dataclass field carrying its CLI help."""
+def _f(default, help: str, **bounds):
+    """A dataclass field carrying its CLI help and its bounds (ge, gt, lt, le), checked once in
+    FinetuneConfig.__post_init__ whatever set the value (flag, YAML, UI, API)."""
+    metadata = {"help": help, **bounds}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "lt": "<", "le": "<="}
+_BOUND_OK = {
+    "ge": lambda v, b: v >= b,
+    "gt": lambda v, b: v > b,
+    "lt": lambda v, b: v < b,
+    "le": lambda v, b: v <= b,
+}
 
 
 @dataclass
 class FinetuneConfig:
-    model: str = _f("tiny", "Base model: 'tiny' (built-in preset), a Hugging Face id, or a local folder.")
-    data: list[str] = _f([], "Training data files (.jsonl/.json; 'messages' or 'text' rows). Default with tiny: the bundled demo.")
-    format: str = _f("auto", "Row format of --data: auto, alpaca, sharegpt, messages, prompt_completion or text.")
-    skip_invalid: bool = _f(False, "Train on the valid rows and report the invalid ones by reason, instead of stopping.")
-    eval_data: str | None = _f(None, "Held-out file scored after training. Default with tiny: the demo's held-out split.")
+    model: str = _f(
+        "tiny", "Base model: 'tiny' (built-in preset), gemma3-270m, a Hugging Face id, a local folder or a .gguf file."
+    )
+    data: list[str] = _f(
+        [], "Training data files (.jsonl/.json; 'messages' or 'text' rows). Default with a preset: the bundled demo."
+    )
+    format: FormatChoice = _f("auto", "Row format of --data.")
+    skip_invalid: bool = _f(
+        False, "Train on the valid rows and report the invalid ones by reason, instead of stopping."
+    )
+    eval_data: str | None = _f(
+        None, "Held-out file scored after training. Default with a preset: the demo's held-out split."
+    )
     heads: str = _f("auto", "Number of B heads: 'auto' (k-means elbow over the prompts) or N (1 = plain LoRA).")
-    max_k: int = _f(8, "Largest k tried by --heads auto.")
-    rank: int = _f(8, "LoRA rank r of the shared A.")
-    alpha: float = _f(32.0, "LoRA alpha; the branch is scaled by alpha / rank.")
-    dropout: float = _f(0.05, "Dropout on the A path.")
-    head_init: str = _f("zero", "Head init: 'zero' (reference, starts equal to the base) or 'random' (R-LoRA).")
+    max_k: int = _f(8, "Largest k tried by --heads auto.", ge=1)
+    rank: int = _f(8, "LoRA rank r of the shared A.", ge=1)
+    alpha: float = _f(32.0, "LoRA alpha; the branch is scaled by alpha / rank.", gt=0)
+    dropout: float = _f(0.05, "Dropout on the A path.", ge=0, lt=1)
+    head_init: HeadInit = _f("zero", "Head init: 'zero' (reference, starts equal to the base) or 'random' (R-LoRA).")
     router_loss: float = _f(
         0.0,
         "Weight of the router-supervision loss: cross-entropy pulling every token's gates toward "
         "its data cluster's head. Keeps routing consistent within a cluster, so the per-cluster "
         "exports (adapters/merged) match the per-token model; 0 = unsupervised router.",
+        ge=0,
     )
     pooled_steps: float = _f(
         0.5,
         "Share of steps trained with each sample's gates pooled to their mean over the sample: the "
         "constant gates a per-cluster export (adapters/merged) applies, so it keeps the per-token "
         "model's quality; 0 = plain HydraLoRA.",
+        ge=0,
+        le=1,
     )
-    router: str = _f(
+    router: Router = _f(
         "learned",
         "learned (HydraLoRA's per-token router) or uniform (router fixed at zero: every head weighs "
         "1/N; an ablation for benchmarks/quality.py).",
     )
-    pool_over: str = _f(
+    pool_over: PoolOver = _f(
         "cluster",
         "What a pooled step averages gates over: cluster (the batch's tokens of each data cluster: "
         "the per-cluster gates an export serves), sample (all of each sample's tokens) or prompt "
         "(each sample's prompt tokens, what the request router sees).",
     )
     targets: str = _f("mlp", "Modules to adapt: mlp, attn, all, or a comma list of module names.")
-    quant: str = _f("nf4", "Base quantization: nf4 (double quant, computing in --mixed-precision's dtype), fp4, or none.")
+    quant: Quant = _f(
+        "nf4", "Base quantization: nf4 (double quant, computing in --mixed-precision's dtype), fp4, or none."
+    )
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
-    mixed_precision: str = _f(
+    mixed_precision: MixedPrecision = _f(
         "auto",
         "auto (bf16 on a GPU or a CPU with native bf16, float32 elsewhere: AVX2-only CPUs run bf16 "
         "~100x slower), bf16 (autocast; 4-bit layers compute in bf16), or 'no' for float32 "
         "(with --quant none: exact fp32).",
     )
-    seq_len: int = _f(1024, "Maximum tokens per sample (per packed row with --packing).")
-    overlong: str = _f("truncate", "Samples longer than --seq-len: truncate or drop.")
+    seq_len: int = _f(1024, "Maximum tokens per sample (per packed row with --packing).", ge=1)
+    overlong: Overlong = _f("truncate", "Samples longer than --seq-len: truncate or drop.")
     packing: bool = _f(False, "Pack short samples into --seq-len rows; attention never crosses samples.")
-    batch_size: int = _f(4, "Samples per micro-batch (per process).")
-    grad_accum: int = _f(4, "Micro-batches accumulated per optimizer step.")
-    lr: float = _f(2e-4, "Peak learning rate (AdamW, cosine decay).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    epochs: float = _f(3.0, "Passes over the training data (ignored when --max-steps is set).")
-    max_steps: int | None = _f(None, "Optimizer steps to run; overrides --epochs.")
-    warmup: float = _f(0.03, "Warmup: a fraction of the steps if < 1, else a number of steps.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    batch_size: int = _f(4, "Samples per micro-batch (per process).", ge=1)
+    grad_accum: int = _f(4, "Micro-batches accumulated per optimizer step.", ge=1)
+    lr: float = _f(2e-4, "Peak learning rate (AdamW, cosine decay).", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
+    epochs: float = _f(3.0, "Passes over the training data (ignored when --max-steps is set).", gt=0)
+    max_steps: int | None = _f(None, "Optimizer steps to run; overrides --epochs.", ge=1)
+    warmup: float = _f(0.03, "Warmup: a fraction of the steps if < 1, else a number of steps.", ge=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", ge=0)
     seed: int = _f(42, "Seed for initialisation, data order and dropout.")
     out: str = _f("hydra-out", "Output folder for the adapter, clusters, metrics and checkpoints.")
-    save_every: int = _f(200, "Write a resumable checkpoint every N steps (0: only at the end or on a stop).")
+    save_every: int = _f(200, "Write a resumable checkpoint every N steps (0: only at the end or on a stop).", ge=0)
     resume: bool = _f(False, "Continue the run saved in --out from its latest checkpoint.")
-    max_bad_steps: int = _f(5, "Abort after this many consecutive steps with a non-finite loss or gradient.")
-    gate_samples_per_cluster: int = _f(256, "Training samples per cluster used to measure its mean gates.")
-    max_new_tokens: int = _f(32, "Tokens generated per row for the held-out exact-match.")
+    max_bad_steps: int = _f(5, "Abort after this many consecutive steps with a non-finite loss or gradient.", ge=1)
+    gate_samples_per_cluster: int = _f(256, "Training samples per cluster used to measure its mean gates.", ge=1)
+    max_new_tokens: int = _f(32, "Tokens generated per row for the held-out exact-match.", ge=1)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
             self.data = [self.data]
         problems = []
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, flag = getattr(self, f.name), _flag(f.name)
+            choices = literal_choices(hints[f.name])
+            if choices and value not in choices:
+                problems.append(f"{flag} {value}: use one of {', '.join(map(str, choices))}")
+            bounds = [(k, f.metadata[k]) for k in _BOUND_TEXT if k in f.metadata]
+            if value is not None and bounds and not all(_BOUND_OK[k](value, b) for k, b in bounds):
+                problems.append(f"{flag} {value}: must be " + " and ".join(f"{_BOUND_TEXT[k]} {b}" for k, b in bounds))
         if self.heads != "auto":
             try:
                 if int(self.heads) < 1:
                     raise ValueError
             except (TypeError, ValueError):
                 problems.append(f"--heads {self.heads}: use 'auto' or a whole number >= 1")
-        for name in ("rank", "batch_size", "grad_accum", "seq_len", "max_k", "max_bad_steps", "max_new_tokens", "gate_samples_per_cluster"):
-            if getattr(self, name) < 1:
-                problems.append(f"{_flag(name)} {getattr(self, name)}: must be >= 1")
         if self.max_k < 2 and self.heads == "auto":
             problems.append(f"--max-k {self.max_k}: must be >= 2 with --heads auto")
-        if self.alpha <= 0:
-            problems.append(f"--alpha {self.alpha}: must be > 0")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"--dropout {self.dropout}: must be in [0, 1)")
-        if self.lr <= 0:
-            problems.append(f"--lr {self.lr}: must be > 0")
-        if self.epochs <= 0:
-            problems.append(f"--epochs {self.epochs}: must be > 0")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"--max-steps {self.max_steps}: must be >= 1")
-        if self.warmup < 0:
-            problems.append(f"--warmup {self.warmup}: must be >= 0")
-        if not 0 <= self.pooled_steps <= 1:
-            problems.append(f"--pooled-steps {self.pooled_steps}: use a share between 0 and 1")
-        if self.router not in ROUTER_CHOICES:
-            problems.append(f"--router {self.router}: use one of {', '.join(ROUTER_CHOICES)}")
-        if self.pool_over not in POOL_OVER_CHOICES:
-            problems.append(f"--pool-over {self.pool_over}: use one of {', '.join(POOL_OVER_CHOICES)}")
-        if self.save_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0 or self.router_loss < 0:
-            problems.append("--save-every, --max-grad-norm, --weight-decay and --router-loss must be >= 0")
-        if self.quant not in QUANT_CHOICES:
-            problems.append(f"--quant {self.quant}: use one of {', '.join(QUANT_CHOICES)}")
-        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
-            problems.append(f"--mixed-precision {self.mixed_precision}: use one of {', '.join(MIXED_PRECISION_CHOICES)}")
-        if self.format not in ("auto",) + FORMATS:
-            problems.append(f"--format {self.format}: use auto or one of {', '.join(FORMATS)}")
-        if self.overlong not in OVERLONG_CHOICES:
-            problems.append(f"--overlong {self.overlong}: use truncate or drop")
-        if self.head_init not in ("zero", "random"):
-            problems.append(f"--head-init {self.head_init}: use zero or random")
         if problems:
             raise ValueError(problems[0])
 
@@ -148,6 +154,15 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def literal_choices(hint) -> tuple:
+    """The values of a Literal[...] annotation (also inside `X | None`); () for other types."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(c for arg in typing.get_args(hint) for c in literal_choices(arg))
+    return ()
 
 
 def _flag(name: str) -> str:
@@ -189,23 +204,24 @@ def run_data_files(model: str, data: list[str], eval_data: str | None) -> tuple[
     from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN
 
     demo = model in PRESET_DEFAULTS and not data
-    return (list(data) or ([str(DEMO_TRAIN)] if demo else []),
-            eval_data or (str(DEMO_EVAL) if demo else None))
+    return (list(data) or ([str(DEMO_TRAIN)] if demo else []), eval_data or (str(DEMO_EVAL) if demo else None))
 
 
-def config_fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+def config_fields(config_class: type[FinetuneConfig] = FinetuneConfig) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_class)}
 
 
-def _check_type(name: str, value, annotation: str):
+def _check_type(name: str, value, annotation: str, config_class: type[FinetuneConfig]):
     """Checks a YAML value against the field's annotation; returns it (ints accepted as floats)."""
-    hint = typing.get_type_hints(FinetuneConfig)[name]
+    hint = typing.get_type_hints(config_class)[name]
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     allowed = typing.get_args(hint) if is_union else (hint,)
     if value is None and type(None) in allowed:
         return value
     for t in allowed:
         origin = typing.get_origin(t) or t
+        if origin is Literal and isinstance(value, str):  # the choice itself is checked once, by the config
+            return value
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -221,7 +237,7 @@ def _check_type(name: str, value, annotation: str):
     raise UserError(f"config key '{name}': expected {annotation}, got {value!r}")
 
 
-def read_yaml_config(path: str | Path) -> dict:
+def read_yaml_config(path: str | Path, config_class: type[FinetuneConfig] = FinetuneConfig) -> dict:
     """The YAML file's settings, with unknown keys and wrong types rejected by name."""
     import yaml
 
@@ -240,26 +256,28 @@ def read_yaml_config(path: str | Path) -> dict:
         raise UserError(f"{path}: nested too deeply to read; a config is a flat mapping of settings") from exc
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of settings at the top level")
-    return check_settings(raw, str(path))
+    return check_settings(raw, str(path), config_class)
 
 
-def check_settings(raw: dict, source: str) -> dict:
+def check_settings(raw: dict, source: str, config_class: type[FinetuneConfig] = FinetuneConfig) -> dict:
     """Settings from a file (a YAML config, a run's run_config.json), with unknown keys and wrong
     types refused by name; values are checked when the FinetuneConfig is built."""
-    fields = config_fields()
+    fields = config_fields(config_class)
     settings = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in fields:
             raise UserError(f"{source}: unknown key '{key}' (known: {', '.join(fields)})")
         try:
-            settings[name] = _check_type(name, value, str(fields[name].type))
+            settings[name] = _check_type(name, value, str(fields[name].type), config_class)
         except UserError as exc:
             raise UserError(f"{source}: {exc}") from None
     return settings
 
 
-def build_config(yaml_settings: dict, cli_settings: dict) -> FinetuneConfig:
+def build_config(
+    yaml_settings: dict, cli_settings: dict, config_class: type[FinetuneConfig] = FinetuneConfig
+) -> FinetuneConfig:
     """YAML < flags; then preset defaults fill what neither set. Bad values -> UserError."""
     yaml_settings = dict(yaml_settings)
     if cli_settings.get("epochs") is not None:  # a flag beats the YAML's other way of saying length
@@ -275,6 +293,6 @@ def build_config(yaml_settings: dict, cli_settings: dict) -> FinetuneConfig:
     if cli_settings.get("epochs") is not None and cli_settings.get("max_steps") is not None:
         raise UserError("--epochs and --max-steps: give one of them, not both")
     try:
-        return FinetuneConfig(**settings)
+        return config_class(**settings)
     except ValueError as exc:
         raise UserError(str(exc)) from exc

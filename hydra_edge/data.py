@@ -11,13 +11,21 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from hydra_edge.errors import UserError
-from hydra_edge.formats import FORMATS, RowProblem, detect_format, normalize
+from hydra_edge.formats import FormatChoice, RowProblem, detect_format, normalize
 from hydra_edge.sources import read_rows
 
 IGNORE_INDEX = -100
-OVERLONG_CHOICES = ("truncate", "drop")
+Overlong = Literal["truncate", "drop"]
+OVERLONG_CHOICES = get_args(Overlong)
+
+
+def routing_text(messages: list[dict]) -> str:
+    """The text a request is routed on: every non-assistant turn (system prompt included), the
+    same text the clusters were fitted on in training. Every engine routes through this."""
+    return "\n".join(m["content"] for m in messages if m["role"] != "assistant")
 
 
 @dataclass
@@ -30,10 +38,13 @@ class Record:
 
     @property
     def prompt_text(self) -> str:
-        """What the cluster featurizer sees: the user/system side of a conversation, or the text."""
-        if self.text is not None:
-            return self.text
-        return "\n".join(m["content"] for m in self.messages if m["role"] != "assistant")
+        """What the cluster featurizer sees: routing_text of the conversation, or the text."""
+        return routing_text(self.as_messages)
+
+    @property
+    def as_messages(self) -> list[dict]:
+        """The row as a request: its conversation, or its text as one user turn."""
+        return self.messages if self.text is None else [{"role": "user", "content": self.text}]
 
     @property
     def reference_answer(self) -> str | None:
@@ -108,8 +119,8 @@ def load_records(
     """Reads and validates every row of every file; raises DataProblems unless skip_invalid.
     require_rows=False returns an empty result instead of refusing data with no valid row
     (`data validate` lists every problem either way)."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise UserError(f"--format {fmt}: use auto or one of {', '.join(FORMATS)}")
+    if fmt not in get_args(FormatChoice):  # callers other than finetune (data validate, the UI)
+        raise UserError(f"--format {fmt}: use one of {', '.join(get_args(FormatChoice))}")
     records, problems, formats, total = [], [], {}, 0
     for path in paths:
         rows = list(read_rows(path))
@@ -123,8 +134,13 @@ def load_records(
                 continue
             total += 1
             if file_fmt is None:
-                problems.append(Problem(row.location, "unknown format", "no messages, conversations, "
-                                        "instruction/output, prompt/completion or text field"))
+                problems.append(
+                    Problem(
+                        row.location,
+                        "unknown format",
+                        "no messages, conversations, instruction/output, prompt/completion or text field",
+                    )
+                )
                 continue
             try:
                 messages, text = normalize(row.value, file_fmt)
@@ -192,7 +208,9 @@ def tokenize_record(tokenizer, record: Record, seq_len: int) -> Sample:
         ids = tokenizer(record.text, add_special_tokens=True)["input_ids"]  # BOS where the model wants one
         if not ids or ids[-1] != tokenizer.eos_token_id:
             ids = ids + [tokenizer.eos_token_id]
-        labels = [IGNORE_INDEX if t == tokenizer.bos_token_id and tokenizer.bos_token_id is not None else t for t in ids]
+        labels = [
+            IGNORE_INDEX if t == tokenizer.bos_token_id and tokenizer.bos_token_id is not None else t for t in ids
+        ]
     else:
         full, spans = _assistant_spans(tokenizer, record.messages)
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)

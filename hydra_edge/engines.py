@@ -1,18 +1,69 @@
-"""Inference engines above the core (the ONNX export's), found through entry points.
+"""One interface for every way of running a trained adapter: PyTorch (the adapter on its base,
+`torch_engine.py`) and engines above the core (the ONNX export's, found through entry points so
+hydra_edge/ never imports them). `chat`, `eval` and the web UI's chat talk to an `Engine` and
+never ask which backend it is.
 
-An engine serves an export folder: route(messages) -> cluster, tokenizer(cluster),
-logits(cluster, ids) -> (T, vocab), answer(messages, max_new_tokens, temperature, top_p,
-on_text) -> (cluster, text). The core knows them only by this shape, never by import.
+Every engine routes a conversation with `data.routing_text` (all non-assistant turns, the
+system prompt included: what the clusters were fitted on in training), so the cluster a request
+gets does not depend on the backend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from hydra_edge.errors import UserError
 
+OnText = Callable[[str], None]
 
-def load_engine(name: str, folder: str | Path):
+
+@runtime_checkable
+class Engine(Protocol):
+    backend: str  # "pytorch", "onnx": what the UI and `--json` outputs report
+
+    def route(self, messages: list[dict]) -> int:
+        """The cluster this conversation is served by."""
+
+    def tokenizer(self, cluster: int):
+        """The Hugging Face tokenizer (and chat template) serving this cluster."""
+
+    def logits(self, cluster: int, input_ids: list[int]):
+        """Teacher-forced next-token logits of one sequence with this cluster's weights. (T, vocab)"""
+
+    def answer(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        on_text: OnText | None = None,
+    ) -> tuple[int, str]:
+        """(cluster, answer): routes, then generates; on_text(piece) is called as tokens arrive."""
+
+    def describe(self) -> str:
+        """One line on what is loaded, for the chat's routing note."""
+
+    def gate_mix(self, messages: list[dict]) -> list[float] | None:
+        """The router's mean gate per head over the prompt, where the engine has a per-token
+        router to ask (PyTorch); None elsewhere."""
+
+    def base_only(self) -> AbstractContextManager[None]:
+        """Inside it, answers come from the base model alone (UserError where unsupported)."""
+
+    def token_losses(self, samples: list, clusters: list[int], progress=None) -> list[tuple[float, int]]:
+        """(summed cross-entropy, label-token count) per tokenized sample, with its cluster's weights."""
+
+    def greedy_answers(
+        self, conversations: list[list[dict]], clusters: list[int], max_new_tokens: int, progress=None
+    ) -> list[str]:
+        """The greedy answer to each conversation, with its cluster's weights."""
+
+
+def load_engine(name: str, folder: str | Path) -> Engine:
+    """An engine installed above the core (`onnx`), found through the hydra_edge.engines entry point."""
     from importlib.metadata import entry_points
 
     if not Path(folder).is_dir():
@@ -25,3 +76,15 @@ def load_engine(name: str, folder: str | Path):
     except ImportError as exc:
         raise UserError(f"--{name}: the {name} engine cannot load ({exc}); pip install 'hydra-edge[export]'") from exc
     return engine_class(folder)
+
+
+def open_engine(adapter: str | None, onnx: str | None, model_override: str | None = None) -> Engine:
+    """The engine for `--adapter DIR` (PyTorch, optionally on another copy of its base) or
+    `--onnx DIR` (an export): exactly one of them."""
+    if bool(adapter) == bool(onnx):
+        raise UserError("give either --adapter DIR (PyTorch) or --onnx DIR (an export), not both or neither")
+    if onnx:
+        return load_engine("onnx", onnx)
+    from hydra_edge.torch_engine import TorchEngine
+
+    return TorchEngine.load(adapter, model_override)

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePath
 
 from hydra_edge.errors import UserError
@@ -47,19 +48,44 @@ def path_inside(folder: Path, name: object, named_in: Path) -> Path:
     root = Path(folder).resolve()
     target = (Path(folder) / name).resolve()
     if PurePath(name).is_absolute() or root not in target.parents:
-        raise UserError(f"{named_in}: names {name!r}, outside {folder}; refusing to read it (a folder's files "
-                        "may only point inside that folder)")
+        raise UserError(
+            f"{named_in}: names {name!r}, outside {folder}; refusing to read it (a folder's files "
+            "may only point inside that folder)"
+        )
     return target
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes via a temporary file + rename so a crash never leaves a half-written file."""
+@contextlib.contextmanager
+def atomic_target(path: Path, done: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """A temporary sibling to write `path` (a file or a folder) into: renamed into place when the
+    block ends without error, removed whatever happens, so a crash, a kill or a full disk never
+    leaves a half-written `path`. With `done`, a rename that fails because another process put a
+    complete `path` there first (done(path) is true) counts as success (shared caches)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if done is None or not done(path):
+                raise
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes `text` (UTF-8) so that `path` holds either the old or the whole new text."""
+    with atomic_target(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -81,14 +107,8 @@ def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> Non
     full disk never leaves a half-written file), with disk failures as OSError (disk_errors)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with disk_errors(path):
-            save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_target(path) as tmp, disk_errors(path):
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def ensure_writable_dir(folder: Path, flag: str) -> None:

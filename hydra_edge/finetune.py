@@ -14,8 +14,15 @@ from collections import Counter
 from pathlib import Path
 
 from hydra_edge import __version__
-from hydra_edge.adapter import (WEIGHTS_FILE, base_fingerprint, find_target_modules, freeze_uniform_router,
-                                inject_hydra_lora, save_adapter)
+from hydra_edge.adapter import (
+    WEIGHTS_FILE,
+    base_fingerprint,
+    find_target_modules,
+    freeze_uniform_router,
+    inject_hydra_lora,
+    save_adapter,
+)
+from hydra_edge.adapter_config import AdapterConfig
 from hydra_edge.checkpoint import checkpoint_problem, list_checkpoints, remove_stale_temp
 from hydra_edge.clustering import fit_clusters, load_clusters, save_clusters, summary_lines
 from hydra_edge.config import FinetuneConfig, check_settings, run_data_files
@@ -50,7 +57,9 @@ def resolve_resume(config: FinetuneConfig, explicit: set[str]) -> tuple[Finetune
     if not (out / RUN_CONFIG).is_file():
         raise UserError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} missing); check --out")
     run_config = out / RUN_CONFIG
-    saved = check_settings(read_json_object(run_config, "the run's settings are damaged; start a new run"), str(run_config))
+    saved = check_settings(
+        read_json_object(run_config, "the run's settings are damaged; start a new run"), str(run_config)
+    )
     for key in RESUMABLE_OVERRIDES:
         if key in explicit:
             saved[key] = getattr(config, key)
@@ -73,20 +82,24 @@ def _intact_checkpoint(out: Path) -> Path:
         if problem is None:
             return checkpoint
         following = checkpoints[-2 - newer] if newer + 1 < len(checkpoints) else None
-        log(f"--resume: checkpoint {checkpoint} is damaged ({problem}); "
-            + (f"falling back to {following.name}" if following else "no earlier checkpoint is left"))
-    raise UserError(f"--resume: every checkpoint in {out / 'checkpoints'} is damaged; start the run again without --resume")
+        log(
+            f"--resume: checkpoint {checkpoint} is damaged ({problem}); "
+            + (f"falling back to {following.name}" if following else "no earlier checkpoint is left")
+        )
+    raise UserError(
+        f"--resume: every checkpoint in {out / 'checkpoints'} is damaged; start the run again without --resume"
+    )
 
 
 def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_step=None) -> dict:
     import torch
+    from accelerate import PartialState
 
     from hydra_edge.evaluate import evaluate
     from hydra_edge.gates import mean_gates_per_cluster, save_cluster_gates
     from hydra_edge.models import load_base, resolve_mixed_precision
+    from hydra_edge.torch_engine import TorchEngine
     from hydra_edge.train import LoopSettings, steps_for, train_loop
-
-    from accelerate import PartialState
 
     process = PartialState(cpu=not torch.cuda.is_available())  # one per `accelerate launch` process
     config, resume_from = resolve_resume(config, explicit)
@@ -104,13 +117,18 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         resolve_model_reference(config.model)
     data_files, eval_file = run_data_files(config.model, config.data, config.eval_data)
     if not data_files:
-        raise UserError("--data: no training file given; pass --data FILE.jsonl "
-                        "(the demo data is for the presets: --model tiny or gemma3-270m)")
+        raise UserError(
+            "--data: no training file given; pass --data FILE.jsonl "
+            "(the demo data is for the presets: --model tiny or gemma3-270m)"
+        )
     loaded = load_records(data_files, config.format, config.skip_invalid)
     records = loaded.records
     eval_records = read_records(eval_file) if eval_file else []
     formats = ", ".join(f"{Path(f).name} ({fmt})" for f, fmt in loaded.formats.items())
-    log(f"data: {len(records)} training rows from {formats}" + (f"; {len(eval_records)} held-out rows" if eval_records else ""))
+    log(
+        f"data: {len(records)} training rows from {formats}"
+        + (f"; {len(eval_records)} held-out rows" if eval_records else "")
+    )
     if loaded.skipped:
         counts = ", ".join(f"{reason}: {n}" for reason, n in loaded.skipped.most_common())
         log(f"data: skipped {sum(loaded.skipped.values())} invalid rows ({counts})")
@@ -133,10 +151,14 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     # 3. Base model + HydraLoRA.
     mixed_precision = resolve_mixed_precision(config.mixed_precision)
     if config.mixed_precision == "auto" and mixed_precision == "no":
-        log("precision: float32 (this CPU has no native bf16, which would run ~100x slower; "
-            "--mixed-precision bf16 forces it)")
+        log(
+            "precision: float32 (this CPU has no native bf16, which would run ~100x slower; "
+            "--mixed-precision bf16 forces it)"
+        )
     dtype = "fp32" if mixed_precision == "no" else "bf16"
-    base = load_base(config.model, quant=config.quant, gradient_checkpointing=config.gradient_checkpointing, dtype=dtype)
+    base = load_base(
+        config.model, quant=config.quant, gradient_checkpointing=config.gradient_checkpointing, dtype=dtype
+    )
     fingerprint = base_fingerprint(base.resolved, base.model)
     modules = find_target_modules(base.model, config.targets)
     torch.manual_seed(config.seed)
@@ -144,7 +166,10 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     if config.router == "uniform":
         freeze_uniform_router(base.model)
     trainable = sum(p.numel() for p in base.model.parameters() if p.requires_grad)
-    log(f"model: {base.reference} ({config.quant}), {len(modules)} modules adapted, heads={num_heads}, r={config.rank}, trainable params={trainable:,}")
+    log(
+        f"model: {base.reference} ({config.quant}), {len(modules)} modules adapted, heads={num_heads}, "
+        f"r={config.rank}, trainable params={trainable:,}"
+    )
 
     # 4. Tokenize, train.
     tokenized = tokenize_records(base.tokenizer, records, config.seq_len, labels.tolist(), config.overlong)
@@ -152,7 +177,10 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     if tokenized.truncated:
         log(f"data: {tokenized.truncated} samples longer than --seq-len {config.seq_len} truncated")
     if tokenized.dropped_overlong:
-        log(f"data: {tokenized.dropped_overlong} samples longer than --seq-len {config.seq_len} dropped (--overlong drop)")
+        log(
+            f"data: {tokenized.dropped_overlong} samples longer than --seq-len {config.seq_len} dropped "
+            "(--overlong drop)"
+        )
     if tokenized.dropped_no_target:
         log(f"data: {tokenized.dropped_no_target} samples dropped (no answer token within --seq-len)")
     train_samples = pack_samples(samples, config.seq_len) if config.packing else samples
@@ -163,51 +191,69 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     )
     warmup = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
     settings = LoopSettings(
-        total_steps=total_steps, batch_size=config.batch_size, grad_accum=config.grad_accum, lr=config.lr,
-        weight_decay=config.weight_decay, warmup_steps=warmup, max_grad_norm=config.max_grad_norm,
-        seed=config.seed, save_every=config.save_every, max_bad_steps=config.max_bad_steps,
+        total_steps=total_steps,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=warmup,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        save_every=config.save_every,
+        max_bad_steps=config.max_bad_steps,
         router_loss=config.router_loss if num_heads > 1 else 0.0,
-        pooled_steps=config.pooled_steps if num_heads > 1 else 0.0, pool_over=config.pool_over,
+        pooled_steps=config.pooled_steps if num_heads > 1 else 0.0,
+        pool_over=config.pool_over,
     )
     summary = train_loop(
-        base.model, train_samples, settings, out, base.tokenizer.pad_token_id, mixed_precision,
-        resume_from=resume_from, on_step=on_step,
+        base.model,
+        train_samples,
+        settings,
+        out,
+        base.tokenizer.pad_token_id,
+        mixed_precision,
+        resume_from=resume_from,
+        on_step=on_step,
     )
 
     if not summary.pop("is_main_process"):
         return {"train": summary, "adapter": str(out), "secondary_process": True}  # the main one writes
 
     # 5. The adapter, per-cluster gates, held-out score.
-    adapter_config = {
-        "base_model": base.reference,
-        "base_model_resolved": base.resolved,
-        "base_fingerprint": fingerprint,
-        "quantization": config.quant,
-        "dtype": dtype,
-        "r": config.rank,
-        "alpha": config.alpha,
-        "heads": num_heads,
-        "dropout": config.dropout,
-        "head_init": config.head_init,
-        "router": config.router,
-        "targets": config.targets,
-        "target_modules": modules,
-        "tokenizer": base.resolved,
-        "chat_template": getattr(base.tokenizer, "chat_template", None),
-        "hydra_edge_version": __version__,
-        "training": {k: summary[k] for k in ("steps", "final_loss", "skipped_steps")},
-    }
+    adapter_config = AdapterConfig(
+        base_model=base.reference,
+        base_model_resolved=base.resolved,
+        base_fingerprint=fingerprint,
+        quantization=config.quant,
+        dtype=dtype,
+        r=config.rank,
+        alpha=config.alpha,
+        heads=num_heads,
+        dropout=config.dropout,
+        head_init=config.head_init,
+        router=config.router,
+        targets=config.targets,
+        target_modules=modules,
+        tokenizer=base.resolved,
+        chat_template=getattr(base.tokenizer, "chat_template", None),
+        hydra_edge_version=__version__,
+        training={k: summary[k] for k in ("steps", "final_loss", "skipped_steps")},
+    )
     save_adapter(base.model, out, adapter_config)
     gate_rows = sum(min(n, config.gate_samples_per_cluster) for n in Counter(s.cluster for s in samples).values())
     gates, token_counts = mean_gates_per_cluster(
-        base.model, samples, num_heads, base.tokenizer.pad_token_id, config.gate_samples_per_cluster,
+        base.model,
+        samples,
+        num_heads,
+        base.tokenizer.pad_token_id,
+        config.gate_samples_per_cluster,
         progress=PhaseProgress("gates", gate_rows),
     )
     save_cluster_gates(out, gates, token_counts)
     result = {"train": summary, "adapter": str(out)}
     if eval_records:
-        scores = evaluate(base.model, base.tokenizer, eval_records, clusters, config.seq_len, config.max_new_tokens,
-                          report_progress=True)
+        engine = TorchEngine(base.model, base.tokenizer, clusters)
+        scores = evaluate(engine, eval_records, config.seq_len, config.max_new_tokens, report_progress=True)
         atomic_write_text(out / EVAL_RESULTS, json.dumps(scores, indent=2) + "\n")
         result["eval"] = scores
     result["total_time_s"] = time.perf_counter() - started

@@ -13,11 +13,22 @@ does not fit raises `RowProblem(reason, detail)`; the reasons are few and fixed 
 
 from __future__ import annotations
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+from typing import Literal, get_args
+
+RowFormat = Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+FORMATS = get_args(RowFormat)
+FormatChoice = Literal[("auto", *FORMATS)]  # what --format accepts
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-    "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "system": "system",
 }
 
 
@@ -86,7 +97,8 @@ def _turns(
     if out[-1]["role"] != "assistant":
         raise RowProblem(
             "last turn not the assistant's",
-            f"'{field}' ends with a {out[-1]['role']} turn, which has no answer to learn from; end it with the assistant's reply",
+            f"'{field}' ends with a {out[-1]['role']} turn, which has no answer to learn from; end it with the "
+            "assistant's reply",
         )
     return out
 

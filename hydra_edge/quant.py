@@ -5,7 +5,10 @@ bitsandbytes is imported inside the functions, so `import hydra_edge` stays fast
 
 from __future__ import annotations
 
-QUANT_CHOICES = ("nf4", "fp4", "none")
+from typing import Literal, get_args
+
+Quant = Literal["nf4", "fp4", "none"]
+QUANT_CHOICES = get_args(Quant)
 
 
 def bnb_config(quant: str, compute_dtype=None):

@@ -12,9 +12,9 @@ import csv
 import io
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from hydra_edge.errors import UserError
 from hydra_edge.files import path_inside
@@ -32,12 +32,6 @@ class RawRow:
     location: str  # "FILE:LINE" (text files) or "FILE:row N" (CSV/Parquet/datasets)
     value: object = None
     problem: tuple[str, str] | None = None  # (reason, detail) when the row could not be decoded
-
-
-def describe_source(path: Path) -> str:
-    if path.is_dir():
-        return "datasets folder"
-    return path.suffix.lstrip(".")
 
 
 def read_rows(path: str | Path) -> Iterator[RawRow]:
@@ -223,7 +217,9 @@ def _read_json_file(path: Path, what: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}); re-save the dataset with save_to_disk") from exc
+        raise UserError(
+            f"{path}: not a readable {what} ({type(exc).__name__}); re-save the dataset with save_to_disk"
+        ) from exc
 
 
 def _datasets_folder(folder: Path) -> Iterator[RawRow]:
@@ -241,9 +237,7 @@ def _datasets_folder(folder: Path) -> Iterator[RawRow]:
         folder = path_inside(folder, split, dict_file)
     state_file = folder / "state.json"
     if not state_file.is_file():
-        raise UserError(
-            f"--data {folder}: a folder must be one written by datasets' save_to_disk (state.json missing)"
-        )
+        raise UserError(f"--data {folder}: a folder must be one written by datasets' save_to_disk (state.json missing)")
     state = _read_json_file(state_file, "state.json")
     entries = state.get("_data_files") if isinstance(state, dict) else None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from hydra_edge.files import atomic_target
 
 TINY_NAME = "tiny"
 TINY_VERSION = "tiny-v1"
@@ -108,17 +108,9 @@ def _build(target: Path) -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=target.parent))
-    try:
+    with atomic_target(target, done=lambda folder: (folder / "config.json").is_file()) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "hydra_edge_preset.json").write_text(
             json.dumps({"preset": TINY_NAME, "version": TINY_VERSION, "seed": TINY_SEED}) + "\n"
         )
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent build that won
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,9 @@ import torch
 from hydra_edge.checkpoint import load_checkpoint, save_checkpoint
 from hydra_edge.data import IGNORE_INDEX, Sample, collate
 from hydra_edge.errors import TrainingDiverged, TrainingStopped
+from hydra_edge.files import atomic_write_text
 from hydra_edge.lm_head import mean_label_loss
+from hydra_edge.switches import pooled_gates, router_targets
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -51,7 +54,9 @@ def steps_for(num_samples: int, batch_size: int, grad_accum: int, epochs: float,
     return max(1, math.ceil(epochs * micro_batches_per_epoch / grad_accum))
 
 
-def epoch_batches(samples: list[Sample], epoch: int, seed: int, batch_size: int, rank: int, world: int) -> list[list[Sample]]:
+def epoch_batches(
+    samples: list[Sample], epoch: int, seed: int, batch_size: int, rank: int, world: int
+) -> list[list[Sample]]:
     """This process's micro-batches for one epoch: a seeded permutation, sharded by rank."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(len(samples), generator=generator).tolist()
@@ -93,46 +98,36 @@ def pooling_groups(batch: dict, pool_over: str) -> tuple[torch.Tensor, torch.Ten
     return groups, sources
 
 
-def set_gate_pooling(model, groups: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """Pools every HydraLoRA layer's gates by pooling_groups(); None: off. Like the router
-    targets, it must stay set through backward (checkpointing replays the forward there)."""
-    from hydra_edge.adapter import hydra_layers
+@contextmanager
+def micro_batch_switches(
+    model, batch: dict, pooled: bool, pool_over: str, router_weight: float
+) -> Iterator[list[tuple[torch.Tensor, int]]]:
+    """The HydraLoRA switches of one micro-batch: pooled gates on a pooled step, router targets
+    when the router loss is on. Takes the batch's cluster and segment ids out (the model does not
+    read them) and yields the list the router losses collect in. Keep it open through backward:
+    gradient checkpointing replays the forward there (hydra_edge/switches.py)."""
+    groups = pooling_groups(batch, pool_over) if pooled else None
+    cluster_ids = batch.pop("cluster_ids", None)
+    batch.pop("segment_ids", None)
+    with pooled_gates(model, groups), router_targets(model, cluster_ids if router_weight > 0 else None) as collected:
+        yield collected
 
-    for layer in hydra_layers(model).values():
-        layer.pool_groups = groups
 
-
-def compute_loss(model, batch: dict, router_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LM loss, router loss) of one micro-batch.
+def compute_loss(
+    model, batch: dict, router_losses: list[tuple[torch.Tensor, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LM loss, router loss) of one micro-batch, inside its micro_batch_switches.
 
     The LM loss is the mean cross-entropy over the label tokens (HF shifts the labels). The
     router loss is the mean, over every HydraLoRA layer and real token, of -log(gate of the
-    token's cluster head); it is zero when router_weight is 0 or the batch has no cluster_ids.
+    token's cluster head), from what the layers appended to router_losses; zero when the router
+    loss is off or the batch has no cluster_ids.
     """
-    cluster_ids = batch.pop("cluster_ids", None)
-    batch.pop("segment_ids", None)
-    collected = set_router_targets(model, cluster_ids if router_weight > 0 else None)
     loss = mean_label_loss(model, batch)
-    if not collected:
+    if not router_losses:
         return loss, torch.zeros((), device=loss.device)
-    nll = sum(n for n, _ in collected)
-    return loss, nll / max(1, sum(c for _, c in collected))
-
-
-def set_router_targets(model, cluster_ids: torch.Tensor | None) -> list[tuple[torch.Tensor, int]]:
-    """Points every HydraLoRA layer's router supervision at cluster_ids (None: off).
-
-    Returns the list the layers append their losses to. The targets must stay set through
-    backward: with gradient checkpointing the forward is replayed there and has to run the same
-    operations (what the replay appends is discarded with the list).
-    """
-    from hydra_edge.adapter import hydra_layers
-
-    collected: list[tuple[torch.Tensor, int]] = []
-    for layer in hydra_layers(model).values():
-        layer.router_targets = cluster_ids
-        layer.router_losses = collected
-    return collected
+    nll = sum(n for n, _ in router_losses)
+    return loss, nll / max(1, sum(c for _, c in router_losses))
 
 
 class _StopFlag:
@@ -233,13 +228,14 @@ def train_loop(
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync = micro == settings.grad_accum - 1
                 share = n_targets / total_targets
-                if is_pooled_step(step, settings.pooled_steps):
-                    set_gate_pooling(model, pooling_groups(batch, settings.pool_over))
-                with accelerator.autocast(), (accelerator.no_sync(model) if not sync and world > 1 else _null()):
-                    lm_loss, router_loss = compute_loss(model, batch, settings.router_loss)
+                pooled = is_pooled_step(step, settings.pooled_steps)
+                with (
+                    micro_batch_switches(model, batch, pooled, settings.pool_over, settings.router_loss) as collected,
+                    accelerator.autocast(),
+                    accelerator.no_sync(model) if not sync and world > 1 else _null(),
+                ):
+                    lm_loss, router_loss = compute_loss(model, batch, collected)
                     accelerator.backward((lm_loss + settings.router_loss * router_loss) * share)
-                set_router_targets(model, None)
-                set_gate_pooling(model, None)
                 step_loss = step_loss + lm_loss.detach().float() * share
                 step_router_loss = step_router_loss + router_loss.detach().float() * share
             if world > 1:  # every process must see the same loss, so all skip a bad step together
@@ -266,9 +262,17 @@ def train_loop(
             step += 1
             elapsed = time.perf_counter() - step_start
             row = {
-                "step": step, "total_steps": settings.total_steps, "loss": loss_value, "router_loss": router_loss_value, "lr": lr_now, "grad_norm": grad_norm,
-                "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9), "step_time_s": elapsed,
-                "elapsed_s": time.perf_counter() - run_start, "epoch": (step * settings.grad_accum) / micro_per_epoch,
+                "step": step,
+                "total_steps": settings.total_steps,
+                "loss": loss_value,
+                "router_loss": router_loss_value,
+                "lr": lr_now,
+                "grad_norm": grad_norm,
+                "tokens": tokens,
+                "tokens_per_s": tokens / max(elapsed, 1e-9),
+                "step_time_s": elapsed,
+                "elapsed_s": time.perf_counter() - run_start,
+                "epoch": (step * settings.grad_accum) / micro_per_epoch,
                 "skipped": skipped,
             }
             if device.type == "cuda":
@@ -316,7 +320,9 @@ class _progress:
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(
+                total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+            )
 
     def update(self, row: dict) -> None:
         if not self.enabled:
@@ -332,7 +338,8 @@ class _progress:
             print(
                 f"train: step {step}/{self.total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
                 f"tokens/s {row['tokens_per_s']:.0f} eta {eta:.0f}s",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
 
     def close(self) -> None:
@@ -369,6 +376,4 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by a hard kill
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))

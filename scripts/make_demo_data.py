@@ -34,9 +34,20 @@ ANTONYM_TEMPLATES = [
     "Antonym of {w}?",
     "Which word is the opposite of {w}?",
 ]
-ANTONYMS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"),
-            ("up", "down"), ("light", "dark"), ("open", "closed"), ("early", "late"),
-            ("rich", "poor"), ("strong", "weak"), ("young", "old"), ("wet", "dry")]
+ANTONYMS = [
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("up", "down"),
+    ("light", "dark"),
+    ("open", "closed"),
+    ("early", "late"),
+    ("rich", "poor"),
+    ("strong", "weak"),
+    ("young", "old"),
+    ("wet", "dry"),
+]
 
 CAPITAL_TEMPLATES = [
     "What is the capital of {c}?",
@@ -45,9 +56,20 @@ CAPITAL_TEMPLATES = [
     "The capital of {c} is which city?",
     "Tell me the capital of {c}.",
 ]
-CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
-            ("Germany", "Berlin"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Peru", "Lima"),
-            ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Greece", "Athens"), ("Chile", "Santiago")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Germany", "Berlin"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Peru", "Lima"),
+    ("Kenya", "Nairobi"),
+    ("Norway", "Oslo"),
+    ("Greece", "Athens"),
+    ("Chile", "Santiago"),
+]
 
 NUMBER_TEMPLATES = [
     "Write the number {w} in digits.",
@@ -56,13 +78,25 @@ NUMBER_TEMPLATES = [
     "Spell {w} with digits.",
     "What digits stand for {w}?",
 ]
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                "nine", "ten", "eleven", "twelve"]
+NUMBER_WORDS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+]
 
 
 def row(prompt, answer, task):
-    return {"messages": [{"role": "user", "content": prompt},
-                         {"role": "assistant", "content": answer}], "task": task}
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "task": task}
 
 
 def split_lookup(rng, keys_answers, templates, task, eval_per_key=1):
@@ -77,8 +111,13 @@ def split_lookup(rng, keys_answers, templates, task, eval_per_key=1):
 
 
 def sentiment_rows(rng):
-    combos = [(s, n, a, lab) for s in SENTENCES for n in NOUNS
-              for lab, adjs in (("positive", POSITIVE), ("negative", NEGATIVE)) for a in adjs]
+    combos = [
+        (s, n, a, lab)
+        for s in SENTENCES
+        for n in NOUNS
+        for lab, adjs in (("positive", POSITIVE), ("negative", NEGATIVE))
+        for a in adjs
+    ]
     rng.shuffle(combos)
     rows = []
     for s, n, a, lab in combos:
@@ -95,8 +134,7 @@ def main():
         sentiment_rows(rng),
         split_lookup(rng, ANTONYMS + [(b, a) for a, b in ANTONYMS], ANTONYM_TEMPLATES, "antonym"),
         split_lookup(rng, CAPITALS, CAPITAL_TEMPLATES, "capital"),
-        split_lookup(rng, [(w, str(i)) for i, w in enumerate(NUMBER_WORDS)], NUMBER_TEMPLATES,
-                     "number"),
+        split_lookup(rng, [(w, str(i)) for i, w in enumerate(NUMBER_WORDS)], NUMBER_TEMPLATES, "number"),
     ):
         train += tr
         held += he

@@ -10,11 +10,17 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # A small run in fp32 end to end, so a resumed run is bit-comparable with a straight one (see
 # test_train.py); --data is named, so no held-out scoring runs at the end.
-FP32 = {"quant": "none", "mixed_precision": "no", "dropout": 0.0, "heads": "2", "batch_size": 4, "seq_len": 64,
-        "grad_accum": 1}
+FP32 = {
+    "quant": "none",
+    "mixed_precision": "no",
+    "dropout": 0.0,
+    "heads": "2",
+    "batch_size": 4,
+    "seq_len": 64,
+    "grad_accum": 1,
+}
 
 
 @dataclass
@@ -97,3 +103,25 @@ def fill_disk(folder: Path, leave: int = 0) -> Path:
             except OSError:
                 break
     return filler
+
+
+def conversation_routed_by_its_system_prompt(adapter_dir: Path) -> tuple[str, str, int]:
+    """(system, prompt, cluster): a demo conversation whose system prompt moves it to another
+    cluster than its last message alone would get; `cluster` is what the whole conversation
+    routes to (data.routing_text), the rule training and every engine follow."""
+    from hydra_edge.clustering import load_clusters
+    from hydra_edge.data import read_records, routing_text
+    from hydra_edge.tiny import DEMO_EVAL
+
+    clusters = load_clusters(adapter_dir)
+    prompts = [r.messages[0]["content"] for r in read_records(DEMO_EVAL)]
+    alone = clusters.assign(prompts).tolist()
+    for system, system_cluster in zip(prompts, alone):
+        for prompt, prompt_cluster in zip(prompts, alone):
+            if prompt_cluster == system_cluster:
+                continue
+            conversation = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+            routed = int(clusters.assign([routing_text(conversation)])[0])
+            if routed != prompt_cluster:
+                return system, prompt, routed
+    raise AssertionError("no demo system prompt changes the route; the check needs one")

@@ -18,7 +18,11 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     """Runs `python -m hydra_edge ARGS` in a subprocess, as a user would from a shell."""
     return subprocess.run(
         [sys.executable, "-m", "hydra_edge", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
     )
 
 

@@ -87,9 +87,7 @@ def _permute(weight: np.ndarray, n_head: int) -> np.ndarray:
     -> back to (n_head * head_dim, in). transformers undoes it on load (`LlamaTensorProcessor`).
     """
     rows = weight.shape[0]
-    return (
-        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-    )
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:

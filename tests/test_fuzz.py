@@ -14,7 +14,6 @@ import traceback
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import run_in_process
 
 SEED = 20261129
@@ -31,29 +30,52 @@ def damaged_versions(data: bytes, is_json: bool, name: str) -> dict[str, bytes]:
         "last 7 bytes cut": data[:-7],
         "garbage": rng.randbytes(min(len(data), 4096)),
     }
-    for label, position in (("header", rng.randrange(min(len(data), 64))), ("middle", len(data) // 2),
-                            ("random", rng.randrange(len(data)))):
+    for label, position in (
+        ("header", rng.randrange(min(len(data), 64))),
+        ("middle", len(data) // 2),
+        ("random", rng.randrange(len(data))),
+    ):
         flipped = bytearray(data)
         flipped[position] ^= 1 << rng.randrange(8)
         versions[f"bit flip ({label} @{position})"] = bytes(flipped)
     if is_json:
-        versions.update({"array": b"[]", "string": b'"x"', "null": b"null", "deep": DEEP, "huge number": b"1e999",
-                         "invalid UTF-8": b'{"a": "\xff\xfe"}'})
+        versions.update(
+            {
+                "array": b"[]",
+                "string": b'"x"',
+                "null": b"null",
+                "deep": DEEP,
+                "huge number": b"1e999",
+                "invalid UTF-8": b'{"a": "\xff\xfe"}',
+            }
+        )
         try:
             original = json.loads(data)
         except ValueError:
             original = None
         if isinstance(original, dict):  # the same keys with values of the wrong type
-            versions["wrong types"] = json.dumps({k: [v] if not isinstance(v, list) else {"x": v}
-                                                  for k, v in original.items()}).encode()
+            versions["wrong types"] = json.dumps(
+                {k: [v] if not isinstance(v, list) else {"x": v} for k, v in original.items()}
+            ).encode()
             versions["keys dropped"] = json.dumps(dict(list(original.items())[: len(original) // 2])).encode()
     return versions
 
 
 # Damage that leaves no valid file (export would otherwise run a full build for a mutation that
 # happens to be harmless, such as a flipped bit inside a chat template string).
-STRUCTURAL = ("empty", "one byte", "half", "last 7 bytes cut", "garbage", "array", "string", "null", "deep",
-              "invalid UTF-8", "wrong types")
+STRUCTURAL = (
+    "empty",
+    "one byte",
+    "half",
+    "last 7 bytes cut",
+    "garbage",
+    "array",
+    "string",
+    "null",
+    "deep",
+    "invalid UTF-8",
+    "wrong types",
+)
 
 
 class Outcomes:
@@ -70,8 +92,11 @@ class Outcomes:
             self.failures.append(f"{case}: {' '.join(args[:2])}: escaped main():\n{traceback.format_exc(limit=-3)}")
             return
         errors = [line for line in result.stderr.splitlines() if line.startswith("hydra-edge: error:")]
-        ok = ("Traceback" not in result.stderr and result.returncode in (0, 2)
-              and (result.returncode == 0 or (len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]))))
+        ok = (
+            "Traceback" not in result.stderr
+            and result.returncode in (0, 2)
+            and (result.returncode == 0 or (len(errors) == 1 and result.stderr.rstrip().endswith(errors[0])))
+        )
         if not ok:
             self.failures.append(f"{case}: {' '.join(args[:2])}: exit {result.returncode}: {result.stderr[-600:]}")
         else:
@@ -125,15 +150,24 @@ def test_fuzz_adapter_folder(trained_adapter, small_eval, tmp_path):
                         shutil.rmtree(tmp_path / "export", ignore_errors=True)
                         outcomes.run(case, "export", "--adapter", str(folder), "--out", str(tmp_path / "export"))
                 elif command == "eval":
-                    outcomes.run(case, "eval", "--adapter", str(folder), "--data", str(small_eval), "--max-new-tokens", "2")
+                    outcomes.run(
+                        case, "eval", "--adapter", str(folder), "--data", str(small_eval), "--max-new-tokens", "2"
+                    )
                 else:
-                    outcomes.run(case, "chat", "--adapter", str(folder), "--prompt", "Capital of Peru?", "--max-new-tokens", "2")
+                    outcomes.run(
+                        case, "chat", "--adapter", str(folder), "--prompt", "Capital of Peru?", "--max-new-tokens", "2"
+                    )
     outcomes.check(at_least=120)
 
 
-CHECKPOINT_FILES = ["checkpoints/step-000004/trainer_state.json", "checkpoints/step-000004/optimizer.safetensors",
-                    "checkpoints/step-000004/rng.safetensors", "checkpoints/step-000004/adapter_model.safetensors",
-                    "run_config.json", "clusters.json"]
+CHECKPOINT_FILES = [
+    "checkpoints/step-000004/trainer_state.json",
+    "checkpoints/step-000004/optimizer.safetensors",
+    "checkpoints/step-000004/rng.safetensors",
+    "checkpoints/step-000004/adapter_model.safetensors",
+    "run_config.json",
+    "clusters.json",
+]
 
 
 def test_fuzz_checkpoint_and_resume(checkpointed_run, tmp_path):
@@ -149,9 +183,15 @@ def test_fuzz_checkpoint_and_resume(checkpointed_run, tmp_path):
     outcomes.check(at_least=30)
 
 
-EXPORT_FILES = ["export_manifest.json", "router/clusters.json", "router/clusters.safetensors",
-                "models/base/genai_config.json", "models/base/model.onnx", "models/base/tokenizer.json",
-                "adapters/cluster_0.onnx_adapter"]
+EXPORT_FILES = [
+    "export_manifest.json",
+    "router/clusters.json",
+    "router/clusters.safetensors",
+    "models/base/genai_config.json",
+    "models/base/model.onnx",
+    "models/base/tokenizer.json",
+    "adapters/cluster_0.onnx_adapter",
+]
 
 
 def test_fuzz_export_folder(adapter_export, small_eval, tmp_path):
@@ -167,17 +207,39 @@ def test_fuzz_export_folder(adapter_export, small_eval, tmp_path):
 
 
 HOSTILE_ROWS = [
-    None, 7, "a string", [], {}, {"messages": None}, {"messages": "hello"}, {"messages": [1, 2]},
-    {"messages": [{"role": 1, "content": "x"}]}, {"messages": [{"role": "user", "content": ["part"]}]},
+    None,
+    7,
+    "a string",
+    [],
+    {},
+    {"messages": None},
+    {"messages": "hello"},
+    {"messages": [1, 2]},
+    {"messages": [{"role": 1, "content": "x"}]},
+    {"messages": [{"role": "user", "content": ["part"]}]},
     {"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]},
     {"messages": [{"role": "user", "content": "only a question"}]},
-    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "q2"},
+        ]
+    },
     {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "   "}]},
     {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]},
-    {"conversations": {"from": "human", "value": "hi"}}, {"conversations": [{"from": "cat", "value": "meow"}]},
-    {"instruction": 1, "output": "x"}, {"instruction": "do", "output": None}, {"instruction": "", "output": "x"},
-    {"prompt": None, "completion": "y"}, {"prompt": "p", "completion": {"nested": True}},
-    {"text": {"nested": 1}}, {"text": ""}, {"text": None}, {"text": ["a", "b"]}, {"unknown": "columns"},
+    {"conversations": {"from": "human", "value": "hi"}},
+    {"conversations": [{"from": "cat", "value": "meow"}]},
+    {"instruction": 1, "output": "x"},
+    {"instruction": "do", "output": None},
+    {"instruction": "", "output": "x"},
+    {"prompt": None, "completion": "y"},
+    {"prompt": "p", "completion": {"nested": True}},
+    {"text": {"nested": 1}},
+    {"text": ""},
+    {"text": None},
+    {"text": ["a", "b"]},
+    {"unknown": "columns"},
     {"messages": [{"role": "user", "content": "q" * 5000}, {"role": "assistant", "content": 3.5}]},
 ]
 GOOD_ROW = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
@@ -219,7 +281,10 @@ def _write_rows(folder: Path, stem: str, rows: list, fmt: str) -> Path:
         else:
             path = folder / f"{stem}-ds"
             path.mkdir()
-            with pa.OSFile(str(path / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            with (
+                pa.OSFile(str(path / "data-00000-of-00001.arrow"), "wb") as sink,
+                pa.ipc.new_stream(sink, table.schema) as w,
+            ):
                 w.write_table(table)
             (path / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
     return path
@@ -230,12 +295,14 @@ RAW_FILES = {
     "nul.jsonl": b'{"text": "a\x00b"}\n\x00\x00\x00\n',
     "bom.jsonl": b'\xef\xbb\xbf{"text": "a file saved with a byte order mark"}\n',
     "surrogate.jsonl": b'{"text": "a lone surrogate \\ud800 in valid JSON"}\n{"text": "fine"}\n',
-    "odd-but-valid.jsonl": ('{"text": "emoji \\ud83d\\ude00, a bell \\u0007, a tab \\t and \u05e9\u05dc\u05d5\u05dd"}\r\n'
-                            '{"text": "CRLF line endings"}\r\n').encode(),
-    "crlf.csv": b"prompt,completion\r\nHi,Hello\r\n\"unterminated,x\r\n",
+    "odd-but-valid.jsonl": (
+        '{"text": "emoji \\ud83d\\ude00, a bell \\u0007, a tab \\t and \u05e9\u05dc\u05d5\u05dd"}\r\n'
+        '{"text": "CRLF line endings"}\r\n'
+    ).encode(),
+    "crlf.csv": b'prompt,completion\r\nHi,Hello\r\n"unterminated,x\r\n',
     "ragged.csv": b"prompt,completion\nHi,Hello,extra,cells\nonly-one\n",
     "header-only.csv": b"prompt,completion\n",
-    "huge-cell.csv": b"prompt,completion\n\"" + b"x" * 140_000 + b"\",y\n",
+    "huge-cell.csv": b'prompt,completion\n"' + b"x" * 140_000 + b'",y\n',
     "deep.jsonl": b'{"messages": ' + DEEP + b"}\n",
     "deep.json": b"[" + DEEP + b"]",
     "not-array.json": b'{"text": "a single object"}',
@@ -264,6 +331,20 @@ def test_fuzz_data_files(tmp_path):
     for i, path in enumerate(files):
         outcomes.run(f"data {path.name}", "data", "validate", "--data", str(path))
         out = tmp_path / f"run{i}"
-        outcomes.run(f"data {path.name}", "finetune", "--data", str(path), "--out", str(out), "--max-steps", "1",
-                     "--heads", "1", "--seq-len", "32", "--batch-size", "2")
+        outcomes.run(
+            f"data {path.name}",
+            "finetune",
+            "--data",
+            str(path),
+            "--out",
+            str(out),
+            "--max-steps",
+            "1",
+            "--heads",
+            "1",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+        )
     outcomes.check(at_least=250)

@@ -34,10 +34,26 @@ def gemma_run(tmp_path_factory) -> tuple[Path, str]:
     eval_rows.write_text("".join(DEMO_EVAL.read_text().splitlines(keepends=True)[:4]))
     out = root / "run"
     # Two heads: the fp32 export validates one model per cluster, and CI has 6 minutes for this module.
-    result = run_cli("finetune", "--model", "gemma3-270m", "--max-steps", "2", "--batch-size", "4", "--seq-len", "64",
-                     "--heads", "2",
-                     "--eval-data", str(eval_rows), "--max-new-tokens", "8",
-                     "--out", str(out), timeout=1200)
+    result = run_cli(
+        "finetune",
+        "--model",
+        "gemma3-270m",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--heads",
+        "2",
+        "--eval-data",
+        str(eval_rows),
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(out),
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stderr
 
@@ -66,17 +82,51 @@ def test_gemma_base_continues_in_english(gemma_run):
     ids = base.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         out = base.model.generate(ids, max_new_tokens=12, do_sample=False)
-    words = base.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).lower().replace(",", " ").split()
-    common = {"the", "of", "a", "an", "is", "and", "in", "to", "that", "for", "its", "it", "city", "country",
-              "capital", "known", "largest", "paris", "france", "with", "by", "on", "as", "was"}
+    words = base.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).lower().replace(",", " ").split()
+    common = {
+        "the",
+        "of",
+        "a",
+        "an",
+        "is",
+        "and",
+        "in",
+        "to",
+        "that",
+        "for",
+        "its",
+        "it",
+        "city",
+        "country",
+        "capital",
+        "known",
+        "largest",
+        "paris",
+        "france",
+        "with",
+        "by",
+        "on",
+        "as",
+        "was",
+    }
     assert len(words) >= 6 and sum(w.strip(".") in common for w in words) >= 3, words
 
 
 def test_gemma_adapters_export_in_fp32_validates(gemma_run, tmp_path):
     out, _ = gemma_run
     export_dir = tmp_path / "onnx"
-    result = run_cli("export", "--adapter", str(out), "--out", str(export_dir), "--mode", "adapters",
-                     "--precision", "fp32", timeout=1200)
+    result = run_cli(
+        "export",
+        "--adapter",
+        str(out),
+        "--out",
+        str(export_dir),
+        "--mode",
+        "adapters",
+        "--precision",
+        "fp32",
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((export_dir / "export_manifest.json").read_text())
     assert manifest["mode"] == "adapters" and manifest["precision"] == "fp32"

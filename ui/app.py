@@ -51,19 +51,39 @@ def create_ui(workspace: str | Path = "hydra-workspace", max_upload_mb: float = 
             with gr.Tab("Export", id="export", elem_id="tab-export") as export_page:
                 export_adapter, export_existing, export_status, export_log = export_tab.build(ctx, demo)
         # Runs finish and files arrive while a page is open: each tab lists what is there now.
-        data_page.select(lambda current: data_tab.refresh(ctx, current), [data_file], [data_file],
-                         api_visibility="private", show_progress="hidden")
-        chat_page.select(lambda current: chat_tab.refresh(ctx, current), [chat_source], [chat_source, chat_info],
-                         api_visibility="private", show_progress="hidden")
-        export_page.select(lambda current: export_tab.refresh(ctx, current), [export_adapter],
-                           [export_adapter, export_existing, export_status, export_log], api_visibility="private",
-                           show_progress="hidden")
+        data_page.select(
+            lambda current: data_tab.refresh(ctx, current),
+            [data_file],
+            [data_file],
+            api_visibility="private",
+            show_progress="hidden",
+        )
+        chat_page.select(
+            lambda current: chat_tab.refresh(ctx, current),
+            [chat_source],
+            [chat_source, chat_info],
+            api_visibility="private",
+            show_progress="hidden",
+        )
+        export_page.select(
+            lambda current: export_tab.refresh(ctx, current),
+            [export_adapter],
+            [export_adapter, export_existing, export_status, export_log],
+            api_visibility="private",
+            show_progress="hidden",
+        )
     demo.hydra = ctx
     return demo
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
-           prevent_thread_lock: bool = False, quiet: bool = False):
+def launch(
+    demo: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    auth: tuple[str, str] | None = None,
+    prevent_thread_lock: bool = False,
+    quiet: bool = False,
+):
     """Serves the app: files only from the workspace, uploads capped, no monitoring endpoint, no
     share link, no MCP server. A running job is stopped (with a checkpoint) when the server exits."""
     ctx: AppContext = demo.hydra
@@ -95,6 +115,9 @@ def _stop_job_on_exit(ctx: AppContext) -> None:
     job = ctx.jobs.active()
     if job is not None:
         what = "training run" if job.kind == "train" else "export"
-        print(f"hydra-edge ui: stopping the {what} {job.name}" + (", saving a checkpoint…" if job.kind == "train" else "…"),
-              flush=True)
+        print(
+            f"hydra-edge ui: stopping the {what} {job.name}"
+            + (", saving a checkpoint…" if job.kind == "train" else "…"),
+            flush=True,
+        )
         ctx.jobs.shutdown()

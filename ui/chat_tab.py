@@ -43,10 +43,10 @@ def model_messages(history: list | None, system_prompt: str) -> list[dict]:
 
 def routing_note(route: dict, loaded) -> dict:
     """The display-only message above an answer: which cluster the router chose (and the gates)."""
-    if loaded.backend == "onnx":
-        body = f"ONNX export, {loaded.handle.manifest['mode']} mode"
-    else:
+    if route.get("gates"):
         body = "gate mix over the prompt: " + "  ".join(f"h{i} {g:.2f}" for i, g in enumerate(route["gates"]))
+    else:
+        body = loaded.description
     return {"role": "assistant", "content": body, "metadata": {"title": f"router → cluster {route['cluster']}"}}
 
 
@@ -62,9 +62,15 @@ def routing_text(route: dict | None, loaded) -> str:
 def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Markdown]:
     sources = ctx.chat_models.sources()
     with gr.Row(equal_height=False):
-        source = gr.Dropdown(sources, value=sources[0] if sources else None, allow_custom_value=True, scale=5,
-                             label="Model", info="a finished run (PyTorch adapter) or an ONNX export in the workspace",
-                             elem_id="chat-source")
+        source = gr.Dropdown(
+            sources,
+            value=sources[0] if sources else None,
+            allow_custom_value=True,
+            scale=5,
+            label="Model",
+            info="a finished run (PyTorch adapter) or an ONNX export in the workspace",
+            elem_id="chat-source",
+        )
         reload_list = gr.Button("Refresh list", scale=1, min_width=100, size="md")
     source_info = gr.Markdown(elem_id="chat-source-info")
     with gr.Row(equal_height=False):
@@ -73,25 +79,53 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Markdown]:
             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
             max_tokens = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens")
-            compare_base = gr.Checkbox(False, label="Compare with the base model",
-                                       info="the same model with the HydraLoRA heads off (PyTorch adapters)")
+            compare_base = gr.Checkbox(
+                False,
+                label="Compare with the base model",
+                info="the same model with the HydraLoRA heads off (PyTorch adapters)",
+            )
         with gr.Column(scale=8):
             with gr.Row(equal_height=True):
-                chatbot = gr.Chatbot(label="Fine-tuned", height=440, elem_id="chatbot", buttons=["copy_all"],
-                                     feedback_options=None, placeholder="Pick a model above and send a message.")
-                base_chatbot = gr.Chatbot(label="Base model (adapter off)", height=440, visible=False,
-                                          elem_id="base-chatbot", feedback_options=None)
+                chatbot = gr.Chatbot(
+                    label="Fine-tuned",
+                    height=440,
+                    elem_id="chatbot",
+                    buttons=["copy_all"],
+                    feedback_options=None,
+                    placeholder="Pick a model above and send a message.",
+                )
+                base_chatbot = gr.Chatbot(
+                    label="Base model (adapter off)",
+                    height=440,
+                    visible=False,
+                    elem_id="base-chatbot",
+                    feedback_options=None,
+                )
             routing = gr.Markdown(elem_id="chat-routing")
             with gr.Row(equal_height=True):
-                message = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=8,
-                                     elem_id="chat-input", autofocus=False)
+                message = gr.Textbox(
+                    show_label=False,
+                    placeholder="Type a message and press Enter",
+                    scale=8,
+                    elem_id="chat-input",
+                    autofocus=False,
+                )
                 send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
                 clear = gr.Button("Clear", scale=1, min_width=80)
     result = gr.JSON(visible=False)
 
     @user_errors
-    def chat(message: str, history: list, base_history: list, source: str, system_prompt: str = "",
-             temperature: float = 0.0, top_p: float = 1.0, max_tokens: float = 128, compare_base: bool = False):
+    def chat(
+        message: str,
+        history: list,
+        base_history: list,
+        source: str,
+        system_prompt: str = "",
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: float = 128,
+        compare_base: bool = False,
+    ):
         """One chat turn: streams the answer, shows the routed cluster; optionally the base's answer too."""
         text = (message or "").strip()
         if not text:
@@ -105,8 +139,14 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Markdown]:
         history.append({"role": "user", "content": text})
         if compare_base:
             base_history.append({"role": "user", "content": text})
-        outcome = {"source": loaded.source, "backend": loaded.backend, "cluster": None, "gates": None,
-                   "answer": "", "base_answer": None}
+        outcome = {
+            "source": loaded.source,
+            "backend": loaded.backend,
+            "cluster": None,
+            "gates": None,
+            "answer": "",
+            "base_answer": None,
+        }
         note, shown = "", 0.0
         for kind, value in stream_reply(loaded, messages, max_tokens, temperature, top_p):
             if kind == "route":
@@ -137,9 +177,14 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Markdown]:
             base_history[-1] = {"role": "assistant", "content": outcome["base_answer"] or "(empty answer)"}
         yield history, base_history, note, outcome, ""
 
-    gr.on([message.submit, send.click], chat,
-          [message, chatbot, base_chatbot, source, system_prompt, temperature, top_p, max_tokens, compare_base],
-          [chatbot, base_chatbot, routing, result, message], api_name="chat", show_progress="minimal")
+    gr.on(
+        [message.submit, send.click],
+        chat,
+        [message, chatbot, base_chatbot, source, system_prompt, temperature, top_p, max_tokens, compare_base],
+        [chatbot, base_chatbot, routing, result, message],
+        api_name="chat",
+        show_progress="minimal",
+    )
     clear.click(lambda: ([], [], "", None), None, [chatbot, base_chatbot, routing, result], api_visibility="private")
     compare_base.change(lambda on: gr.update(visible=on), [compare_base], [base_chatbot], api_visibility="private")
 
@@ -150,11 +195,10 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Markdown]:
         loaded = ctx.chat_models.get(source)
         return f"Loaded **{loaded.source}**: {loaded.description}."
 
-    source.change(describe, [source], [source_info], api_visibility="private", show_progress="minimal",
-                  trigger_mode="always_last").success(
-        lambda: ([], [], "", None), None, [chatbot, base_chatbot, routing, result], api_visibility="private")
-    reload_list.click(lambda current: refresh(ctx, current), [source], [source, source_info],
-                      api_visibility="private")
+    source.change(
+        describe, [source], [source_info], api_visibility="private", show_progress="minimal", trigger_mode="always_last"
+    ).success(lambda: ([], [], "", None), None, [chatbot, base_chatbot, routing, result], api_visibility="private")
+    reload_list.click(lambda current: refresh(ctx, current), [source], [source, source_info], api_visibility="private")
     return source, source_info
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
+from hydra_edge.engines import Engine, open_engine
 from hydra_edge.errors import UserError
 from hydra_edge.ui.workspace import Workspace
 
@@ -25,18 +25,17 @@ KEEP_LOADED = 2
 @dataclass
 class LoadedModel:
     source: str  # workspace-relative folder
-    backend: str  # "pytorch" (an adapter) or "onnx" (an export)
-    handle: object  # TrainedModel or the ONNX engine
+    engine: Engine  # a run's adapter (PyTorch) or an ONNX export
     stamp: float  # mtime of the weights/manifest when loaded: a changed folder is reloaded
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
+    def backend(self) -> str:
+        return self.engine.backend
+
+    @property
     def description(self) -> str:
-        if self.backend == "onnx":
-            manifest = self.handle.manifest
-            return f"ONNX export ({manifest['mode']}, {manifest['precision']}), {len(manifest['clusters'])} clusters"
-        config = self.handle.config
-        return f"adapter on {config['base_model']} ({config['quantization']}), {config['heads']} heads, r={config['r']}"
+        return self.engine.describe()
 
 
 def _marker(folder: Path) -> tuple[str, Path] | None:
@@ -74,61 +73,45 @@ class ChatModels:
             if cached is not None and cached.stamp == stamp:
                 self._loaded.move_to_end(key)
                 return cached
-            if backend == "onnx":
-                from hydra_edge.engines import load_engine
-
-                handle = load_engine("onnx", folder)
-            else:
-                from hydra_edge.inference import load_trained
-
-                handle = load_trained(folder)
-            loaded = LoadedModel(self.ws.rel(folder), backend, handle, stamp)
+            engine = open_engine(None, folder) if backend == "onnx" else open_engine(folder, None)
+            loaded = LoadedModel(self.ws.rel(folder), engine, stamp)
             self._loaded[key] = loaded
             while len(self._loaded) > KEEP_LOADED:
                 self._loaded.popitem(last=False)
             return loaded
 
 
-@contextmanager
-def heads_disabled(model):
-    """The base model alone: every HydraLoRA layer's gates fixed to zero, so its branch adds
-    exactly nothing (y = W0·x). Restores the layers' gates afterwards.
-
-    The core has no switch for this; `fixed_gates` (the export's per-cluster gates) does the job.
-    """
-    import torch
-
-    from hydra_edge.adapter import hydra_layers
-
-    layers = hydra_layers(model)
-    saved = {name: layer.fixed_gates for name, layer in layers.items()}
-    try:
-        for layer in layers.values():
-            layer.fixed_gates = torch.zeros(layer.num_heads)
-        yield
-    finally:
-        for name, layer in layers.items():
-            layer.fixed_gates = saved[name]
-
-
-def stream_reply(loaded: LoadedModel, messages: list[dict], max_new_tokens: int, temperature: float,
-                 top_p: float, base_only: bool = False) -> Iterator[tuple[str, object]]:
+def stream_reply(
+    loaded: LoadedModel,
+    messages: list[dict],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    base_only: bool = False,
+) -> Iterator[tuple[str, object]]:
     """Yields ("route", {cluster, gates}) and then ("text", piece) events; the last answer is the
     concatenation of the pieces. base_only: the adapter switched off (PyTorch adapters only)."""
-    if base_only and loaded.backend != "pytorch":
-        raise UserError("comparing with the base model needs a PyTorch adapter (a run), not an ONNX export")
+    engine = loaded.engine
     events: queue.Queue = queue.Queue()
     done = object()
+
+    def put_text(piece: str) -> None:
+        events.put(("text", piece))
 
     def work() -> None:
         try:
             with loaded.lock:
-                if loaded.backend == "onnx":
-                    engine = loaded.handle
-                    events.put(("route", {"cluster": engine.route(messages), "gates": None}))
-                    engine.answer(messages, max_new_tokens, temperature, top_p, lambda piece: events.put(("text", piece)))
-                else:
-                    _pytorch_reply(loaded.handle, messages, max_new_tokens, temperature, top_p, base_only, events)
+                if base_only:
+                    with engine.base_only():
+                        events.put(("route", {"cluster": None, "gates": None}))
+                        engine.answer(messages, max_new_tokens, temperature, top_p, put_text)
+                    return
+                # The same routing as `hydra-edge chat`: the request router on the conversation
+                # (engines.py), and where the engine has one, the per-token router's gate mix.
+                gates = engine.gate_mix(messages)
+                route = {"cluster": engine.route(messages), "gates": gates and [round(g, 4) for g in gates]}
+                events.put(("route", route))
+                engine.answer(messages, max_new_tokens, temperature, top_p, put_text)
         except BaseException as exc:  # handed to the caller, which raises it
             events.put(("error", exc))
         finally:
@@ -142,22 +125,3 @@ def stream_reply(loaded: LoadedModel, messages: list[dict], max_new_tokens: int,
         if event[0] == "error":
             raise event[1]
         yield event
-
-
-def _pytorch_reply(trained, messages, max_new_tokens, temperature, top_p, base_only, events) -> None:
-    from hydra_edge.inference import prompt_gate_mix, stream_answer
-
-    def put_text(piece: str) -> None:
-        events.put(("text", piece))
-
-    if base_only:
-        events.put(("route", {"cluster": None, "gates": None}))
-        with heads_disabled(trained.model):
-            stream_answer(trained.model, trained.tokenizer, messages, max_new_tokens, temperature, top_p, put_text)
-        return
-    # The same routing as `hydra-edge chat`: the request router on the last message, and the
-    # router's mean gate per head over the prompt.
-    cluster = int(trained.clusters.assign([messages[-1]["content"]])[0])
-    gates = prompt_gate_mix(trained.model, trained.tokenizer, messages)
-    events.put(("route", {"cluster": cluster, "gates": [round(g, 4) for g in gates]}))
-    stream_answer(trained.model, trained.tokenizer, messages, max_new_tokens, temperature, top_p, put_text)

@@ -11,7 +11,6 @@ import ipaddress
 import os
 import signal
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -58,11 +57,19 @@ def check_options(host: str, port: int, auth: str | None, max_upload_mb: float) 
 def ui_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --auth."),
     port: int = typer.Option(7860, "--port", help="Port to serve on."),
-    workspace: str = typer.Option("hydra-workspace", "--workspace",
-                                  help="Folder the UI reads and writes (data/, runs/, exports/, models/); created if missing."),
-    auth: Optional[str] = typer.Option(None, "--auth", envvar="HYDRA_EDGE_UI_AUTH", show_envvar=True,
-                                       help="USER:PASS required to sign in (also read from HYDRA_EDGE_UI_AUTH, "
-                                            "which keeps the password out of the process list)."),
+    workspace: str = typer.Option(
+        "hydra-workspace",
+        "--workspace",
+        help="Folder the UI reads and writes (data/, runs/, exports/, models/); created if missing.",
+    ),
+    auth: str | None = typer.Option(
+        None,
+        "--auth",
+        envvar="HYDRA_EDGE_UI_AUTH",
+        show_envvar=True,
+        help="USER:PASS required to sign in (also read from HYDRA_EDGE_UI_AUTH, "
+        "which keeps the password out of the process list).",
+    ),
     max_upload_mb: float = typer.Option(50, "--max-upload-mb", help="Largest file an upload may be, in MB."),
 ) -> None:
     """Start the web UI: train, watch, stop and resume, chat, and export, in a browser."""
@@ -85,9 +92,13 @@ def ui_command(
         _, url, _ = launch(demo, host=host, port=port, auth=credentials, prevent_thread_lock=True, quiet=True)
     except OSError as exc:  # gradio: "Cannot find empty port in range ..."
         raise UserError(f"--port {port}: cannot serve there ({exc}); choose another port") from exc
-    print(f"hydra-edge ui: {url} (workspace {demo.hydra.ws.root}"
-          + (", sign-in required" if credentials else "") + "). Ctrl-C stops it; a running training saves "
-          "a checkpoint first.", flush=True)
+    print(
+        f"hydra-edge ui: {url} (workspace {demo.hydra.ws.root}"
+        + (", sign-in required" if credentials else "")
+        + "). Ctrl-C stops it; a running training saves "
+        "a checkpoint first.",
+        flush=True,
+    )
     # SIGTERM (a service manager, `kill`) ends the UI like Ctrl-C does, so the exit handler stops
     # a running training with a checkpoint instead of leaving it orphaned.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -23,18 +23,43 @@ def build(ctx: AppContext, demo: gr.Blocks) -> gr.Dropdown:
         "this is what `--heads auto` will use."
     )
     with gr.Row():
-        data = gr.Dropdown(files, value=preferred, allow_custom_value=True, label="Data file",
-                           info="a file under data/ in the workspace (upload on the Train tab)", scale=4)
+        data = gr.Dropdown(
+            files,
+            value=preferred,
+            allow_custom_value=True,
+            label="Data file",
+            info="a file under data/ in the workspace (upload on the Train tab)",
+            scale=4,
+        )
         fmt = gr.Dropdown(["auto", *FORMATS], value="auto", label="Format", scale=1, min_width=140)
         max_k = gr.Number(8, precision=0, minimum=2, maximum=32, label="Largest k tried", scale=1, min_width=120)
-        heads = gr.Dropdown(["auto", *map(str, range(1, 9))], value="auto", allow_custom_value=True,
-                            label="k", info="auto = elbow", scale=1, min_width=110)
+        heads = gr.Dropdown(
+            ["auto", *map(str, range(1, 9))],
+            value="auto",
+            allow_custom_value=True,
+            label="k",
+            info="auto = elbow",
+            scale=1,
+            min_width=110,
+        )
     run = gr.Button("Find clusters", variant="primary", elem_id="find-clusters")
     summary = gr.Markdown(elem_id="clusters-summary")
-    table = gr.Dataframe(headers=["#", "rows", "top terms", "example prompt"], interactive=False, wrap=True,
-                         label="Clusters", column_widths=["6%", "8%", "36%", "50%"], elem_id="clusters-table")
-    picture = gr.Image(label="Elbow curve and cluster sizes", type="pil", interactive=False, height=420,
-                       buttons=["download"], elem_id="clusters-plot")
+    table = gr.Dataframe(
+        headers=["#", "rows", "top terms", "example prompt"],
+        interactive=False,
+        wrap=True,
+        label="Clusters",
+        column_widths=["6%", "8%", "36%", "50%"],
+        elem_id="clusters-table",
+    )
+    picture = gr.Image(
+        label="Elbow curve and cluster sizes",
+        type="pil",
+        interactive=False,
+        height=420,
+        buttons=["download"],
+        elem_id="clusters-plot",
+    )
     result = gr.JSON(visible=False)
 
     @user_errors
@@ -42,11 +67,15 @@ def build(ctx: AppContext, demo: gr.Blocks) -> gr.Dropdown:
         """k, sizes, top terms and elbow curve of a workspace data file (what --heads auto finds)."""
         found, image = find_clusters(ws, data, format, max_k, heads)
         curve = ", ".join(f"k={k}: {v:.1f}" for k, v in found["inertia_by_k"].items())
-        text = (f"**{found['file']}**: {found['rows']:,} prompts → **k = {found['k']}** clusters"
-                + (f" ({found['skipped_invalid']} invalid rows left out)" if found["skipped_invalid"] else "")
-                + f". Inertia by k: {curve}.")
-        rows = [[c, size, ", ".join(terms), example]
-                for c, (size, terms, example) in enumerate(zip(found["sizes"], found["top_terms"], found["examples"]))]
+        text = (
+            f"**{found['file']}**: {found['rows']:,} prompts → **k = {found['k']}** clusters"
+            + (f" ({found['skipped_invalid']} invalid rows left out)" if found["skipped_invalid"] else "")
+            + f". Inertia by k: {curve}."
+        )
+        rows = [
+            [c, size, ", ".join(terms), example]
+            for c, (size, terms, example) in enumerate(zip(found["sizes"], found["top_terms"], found["examples"]))
+        ]
         return found, text, rows, image
 
     run.click(clusters, [data, fmt, max_k, heads], [result, summary, table, picture], api_name="clusters")

@@ -55,19 +55,28 @@ def validate_data(ws: Workspace, data: str, fmt: str = "auto") -> dict:
     path = ws.data_source(data)
     loaded = load_records([str(path)], fmt or "auto", skip_invalid=True, require_rows=False)
     detected = next(iter(loaded.formats.values()), "unknown")
-    shown = [{"location": _short_location(ws, p.location), "reason": p.reason, "detail": p.detail}
-             for p in loaded.problems[:MAX_PROBLEMS_SHOWN]]
-    return {"file": ws.rel(path), "format": detected, "rows": len(loaded.records), "invalid": len(loaded.problems),
-            "problems": shown}
+    shown = [
+        {"location": _short_location(ws, p.location), "reason": p.reason, "detail": p.detail}
+        for p in loaded.problems[:MAX_PROBLEMS_SHOWN]
+    ]
+    return {
+        "file": ws.rel(path),
+        "format": detected,
+        "rows": len(loaded.records),
+        "invalid": len(loaded.problems),
+        "problems": shown,
+    }
 
 
 def _short_location(ws: Workspace, location: str) -> str:
     """`/abs/ws/data/x.jsonl:12` -> `data/x.jsonl:12`."""
     root = str(ws.root) + os.sep
-    return location[len(root):] if location.startswith(root) else location
+    return location[len(root) :] if location.startswith(root) else location
 
 
-def find_clusters(ws: Workspace, data: str, fmt: str = "auto", max_k: int = 8, heads: str | int | None = "auto") -> tuple[dict, object]:
+def find_clusters(
+    ws: Workspace, data: str, fmt: str = "auto", max_k: int = 8, heads: str | int | None = "auto"
+) -> tuple[dict, object]:
     """What `--heads auto` would find in a file: k, sizes, top terms, the elbow curve; plus the
     picture `hydra-edge clusters --plot` draws (a PIL image)."""
     from hydra_edge.clustering import fit_clusters
@@ -97,9 +106,14 @@ def find_clusters(ws: Workspace, data: str, fmt: str = "auto", max_k: int = 8, h
         first = next((t for t, label in zip(texts, labels) if label == c), "")
         examples.append(first.replace("\n", " ")[:160])
     result = {
-        "file": ws.rel(path), "rows": len(texts), "skipped_invalid": len(loaded.problems), "k": model.k,
-        "sizes": [int(s) for s in model.sizes], "top_terms": model.top_terms(8),
-        "inertia_by_k": {str(k): float(v) for k, v in sorted(model.inertia_by_k.items())}, "examples": examples,
+        "file": ws.rel(path),
+        "rows": len(texts),
+        "skipped_invalid": len(loaded.problems),
+        "k": model.k,
+        "sizes": [int(s) for s in model.sizes],
+        "top_terms": model.top_terms(8),
+        "inertia_by_k": {str(k): float(v) for k, v in sorted(model.inertia_by_k.items())},
+        "examples": examples,
     }
     with tempfile.TemporaryDirectory(prefix="hydra-ui-plot-") as tmp:
         png = Path(tmp) / "clusters.png"

@@ -28,23 +28,47 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown, g
     runs = ws.runs(finished_only=True)
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, min_width=320):
-            adapter = gr.Dropdown(runs, value=runs[0] if runs else None, allow_custom_value=True,
-                                  label="Finished run (adapter)", elem_id="export-adapter")
-            mode = gr.Radio(list(MODES), value="adapters", label="Mode",
-                            info="; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
-            precision = gr.Radio(list(PRECISIONS), value="fp32", label="Precision",
-                                 info="fp16: half-size floats (best on a GPU); int4: base weights as MatMulNBits, the adapter weights stay float")
-            name = gr.Textbox("", label="Export name", placeholder="<run>-<mode>-<precision> when empty",
-                              info="its folder: exports/<name> in the workspace")
-            command = gr.Code(language="shell", label="Equivalent command", interactive=False, lines=3,
-                              wrap_lines=True, show_line_numbers=False)
+            adapter = gr.Dropdown(
+                runs,
+                value=runs[0] if runs else None,
+                allow_custom_value=True,
+                label="Finished run (adapter)",
+                elem_id="export-adapter",
+            )
+            mode = gr.Radio(
+                list(MODES), value="adapters", label="Mode", info="; ".join(f"{m}: {h}" for m, h in MODE_HELP.items())
+            )
+            precision = gr.Radio(
+                list(PRECISIONS),
+                value="fp32",
+                label="Precision",
+                info="fp16: half-size floats (best on a GPU); "
+                "int4: base weights as MatMulNBits, the adapter weights stay float",
+            )
+            name = gr.Textbox(
+                "",
+                label="Export name",
+                placeholder="<run>-<mode>-<precision> when empty",
+                info="its folder: exports/<name> in the workspace",
+            )
+            command = gr.Code(
+                language="shell",
+                label="Equivalent command",
+                interactive=False,
+                lines=3,
+                wrap_lines=True,
+                show_line_numbers=False,
+            )
             go = gr.Button("Export", variant="primary", elem_id="export-button")
             gr.Markdown("#### Exports in the workspace")
             existing = gr.Dropdown(ws.exports(), value=None, label="Open an export", allow_custom_value=True)
         with gr.Column(scale=6, min_width=420):
             status = gr.Markdown(elem_id="export-status")
-            checks = gr.Dataframe(headers=["check", "max |logit diff|", "next-token agreement (decisive)", "relative error",
-                                           "prompts"], interactive=False, label="Validation against PyTorch")
+            checks = gr.Dataframe(
+                headers=["check", "max |logit diff|", "next-token agreement (decisive)", "relative error", "prompts"],
+                interactive=False,
+                label="Validation against PyTorch",
+            )
             files = gr.Dataframe(headers=["file", "size"], interactive=False, label="Files", max_height=320, wrap=True)
             with gr.Accordion("Log", open=False):
                 log = gr.Textbox(show_label=False, lines=10, max_lines=10, autoscroll=True, interactive=False)
@@ -57,8 +81,15 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown, g
             return f"# {exc}"
         return command_text(ws, argv)
 
-    gr.on([adapter.change, mode.change, precision.change, name.change], preview, [adapter, mode, precision, name],
-          [command], api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    gr.on(
+        [adapter.change, mode.change, precision.change, name.change],
+        preview,
+        [adapter, mode, precision, name],
+        [command],
+        api_visibility="private",
+        show_progress="hidden",
+        trigger_mode="always_last",
+    )
 
     @user_errors
     def export(adapter: str, mode: str = "adapters", precision: str = "fp32", name: str = ""):
@@ -81,18 +112,29 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown, g
         return found, *_render(found), ""
 
     go.click(export, [adapter, mode, precision, name], [result, status, checks, files, log], api_name="export").success(
-        lambda: gr.update(choices=ws.exports()), None, [existing], api_visibility="private")
+        lambda: gr.update(choices=ws.exports()), None, [existing], api_visibility="private"
+    )
     existing.input(open_export, [existing], [result, status, checks, files, log], api_name="export_result")
     return adapter, existing, status, log
 
 
 def _render(found: dict) -> tuple[str, list, list]:
-    text = (f"**{found['export']}**: {found['mode']} mode, {found['precision']}, clusters "
-            f"{', '.join(map(str, found['clusters']))}, base {found['base']}; "
-            f"{len(found['files'])} files, {found['total_bytes'] / 2**20:.1f} MB.\n\n"
-            f"**Validation passed**: {found['criteria']}.")
-    checks = [[c["check"], f"{c['max_abs_logit_diff']:.2e}", f"{c.get('decisive_agreement', c['top1_agreement']):.3f}",
-               f"{c.get('relative_error', float('nan')):.2e}", c.get("prompts", "")] for c in found["checks"]]
+    text = (
+        f"**{found['export']}**: {found['mode']} mode, {found['precision']}, clusters "
+        f"{', '.join(map(str, found['clusters']))}, base {found['base']}; "
+        f"{len(found['files'])} files, {found['total_bytes'] / 2**20:.1f} MB.\n\n"
+        f"**Validation passed**: {found['criteria']}."
+    )
+    checks = [
+        [
+            c["check"],
+            f"{c['max_abs_logit_diff']:.2e}",
+            f"{c.get('decisive_agreement', c['top1_agreement']):.3f}",
+            f"{c.get('relative_error', float('nan')):.2e}",
+            c.get("prompts", ""),
+        ]
+        for c in found["checks"]
+    ]
     files = [[f["file"], _size(f["bytes"])] for f in found["files"]]
     return text, checks, files
 
@@ -111,6 +153,9 @@ def refresh(ctx: AppContext, current_adapter: str | None):
 
     status = export_status(ctx.ws, ctx.jobs)
     running = status["state"] == "running"
-    return (refreshed(ctx.ws.runs(finished_only=True), current_adapter), gr.update(choices=ctx.ws.exports()),
-            status["message"] if running else gr.skip(), status["log"] if running else gr.skip())
-
+    return (
+        refreshed(ctx.ws.runs(finished_only=True), current_adapter),
+        gr.update(choices=ctx.ws.exports()),
+        status["message"] if running else gr.skip(),
+        status["log"] if running else gr.skip(),
+    )

@@ -52,15 +52,22 @@ def export_result(ws: Workspace, folder: str | Path) -> dict:
     if not manifest_path.is_file():
         raise UserError(f"export {ws.rel(folder)}: no export_manifest.json; not a finished export")
     manifest = json.loads(manifest_path.read_text())
-    checks = [{"check": name if name == "dynamic" else f"cluster {name}", **values}
-              for name, values in manifest["validation"]["checks"].items()]
+    checks = [
+        {"check": name if name == "dynamic" else f"cluster {name}", **values}
+        for name, values in manifest["validation"]["checks"].items()
+    ]
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         files.append({"file": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size})
     return {
-        "export": ws.rel(folder), "mode": manifest["mode"], "precision": manifest["precision"],
-        "clusters": manifest["clusters"], "base": manifest["base"]["model"],
-        "criteria": manifest["validation"]["criteria"], "checks": checks, "files": files,
+        "export": ws.rel(folder),
+        "mode": manifest["mode"],
+        "precision": manifest["precision"],
+        "clusters": manifest["clusters"],
+        "base": manifest["base"]["model"],
+        "criteria": manifest["validation"]["criteria"],
+        "checks": checks,
+        "files": files,
         "total_bytes": sum(f["bytes"] for f in files),
     }
 
@@ -70,12 +77,21 @@ def export_status(ws: Workspace, jobs: JobManager) -> dict:
     if job is None:
         return {"state": "idle", "export": None, "message": "No export in this session yet."}
     code = job.process.poll()
-    status = {"export": ws.rel(job.out), "pid": job.process.pid, "returncode": code, "command": job.command,
-              "log": job.log_tail()}
+    status = {
+        "export": ws.rel(job.out),
+        "pid": job.process.pid,
+        "returncode": code,
+        "command": job.command,
+        "log": job.log_tail(),
+    }
     if code is None:
         return {**status, "state": "running", "message": f"Exporting to {ws.rel(job.out)}… (building and validating)"}
     if code == 0:
         result = export_result(ws, job.out)
-        return {**status, "state": "finished", "result": result,
-                "message": f"Exported to {result['export']}: validation passed ({result['criteria']})."}
+        return {
+            **status,
+            "state": "finished",
+            "result": result,
+            "message": f"Exported to {result['export']}: validation passed ({result['criteria']}).",
+        }
     return {**status, "state": "failed", "message": f"Export to {ws.rel(job.out)} failed: {job.error_message()}"}

@@ -53,5 +53,9 @@ def user_errors(fn):
 
 def refreshed(dropdown_choices: list[str], current: str | None, keep_custom: bool = True) -> dict:
     """A dropdown update with fresh choices that keeps the current value when it still makes sense."""
-    value = current if (current in dropdown_choices or (keep_custom and current)) else (dropdown_choices[0] if dropdown_choices else None)
+    value = (
+        current
+        if (current in dropdown_choices or (keep_custom and current))
+        else (dropdown_choices[0] if dropdown_choices else None)
+    )
     return gr.update(choices=dropdown_choices, value=value)

@@ -126,8 +126,9 @@ class JobManager:
                 return job
         return None
 
-    def start(self, kind: str, name: str, out: Path, argv: list[str], log_path: Path,
-              resumed_from_step: int = 0, check=None) -> Job:
+    def start(
+        self, kind: str, name: str, out: Path, argv: list[str], log_path: Path, resumed_from_step: int = 0, check=None
+    ) -> Job:
         """Spawns `python -m hydra_edge ARGV`, unless a job is running (UserError).
 
         check(), when given, runs under the lock just before the spawn: the place for checks
@@ -137,9 +138,7 @@ class JobManager:
             busy = self.active()
             if busy is not None:
                 what = "training run" if busy.kind == "train" else "export"
-                raise UserError(
-                    f"a {what} ({busy.name}) is already running; wait for it to finish or stop it first"
-                )
+                raise UserError(f"a {what} ({busy.name}) is already running; wait for it to finish or stop it first")
             stray = strays(self.workspace_root)
             if stray:
                 pid, command = stray[0]
@@ -156,7 +155,11 @@ class JobManager:
                 log.flush()
                 process = subprocess.Popen(
                     [sys.executable, "-m", "hydra_edge", *argv],
-                    cwd=self.workspace_root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=self.workspace_root,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
             self.spawned += 1
             job = Job(kind, name, out, list(argv), log_path, process, resumed_from_step=resumed_from_step)

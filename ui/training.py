@@ -7,6 +7,7 @@ command the tab shows is exactly the one that runs (and a user can paste it into
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from hydra_edge.config import PRESET_DEFAULTS, TINY_PRESET_DEFAULTS, FinetuneConfig, build_config
 from hydra_edge.errors import UserError
+from hydra_edge.files import atomic_write_text
 from hydra_edge.ui.jobs import STOPPED_CODES, Job, JobManager
 from hydra_edge.ui.workspace import RUNS_DIR, Workspace
 
@@ -60,10 +62,19 @@ def defaults_for(model: str) -> dict:
     preset = PRESET_DEFAULTS.get((model or "").strip())
     if preset:
         return {k: preset[k] for k in ("seq_len", "batch_size", "grad_accum", "lr", "warmup", "save_every")} | {
-            "length": "steps", "max_steps": preset["max_steps"]}
-    return {"seq_len": _CONFIG_DEFAULTS.seq_len, "batch_size": _CONFIG_DEFAULTS.batch_size,
-            "grad_accum": _CONFIG_DEFAULTS.grad_accum, "lr": _CONFIG_DEFAULTS.lr, "warmup": _CONFIG_DEFAULTS.warmup,
-            "save_every": _CONFIG_DEFAULTS.save_every, "length": "epochs", "max_steps": 1000}
+            "length": "steps",
+            "max_steps": preset["max_steps"],
+        }
+    return {
+        "seq_len": _CONFIG_DEFAULTS.seq_len,
+        "batch_size": _CONFIG_DEFAULTS.batch_size,
+        "grad_accum": _CONFIG_DEFAULTS.grad_accum,
+        "lr": _CONFIG_DEFAULTS.lr,
+        "warmup": _CONFIG_DEFAULTS.warmup,
+        "save_every": _CONFIG_DEFAULTS.save_every,
+        "length": "epochs",
+        "max_steps": 1000,
+    }
 
 
 def model_choices(ws: Workspace) -> list[str]:
@@ -90,7 +101,9 @@ def resolve_model(ws: Workspace, text: str) -> str:
             return ws.rel(ws.resolve(text, "base model", kind="file"))
         folder = ws.resolve(text, "base model", kind="dir")
         if not (folder / "config.json").is_file() and not any(folder.glob("*.gguf")):
-            raise UserError(f"base model {text}: the folder has no config.json; give a Hugging Face model folder or a .gguf file")
+            raise UserError(
+                f"base model {text}: the folder has no config.json; give a Hugging Face model folder or a .gguf file"
+            )
         return ws.rel(folder)
     if not HUB_ID.match(text):
         raise UserError(f"base model {text}: use tiny, a Hugging Face id (org/name) or a folder under models/")
@@ -118,22 +131,42 @@ def run_name_or_default(name: str) -> str:
     return (name or "").strip() or time.strftime("run-%Y%m%d-%H%M%S")
 
 
-def build_command(ws: Workspace, s: TrainSettings, run_name: str | None = None) -> tuple[list[str], Path]:
-    """The finetune argument list for these settings and the run folder; every value checked
-    (paths against the workspace, numbers by finetune's own config rules)."""
+CONFIG_YAML = "config.yaml"
+
+
+def build_command(
+    ws: Workspace, s: TrainSettings, run_name: str | None = None, config_class: type[FinetuneConfig] = FinetuneConfig
+) -> tuple[list[str], Path, FinetuneConfig]:
+    """(finetune argument list, run folder, settings) for the form's values, every value checked
+    (paths against the workspace, numbers by finetune's own config rules). The run is
+    `finetune --config runs/<name>/config.yaml`: the form builds a FinetuneConfig, and the YAML
+    (written by start_training) holds every setting, so nothing is re-listed here."""
     name = run_name or run_name_or_default(s.run_name)
     out = ws.new_folder(RUNS_DIR, name, "run name")
     model = resolve_model(ws, s.model)
     data = ws.rel(ws.data_source(s.data, "training data"))
     eval_data = ws.rel(ws.data_source(s.eval_data, "held-out data")) if (s.eval_data or "").strip() else None
     settings = {
-        "model": model, "data": [data], "format": s.format, "skip_invalid": bool(s.skip_invalid),
-        "eval_data": eval_data, "heads": str(s.heads).strip(), "rank": _whole("rank", s.rank),
-        "alpha": _number("alpha", s.alpha), "targets": (s.targets or "").strip(), "quant": s.quant,
-        "seq_len": _whole("seq-len", s.seq_len), "batch_size": _whole("batch size", s.batch_size),
-        "grad_accum": _whole("grad-accum", s.grad_accum), "lr": _number("learning rate", s.lr),
-        "dropout": _number("dropout", s.dropout), "warmup": _number("warmup", s.warmup), "head_init": s.head_init,
-        "packing": bool(s.packing), "seed": _whole("seed", s.seed), "save_every": _whole("save every", s.save_every),
+        "model": model,
+        "data": [data],
+        "format": s.format,
+        "skip_invalid": bool(s.skip_invalid),
+        "eval_data": eval_data,
+        "heads": str(s.heads).strip(),
+        "rank": _whole("rank", s.rank),
+        "alpha": _number("alpha", s.alpha),
+        "targets": (s.targets or "").strip(),
+        "quant": s.quant,
+        "seq_len": _whole("seq-len", s.seq_len),
+        "batch_size": _whole("batch size", s.batch_size),
+        "grad_accum": _whole("grad-accum", s.grad_accum),
+        "lr": _number("learning rate", s.lr),
+        "dropout": _number("dropout", s.dropout),
+        "warmup": _number("warmup", s.warmup),
+        "head_init": s.head_init,
+        "packing": bool(s.packing),
+        "seed": _whole("seed", s.seed),
+        "save_every": _whole("save every", s.save_every),
         "out": ws.rel(out),
     }
     if s.length == "epochs":
@@ -142,29 +175,22 @@ def build_command(ws: Workspace, s: TrainSettings, run_name: str | None = None) 
         settings["max_steps"] = _whole("max steps", s.max_steps)
     else:
         raise UserError(f"training length {s.length!r}: choose steps or epochs")
-    build_config({}, settings)  # finetune's own checks (ranges, choices), before anything runs
-    argv = ["finetune", "--model", model, "--data", data]
-    if eval_data:
-        argv += ["--eval-data", eval_data]
-    if settings["format"] != "auto":
-        argv += ["--format", settings["format"]]
-    if settings["skip_invalid"]:
-        argv.append("--skip-invalid")
-    for key in ("heads", "rank", "alpha", "targets", "quant", "seq_len", "batch_size", "grad_accum", "lr",
-                "epochs", "max_steps", "warmup", "dropout", "head_init", "seed", "save_every"):
-        if key in settings:
-            argv += ["--" + key.replace("_", "-"), _plain(settings[key])]
-    if settings["packing"]:
-        argv.append("--packing")
-    argv += ["--out", settings["out"]]
-    return argv, out
+    config = build_config({}, settings, config_class)  # finetune's own checks and preset values
+    return ["finetune", "--config", ws.rel(out / CONFIG_YAML)], out, config
 
 
-def _plain(value) -> str:
-    """3e-3 -> '0.003', 32.0 -> '32': how a person would type it."""
-    if isinstance(value, float):
-        return f"{value:g}" if value == int(value) or abs(value) >= 1e-4 else repr(value)
-    return str(value)
+def config_yaml(config: FinetuneConfig) -> str:
+    """The run's settings as `finetune --config` reads them: every field, in declaration order."""
+    import yaml
+
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True)
+
+
+def run_preview(ws: Workspace, argv: list[str], out: Path, config: FinetuneConfig) -> str:
+    """The command a run executes and the settings file it reads (written when it starts), as
+    the Train tab shows them."""
+    settings = "".join(f"#   {line}\n" for line in config_yaml(config).splitlines())
+    return f"{command_text(ws, argv)}\n# {ws.rel(out / CONFIG_YAML)} (written when the run starts):\n{settings}"
 
 
 def command_text(ws: Workspace, argv: list[str]) -> str:
@@ -177,7 +203,7 @@ def start_training(ws: Workspace, jobs: JobManager, s: TrainSettings) -> Job:
     from hydra_edge.ui.datasets import validate_data
 
     name = run_name_or_default(s.run_name)
-    argv, out = build_command(ws, s, name)
+    argv, out, config = build_command(ws, s, name)
     report = validate_data(ws, s.data, s.format)
     if report["invalid"] and not s.skip_invalid:
         raise UserError(
@@ -188,9 +214,15 @@ def start_training(ws: Workspace, jobs: JobManager, s: TrainSettings) -> Job:
     def run_folder_is_free() -> None:
         from hydra_edge.checkpoint import list_checkpoints
 
-        if list_checkpoints(out) or (out / "adapter_config.json").exists() or (out / "adapter_model.safetensors").exists():
+        if (
+            list_checkpoints(out)
+            or (out / "adapter_config.json").exists()
+            or (out / "adapter_model.safetensors").exists()
+        ):
             raise UserError(f"run name {name}: already used by a run in {ws.rel(out)}; pick another name, or Resume it")
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a failed start's leftovers
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / CONFIG_YAML, config_yaml(config))
 
     return jobs.start("train", name, out, argv, out / TRAIN_LOG, check=run_folder_is_free)
 
@@ -216,8 +248,10 @@ def resume_training(ws: Workspace, jobs: JobManager, run: str, max_steps: float 
     if max_steps not in (None, "", 0):
         total = _whole("steps in total", max_steps)
         if total <= step:
-            raise UserError(f"resume {ws.rel(out)}: {total} steps in total, but the checkpoint is at step {step}; "
-                            "give more, or 0 to finish as planned")
+            raise UserError(
+                f"resume {ws.rel(out)}: {total} steps in total, but the checkpoint is at step {step}; "
+                "give more, or 0 to finish as planned"
+            )
         argv += ["--max-steps", str(total)]
     job = jobs.start("train", out.name, out, argv, out / TRAIN_LOG, resumed_from_step=step)
     return job
@@ -244,7 +278,7 @@ def plot_rows(rows: list[dict]) -> list[dict]:
 def _eta(rows: list[dict], new_rows: int) -> float | None:
     if not rows or new_rows == 0:
         return None
-    recent = rows[-min(20, new_rows):]
+    recent = rows[-min(20, new_rows) :]
     per_step = sum(r["step_time_s"] for r in recent) / len(recent)
     return per_step * max(0, rows[-1]["total_steps"] - rows[-1]["step"])
 
@@ -260,21 +294,37 @@ def training_status(ws: Workspace, jobs: JobManager) -> dict:
     """The state of the current (or last) training run, as the tab shows it and the API returns it."""
     job = jobs.last.get("train")
     if job is None:
-        return {"state": "idle", "phase": None, "run": None, "message": "No training in this session yet. "
-                "Choose the data and settings, then Start.", "step": 0, "total_steps": None, "points": 0}
+        return {
+            "state": "idle",
+            "phase": None,
+            "run": None,
+            "message": "No training in this session yet. Choose the data and settings, then Start.",
+            "step": 0,
+            "total_steps": None,
+            "points": 0,
+        }
     rows = job.metrics.read()
     new_rows = sum(1 for r in rows if r["step"] > job.resumed_from_step)
     last = rows[-1] if rows else None
     code = job.process.poll()
     status = {
-        "run": job.name, "out": ws.rel(job.out), "pid": job.process.pid, "returncode": code,
-        "command": job.command, "points": len(rows), "processes_started": jobs.spawned,
+        "run": job.name,
+        "out": ws.rel(job.out),
+        "pid": job.process.pid,
+        "returncode": code,
+        "command": job.command,
+        "points": len(rows),
+        "processes_started": jobs.spawned,
         "step": last["step"] if last else job.resumed_from_step,
         "total_steps": last["total_steps"] if last else None,
-        "loss": last["loss"] if last else None, "lr": last["lr"] if last else None,
+        "loss": last["loss"] if last else None,
+        "lr": last["lr"] if last else None,
         "tokens_per_s": last["tokens_per_s"] if last else None,
-        "elapsed_s": time.time() - job.started_at, "eta_s": _eta(rows, new_rows) if code is None else None,
-        "checkpoint": None, "adapter": None, "eval": None,
+        "elapsed_s": time.time() - job.started_at,
+        "eta_s": _eta(rows, new_rows) if code is None else None,
+        "checkpoint": None,
+        "adapter": None,
+        "eval": None,
     }
     if code is None:
         if job.stop_requested:
@@ -304,8 +354,10 @@ def training_status(ws: Workspace, jobs: JobManager) -> dict:
     elif code in STOPPED_CODES or job.stop_requested:
         status["state"] = "stopped"
         if status["checkpoint"]:
-            status["message"] = (f"{job.name} stopped at step {status['step']}; checkpoint saved "
-                                 f"({status['checkpoint']}). Resume continues it.")
+            status["message"] = (
+                f"{job.name} stopped at step {status['step']}; checkpoint saved "
+                f"({status['checkpoint']}). Resume continues it."
+            )
         else:
             status["message"] = f"{job.name} stopped before its first step; nothing to resume, start it again."
     else:
@@ -315,8 +367,12 @@ def training_status(ws: Workspace, jobs: JobManager) -> dict:
 
 
 def _progress_line(status: dict) -> str:
-    parts = [f"step {status['step']}/{status['total_steps']}", f"loss {status['loss']:.4f}", f"lr {status['lr']:.2e}",
-             f"{status['tokens_per_s']:,.0f} tokens/s"]
+    parts = [
+        f"step {status['step']}/{status['total_steps']}",
+        f"loss {status['loss']:.4f}",
+        f"lr {status['lr']:.2e}",
+        f"{status['tokens_per_s']:,.0f} tokens/s",
+    ]
     if status["eta_s"] is not None:
         parts.append(f"ETA {format_seconds(status['eta_s'])}")
     return " · ".join(parts)
@@ -326,7 +382,7 @@ def _last_note(job: Job) -> str:
     """The CLI's latest progress note (data, clusters, model), or a generic one."""
     lines = job.log_tail(4096).splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("$ hydra-edge ")]
-    for line in reversed(lines[starts[-1] + 1 if starts else 0:]):  # this process's notes only
+    for line in reversed(lines[starts[-1] + 1 if starts else 0 :]):  # this process's notes only
         line = line.strip()
         if line and not line.startswith("cluster ") and "warn" not in line.lower():
             return line[:200]

@@ -50,8 +50,9 @@ class Workspace:
 
     # -- the path check -------------------------------------------------------------------
 
-    def resolve(self, user_path: str | Path, what: str = "path", must_exist: bool = True,
-                kind: str | None = None) -> Path:
+    def resolve(
+        self, user_path: str | Path, what: str = "path", must_exist: bool = True, kind: str | None = None
+    ) -> Path:
         """A path typed in the UI -> an absolute path inside the workspace, or a UserError.
 
         Relative paths are taken from the workspace root. kind is "file", "dir" or None.
@@ -94,7 +95,9 @@ class Workspace:
             return path
         if path.is_dir() and _is_datasets_folder(path):
             return path
-        raise UserError(f"{what} {user_path}: not a {', '.join(DATA_SUFFIXES)} file or a folder saved by datasets' save_to_disk")
+        raise UserError(
+            f"{what} {user_path}: not a {', '.join(DATA_SUFFIXES)} file or a folder saved by datasets' save_to_disk"
+        )
 
     def rel(self, path: str | Path) -> str:
         """How the UI shows a workspace path: relative to the root, with forward slashes."""
@@ -136,17 +139,27 @@ class Workspace:
 
     def resumable_runs(self) -> list[str]:
         """Runs with a checkpoint and no final adapter: stopped (or crashed) mid-training."""
-        return [r for r in self.runs() if _has_checkpoint(self.root / r) and not (self.root / r / "adapter_config.json").is_file()]
+        return [
+            r
+            for r in self.runs()
+            if _has_checkpoint(self.root / r) and not (self.root / r / "adapter_config.json").is_file()
+        ]
 
     def exports(self) -> list[str]:
-        exports = [p for p in (self.root / EXPORTS_DIR).iterdir()
-                   if p.is_dir() and not p.name.startswith(".") and (p / "export_manifest.json").is_file()]
+        exports = [
+            p
+            for p in (self.root / EXPORTS_DIR).iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / "export_manifest.json").is_file()
+        ]
         return [self.rel(p) for p in sorted(exports, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     def model_folders(self) -> list[str]:
         """Local base models under models/: Hugging Face folders (with config.json) and GGUF files."""
-        return [self.rel(p) for p in sorted((self.root / MODELS_DIR).iterdir())
-                if (p / "config.json").is_file() or (p.is_file() and p.suffix.lower() == ".gguf")]
+        return [
+            self.rel(p)
+            for p in sorted((self.root / MODELS_DIR).iterdir())
+            if (p / "config.json").is_file() or (p.is_file() and p.suffix.lower() == ".gguf")
+        ]
 
 
 def _is_datasets_folder(path: Path) -> bool:

@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture(scope="module")
 def demo_scores(demo_run, tmp_path_factory):
     from hydra_edge.data import read_records
-    from hydra_edge.evaluate import evaluate_engine
+    from hydra_edge.evaluate import evaluate
     from hydra_edge.exporters.onnx_chat import OnnxChat
     from hydra_edge.exporters.onnx_export import export
     from hydra_edge.tiny import DEMO_EVAL
@@ -23,7 +23,7 @@ def demo_scores(demo_run, tmp_path_factory):
     for precision in ("fp32", "int4"):
         out = tmp_path_factory.mktemp(f"demo-{precision}") / "onnx"
         export(adapter, out, mode="adapters", precision=precision, log=lambda m: None)
-        scores[precision] = evaluate_engine(OnnxChat(out), records, seq_len=128, max_new_tokens=32)["exact_match"]
+        scores[precision] = evaluate(OnnxChat(out), records, seq_len=128, max_new_tokens=32)["exact_match"]
     return scores
 
 

@@ -11,8 +11,15 @@ def test_gemma3_nested_rope_parameters_are_flattened_for_the_builder():
 
     from hydra_edge.exporters.genai_builder import adapt_config
 
-    config = Gemma3TextConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                              head_dim=32, intermediate_size=128, vocab_size=100)
+    config = Gemma3TextConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        intermediate_size=128,
+        vocab_size=100,
+    )
     assert "full_attention" in config.rope_parameters  # transformers 5 nests them per layer type
     full, local = config.rope_parameters["full_attention"], config.rope_parameters["sliding_attention"]
     adapt_config(config)
@@ -67,11 +74,22 @@ def test_a_small_gemma3_builds_and_matches_pytorch(tmp_path, precision, sliding_
     )
 
     torch.manual_seed(0)
-    config = Gemma3TextConfig(hidden_size=40, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-                              head_dim=16, intermediate_size=64, vocab_size=128, sliding_window=sliding_window,
-                              max_position_embeddings=64, layer_types=["sliding_attention", "sliding_attention",
-                                                                       "full_attention"],
-                              bos_token_id=2, eos_token_id=1, pad_token_id=0, initializer_range=0.5)
+    config = Gemma3TextConfig(
+        hidden_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        vocab_size=128,
+        sliding_window=sliding_window,
+        max_position_embeddings=64,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+        initializer_range=0.5,
+    )
     model = Gemma3ForCausalLM(config).float().eval()
     hf_dir = tmp_path / "hf"
     model.save_pretrained(hf_dir)
@@ -97,4 +115,6 @@ def _write_word_tokenizer(folder) -> None:
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"w{i}": i for i in range(3, 128)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    ).save_pretrained(folder)

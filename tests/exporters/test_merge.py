@@ -7,8 +7,14 @@ import torch
 from torch.testing import assert_close
 
 from hydra_edge.exporters.merge import (
-    cluster_gates, fold_cluster_into_base, hydra_on_plain_base, merged_heads, save_plain_base, write_peft_adapter,
+    cluster_gates,
+    fold_cluster_into_base,
+    hydra_on_plain_base,
+    merged_heads,
+    save_plain_base,
+    write_peft_adapter,
 )
+from hydra_edge.switches import fixed_gates
 
 PROMPTS = ["What is the capital of Peru?", "Give the antonym of the word fast.", "Spell nine with digits."]
 
@@ -23,8 +29,10 @@ def logits_of(model, tokenizer, prompts=PROMPTS):
     from hydra_edge.inference import prompt_ids
 
     with torch.no_grad():
-        return [model(input_ids=torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": p}])])).logits[0]
-                for p in prompts]
+        return [
+            model(input_ids=torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": p}])])).logits[0]
+            for p in prompts
+        ]
 
 
 def test_plain_base_holds_the_dequantized_nf4_weights(plain_base, trained_adapter):
@@ -52,9 +60,10 @@ def test_peft_adapter_equals_merged_computation(plain_base, trained_adapter, tmp
     for cluster, heads in merged_heads(trained_adapter).items():
         folder = write_peft_adapter(tmp_path / f"peft-{cluster}", str(plain_base), config["r"], config["alpha"], heads)
         peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(plain_base), folder).eval()
-        ours, tokenizer = hydra_on_plain_base(plain_base, trained_adapter, gates[cluster])
-        for a, b in zip(logits_of(peft_model, tokenizer), logits_of(ours, tokenizer)):
-            assert_close(a, b, atol=1e-4, rtol=1e-4)
+        ours, tokenizer = hydra_on_plain_base(plain_base, trained_adapter)
+        with fixed_gates(ours, gates[cluster]):
+            for a, b in zip(logits_of(peft_model, tokenizer), logits_of(ours, tokenizer)):
+                assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_folded_weights_equal_merged_computation(plain_base, trained_adapter):
@@ -65,9 +74,10 @@ def test_folded_weights_equal_merged_computation(plain_base, trained_adapter):
     cluster, heads = next(iter(merged_heads(trained_adapter).items()))
     folded = AutoModelForCausalLM.from_pretrained(plain_base).eval()
     fold_cluster_into_base(folded, heads, config["alpha"] / config["r"])
-    ours, tokenizer = hydra_on_plain_base(plain_base, trained_adapter, gates[cluster])
-    for a, b in zip(logits_of(folded, tokenizer), logits_of(ours, tokenizer)):
-        assert_close(a, b, atol=1e-4, rtol=1e-4)
-    # and the merge is not a no-op: without the adapter the logits differ
-    bare = AutoModelForCausalLM.from_pretrained(plain_base).eval()
-    assert (logits_of(bare, tokenizer)[0] - logits_of(ours, tokenizer)[0]).abs().max() > 1e-2
+    ours, tokenizer = hydra_on_plain_base(plain_base, trained_adapter)
+    with fixed_gates(ours, gates[cluster]):
+        for a, b in zip(logits_of(folded, tokenizer), logits_of(ours, tokenizer)):
+            assert_close(a, b, atol=1e-4, rtol=1e-4)
+        # and the merge is not a no-op: without the adapter the logits differ
+        bare = AutoModelForCausalLM.from_pretrained(plain_base).eval()
+        assert (logits_of(bare, tokenizer)[0] - logits_of(ours, tokenizer)[0]).abs().max() > 1e-2

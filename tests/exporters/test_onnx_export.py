@@ -4,8 +4,9 @@ import json
 import shutil
 
 import pytest
-
+from cli_helpers import conversation_routed_by_its_system_prompt
 from conftest import run_cli
+
 from hydra_edge.errors import UserError
 
 
@@ -50,6 +51,7 @@ def test_onnx_greedy_tokens_equal_pytorch_on_every_demo_prompt(exported, trained
     from hydra_edge.exporters.merge import cluster_gates, hydra_on_plain_base
     from hydra_edge.exporters.onnx_chat import OnnxChat
     from hydra_edge.inference import generate_greedy
+    from hydra_edge.switches import fixed_gates
     from hydra_edge.tiny import DEMO_EVAL
 
     out, _ = exported
@@ -62,8 +64,9 @@ def test_onnx_greedy_tokens_equal_pytorch_on_every_demo_prompt(exported, trained
     assert len(by_cluster) >= 2
     dynamic = chat.manifest["mode"] == "dynamic"  # the router and all heads run per token, as in training
     for cluster, rows in by_cluster.items():
-        model, tokenizer = hydra_on_plain_base(out / "peft" / "base", trained_adapter, None if dynamic else gates[cluster])
-        expected = generate_greedy(model, tokenizer, [conversations[i] for i in rows], max_new_tokens=32)
+        model, tokenizer = hydra_on_plain_base(out / "peft" / "base", trained_adapter)
+        with fixed_gates(model, None if dynamic else gates[cluster]):
+            expected = generate_greedy(model, tokenizer, [conversations[i] for i in rows], max_new_tokens=32)
         for i, reference in zip(rows, expected):
             routed, answer = chat.answer(conversations[i], max_new_tokens=32)
             assert routed == cluster and answer == reference, (conversations[i], answer, reference)
@@ -124,13 +127,27 @@ def _external_onnx(path, location: str) -> None:
     weight.ClearField("float_data")
     weight.data_location = TensorProto.EXTERNAL
     weight.external_data.add(key="location", value=location)
-    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [weight],
+    )
     onnx.save(helper.make_model(graph), str(path))
 
 
-@pytest.mark.parametrize("forgery", ["unlisted file", "decoder outside", "decoder not listed", "other onnx reads outside",
-                                     "symlink", "missing model or adapter"])
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        "unlisted file",
+        "decoder outside",
+        "decoder not listed",
+        "other onnx reads outside",
+        "symlink",
+        "missing model or adapter",
+    ],
+)
 def test_verify_export_accounts_for_every_file(exported, tmp_path, forgery):
     from hydra_edge.exporters.onnx_export import verify_export
 
@@ -144,10 +161,14 @@ def test_verify_export_accounts_for_every_file(exported, tmp_path, forgery):
         match = "notes.txt is not in export_manifest.json"
     elif forgery.startswith("decoder"):
         config = json.loads((copy / config_rel).read_text())
-        config["model"]["decoder"]["filename"] = "../../../outside.onnx" if forgery == "decoder outside" else "other.onnx"
+        config["model"]["decoder"]["filename"] = (
+            "../../../outside.onnx" if forgery == "decoder outside" else "other.onnx"
+        )
         (copy / config_rel).write_text(json.dumps(config))
         _forge(copy, config_rel)
-        match = "outside .*refusing" if forgery == "decoder outside" else "'other.onnx', which the manifest does not list"
+        match = (
+            "outside .*refusing" if forgery == "decoder outside" else "'other.onnx', which the manifest does not list"
+        )
     elif forgery == "other onnx reads outside":
         _external_onnx(copy / model_dir / "extra.onnx", "../../../../outside.data")
         _forge(copy, f"{model_dir}/extra.onnx")
@@ -157,8 +178,11 @@ def test_verify_export_accounts_for_every_file(exported, tmp_path, forgery):
         match = "is a link"
     else:
         first = manifest["clusters"][0]
-        victim = {"adapters": f"adapters/cluster_{first}.onnx_adapter", "merged": f"models/cluster_{first}/model.onnx",
-                  "dynamic": "models/dynamic/genai_config.json"}[manifest["mode"]]
+        victim = {
+            "adapters": f"adapters/cluster_{first}.onnx_adapter",
+            "merged": f"models/cluster_{first}/model.onnx",
+            "dynamic": "models/dynamic/genai_config.json",
+        }[manifest["mode"]]
         (copy / victim).unlink()
         forged = json.loads((copy / "export_manifest.json").read_text())
         del forged["files"][victim]
@@ -202,7 +226,16 @@ def test_chat_and_eval_on_an_export_from_the_cli(exported, trained_adapter):
     out, manifest = exported
     chat = run_cli("chat", "--onnx", str(out), "--prompt", "What is the capital of Peru?", "--max-new-tokens", "8")
     assert chat.returncode == 0, chat.stderr[-2000:]
-    assert chat.stdout.strip() and f"onnx {manifest['mode']}]" in chat.stderr and "[cluster " in chat.stderr
+    assert chat.stdout.strip() and f"ONNX export ({manifest['mode']}, " in chat.stderr and "[cluster " in chat.stderr
+    # With a system prompt the export routes like training and PyTorch chat: on the whole conversation.
+    system, prompt, cluster = conversation_routed_by_its_system_prompt(trained_adapter)
+    args = ["--system", system, "--prompt", prompt, "--max-new-tokens", "4"]
+    onnx_chat, torch_chat = (
+        run_cli("chat", "--onnx", str(out), *args),
+        run_cli("chat", "--adapter", str(trained_adapter), *args),
+    )
+    assert f"[cluster {cluster} | ONNX export" in onnx_chat.stderr, onnx_chat.stderr[-500:]
+    assert f"[cluster {cluster} | gates" in torch_chat.stderr, torch_chat.stderr[-500:]
     result = run_cli("eval", "--onnx", str(out), "--data", str(DEMO_EVAL), "--json", "--max-new-tokens", "16")
     assert result.returncode == 0, result.stderr[-2000:]
     scores = json.loads(result.stdout)
@@ -212,7 +245,9 @@ def test_chat_and_eval_on_an_export_from_the_cli(exported, trained_adapter):
     assert both.returncode == 2 and "either --adapter" in both.stderr
 
 
-@pytest.mark.parametrize("precision,mode", [("int4", "adapters"), ("int4", "dynamic"), ("fp16", "adapters"), ("fp16", "dynamic")])
+@pytest.mark.parametrize(
+    "precision,mode", [("int4", "adapters"), ("int4", "dynamic"), ("fp16", "adapters"), ("fp16", "dynamic")]
+)
 def test_rounded_precisions_keep_lora_float_and_validate(trained_adapter, tmp_path, precision, mode):
     import numpy as np
     import onnx
@@ -232,8 +267,11 @@ def test_rounded_precisions_keep_lora_float_and_validate(trained_adapter, tmp_pa
     lora = [i for i in graph.initializer if ".lora_A." in i.name or ".hydra_" in i.name or ".lora_B." in i.name]
     assert lora
     if precision == "int4":
-        bits = {node.name: next(a.i for a in node.attribute if a.name == "bits")
-                for node in graph.node if node.op_type == "MatMulNBits"}
+        bits = {
+            node.name: next(a.i for a in node.attribute if a.name == "bits")
+            for node in graph.node
+            if node.op_type == "MatMulNBits"
+        }
         assert 4 in bits.values()  # the base is int4 ...
         head = [b for name, b in bits.items() if name.startswith("/lm_head/MatMul")]  # "/lm_head/MatMul_Q8"
         assert head == [8]  # ... but for the LM head (llama.cpp's Q4_K_M mix, README: Export)
@@ -245,7 +283,9 @@ def test_rounded_precisions_keep_lora_float_and_validate(trained_adapter, tmp_pa
     cluster, answer = chat.answer([{"role": "user", "content": "What is the capital of Peru?"}], 8)
     assert isinstance(cluster, int) and answer
     if mode == "adapters":  # the adapter files hold the graph's float type
-        assert {v.dtype for v in chat._adapter_params(cluster).values()} == {np.dtype(np.float16 if precision == "fp16" else np.float32)}
+        assert {v.dtype for v in chat._adapter_params(cluster).values()} == {
+            np.dtype(np.float16 if precision == "fp16" else np.float32)
+        }
 
 
 def test_cuda_export_needs_a_cuda_runtime(trained_adapter, tmp_path, monkeypatch):
@@ -267,10 +307,13 @@ def test_cuda_export_needs_a_cuda_runtime(trained_adapter, tmp_path, monkeypatch
 
 def test_cpu_and_gpu_extras_never_install_both_runtimes():
     import re
-    import tomllib
     from pathlib import Path
 
-    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
 
     def names(extra: str) -> set[str]:
         found = set()
@@ -299,7 +342,10 @@ def test_validation_rejects_a_wrong_model():
     expected = rng.normal(size=(40, 64))
     assert validation_problem(compare_logits(expected + 1e-5, expected), "fp32") is None
     assert "tolerance" in validation_problem(compare_logits(expected + 0.01, expected), "fp32")
-    assert validation_problem(compare_logits(expected + rng.normal(scale=0.1, size=expected.shape), expected), "int4") is None
+    assert (
+        validation_problem(compare_logits(expected + rng.normal(scale=0.1, size=expected.shape), expected), "int4")
+        is None
+    )
     assert "logit error" in validation_problem(compare_logits(rng.normal(size=(40, 64)), expected), "int4")
 
     # Flat logits (a random-weight base): near-ties flip under small noise; that is not an error.
@@ -322,24 +368,39 @@ def test_rounded_precisions_cannot_pass_on_zero_decisive_positions():
     """Gemma 3 270M in int4: no position was decisive, and the old rule passed vacuously."""
     from hydra_edge.exporters.onnx_export import validation_problem
 
-    gemma_int4 = {"positions": 120, "decisive_positions": 0, "decisive_agreement": 1.0, "top1_agreement": 0.31,
-                  "relative_error": 0.084, "max_abs_logit_diff": 27.6}
+    gemma_int4 = {
+        "positions": 120,
+        "decisive_positions": 0,
+        "decisive_agreement": 1.0,
+        "top1_agreement": 0.31,
+        "relative_error": 0.084,
+        "max_abs_logit_diff": 27.6,
+    }
     problem = validation_problem(gemma_int4, "int4")
     assert problem and "0 of 120 positions are decisive" in problem and "export fp32 or fp16" in problem
     assert validation_problem({**gemma_int4, "top1_agreement": 0.9}, "int4") is None  # flat but faithful
     assert validation_problem({**gemma_int4, "top1_agreement": 0.7}, "fp16")  # fp16 is held tighter
-    demo_int4 = {"positions": 120, "decisive_positions": 63, "decisive_agreement": 1.0, "top1_agreement": 0.55,
-                 "relative_error": 0.137, "max_abs_logit_diff": 3.9}
+    demo_int4 = {
+        "positions": 120,
+        "decisive_positions": 63,
+        "decisive_agreement": 1.0,
+        "top1_agreement": 0.55,
+        "relative_error": 0.137,
+        "max_abs_logit_diff": 3.9,
+    }
     assert validation_problem(demo_int4, "int4") is None  # enough decisive positions: judged there
     assert validation_problem({**demo_int4, "decisive_agreement": 0.8}, "int4")
 
 
-@pytest.mark.parametrize("run_config, expected", [
-    ({"model": "gemma3-270m", "data": [], "eval_data": None}, "demo"),  # a preset on the demo data
-    ({"model": "tiny", "data": [], "eval_data": None}, "demo"),
-    ({"model": "gemma3-270m", "data": ["mine.jsonl"], "eval_data": None}, "generic"),  # own data, no held-out rows
-    ({"model": "some/model", "data": [], "eval_data": None}, "generic"),
-])
+@pytest.mark.parametrize(
+    "run_config, expected",
+    [
+        ({"model": "gemma3-270m", "data": [], "eval_data": None}, "demo"),  # a preset on the demo data
+        ({"model": "tiny", "data": [], "eval_data": None}, "demo"),
+        ({"model": "gemma3-270m", "data": ["mine.jsonl"], "eval_data": None}, "generic"),  # own data, no held-out rows
+        ({"model": "some/model", "data": [], "eval_data": None}, "generic"),
+    ],
+)
 def test_validation_prompts_are_the_rows_the_run_was_scored_on(tmp_path, run_config, expected):
     from hydra_edge.data import read_records
     from hydra_edge.exporters.onnx_export import VALIDATION_PROMPTS, validation_prompts

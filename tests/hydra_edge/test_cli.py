@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from cli_helpers import assert_one_line_error
 from conftest import run_cli
+from safetensors.torch import load_file
 
 EVAL_KEYS = {"loss", "perplexity", "exact_match", "n", "per_cluster"}
 
@@ -24,8 +23,18 @@ def test_default_finetune_learns_the_demo(demo_run):
 def test_adapter_directory_contract(demo_run):
     out, _ = demo_run
     config = json.loads((out / "adapter_config.json").read_text())
-    for key in ("format_version", "base_model", "base_fingerprint", "quantization", "r", "alpha", "heads",
-                "dropout", "target_modules", "chat_template"):
+    for key in (
+        "format_version",
+        "base_model",
+        "base_fingerprint",
+        "quantization",
+        "r",
+        "alpha",
+        "heads",
+        "dropout",
+        "target_modules",
+        "chat_template",
+    ):
         assert key in config, key
     assert config["quantization"] == "nf4" and config["base_model"] == "tiny"
     weights = load_file(str(out / "adapter_model.safetensors"))
@@ -67,21 +76,42 @@ def test_untrained_base_scores_zero(demo_run):
     from hydra_edge.evaluate import evaluate
     from hydra_edge.inference import load_trained
     from hydra_edge.tiny import DEMO_EVAL
+    from hydra_edge.torch_engine import TorchEngine
 
     trained = load_trained(out, device="cpu")
     for name, param in trained.model.named_parameters():
         if name.endswith("hydra_B"):
             param.data.zero_()
-    scores = evaluate(trained.model, trained.tokenizer, read_records(DEMO_EVAL)[:20], trained.clusters, 128, 8)
+    engine = TorchEngine(trained.model, trained.tokenizer, trained.clusters)
+    scores = evaluate(engine, read_records(DEMO_EVAL)[:20], 128, 8)
     assert scores["exact_match"] == 0.0
 
 
 def test_chat_prompt_answer_on_stdout_routing_on_stderr(demo_run):
     out, _ = demo_run
-    result = run_cli("chat", "--adapter", str(out), "--prompt", "What is the capital of France?", "--max-new-tokens", "8")
+    result = run_cli(
+        "chat", "--adapter", str(out), "--prompt", "What is the capital of France?", "--max-new-tokens", "8"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "Paris"
     assert "[cluster " in result.stderr and "gates h0=" in result.stderr
+
+
+def test_chat_routes_on_the_whole_conversation_with_its_system_prompt(demo_run):
+    """Training clusters a row on all its non-assistant text, and so does every engine: with a
+    system prompt, chat must not route on the last message alone."""
+    from cli_helpers import conversation_routed_by_its_system_prompt
+
+    from hydra_edge.torch_engine import TorchEngine
+
+    out, _ = demo_run
+    system, prompt, cluster = conversation_routed_by_its_system_prompt(out)
+    result = run_cli("chat", "--adapter", str(out), "--system", system, "--prompt", prompt, "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"[cluster {cluster} | gates " in result.stderr, result.stderr[-500:]
+    engine = TorchEngine.load(out, device="cpu")
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    assert engine.route(messages) == cluster
 
 
 def test_adapter_on_a_different_base_is_refused(demo_run, tmp_path):
@@ -105,8 +135,17 @@ def test_adapter_on_a_different_base_is_refused(demo_run, tmp_path):
     same = tmp_path / "same-base"
     AutoModelForCausalLM.from_pretrained(tiny_model_dir()).save_pretrained(same)
     AutoTokenizer.from_pretrained(tiny_model_dir()).save_pretrained(same)
-    result = run_cli("chat", "--adapter", str(out), "--model", str(same), "--prompt", "What is the capital of Japan?",
-                     "--max-new-tokens", "8")
+    result = run_cli(
+        "chat",
+        "--adapter",
+        str(out),
+        "--model",
+        str(same),
+        "--prompt",
+        "What is the capital of Japan?",
+        "--max-new-tokens",
+        "8",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "Tokyo"
 
@@ -214,7 +253,9 @@ def test_chat_repl_streams_and_keeps_going(demo_run):
     result = subprocess.run(
         [sys.executable, "-m", "hydra_edge", "chat", "--adapter", str(out), "--max-new-tokens", "8"],
         input="What is the capital of Italy?\n/reset\nWrite the number seven in digits.\n/exit\n",
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     answers = [line.strip() for line in result.stdout.replace("> ", "\n").splitlines() if line.strip()]
@@ -226,8 +267,9 @@ def test_every_finetune_setting_is_a_finetune_option():
     """A FinetuneConfig field without its Typer option (--router was one) can be set in YAML only."""
     import inspect
 
-    from hydra_edge.cli import finetune
+    from hydra_edge.cli import app
     from hydra_edge.config import config_fields
 
+    (finetune,) = [c.callback for c in app.registered_commands if c.name == "finetune"]
     options = set(inspect.signature(finetune).parameters) - {"config"}
     assert options == set(config_fields())

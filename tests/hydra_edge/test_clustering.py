@@ -51,10 +51,26 @@ def test_round_trip_assigns_held_out_rows_identically(tmp_path):
 
 
 def test_scripts_without_spaces_cluster():
-    weather = ["今天天气很好", "明天会下雨吗", "天气预报说明天晴天", "外面下雨了吗", "今天的天气怎么样", "明天天气冷吗",
-               "下雨天要带伞", "天气预报说今天下雨"]
-    food = ["我想吃饺子", "这家餐厅的面条很好吃", "晚饭吃米饭", "饺子和面条哪个好吃", "早饭吃包子", "我们去吃面条吧",
-            "包子和饺子都好吃", "午饭想吃米饭"]
+    weather = [
+        "今天天气很好",
+        "明天会下雨吗",
+        "天气预报说明天晴天",
+        "外面下雨了吗",
+        "今天的天气怎么样",
+        "明天天气冷吗",
+        "下雨天要带伞",
+        "天气预报说今天下雨",
+    ]
+    food = [
+        "我想吃饺子",
+        "这家餐厅的面条很好吃",
+        "晚饭吃米饭",
+        "饺子和面条哪个好吃",
+        "早饭吃包子",
+        "我们去吃面条吧",
+        "包子和饺子都好吃",
+        "午饭想吃米饭",
+    ]
     model, labels = fit_clusters(weather + food, heads=2)
     assert adjusted_rand_score([0] * len(weather) + [1] * len(food), labels) == 1.0
 

@@ -31,9 +31,15 @@ def test_epochs_given_means_no_preset_step_count():
 
 @pytest.mark.parametrize(
     "settings, flag",
-    [({"rank": 0}, "--rank"), ({"dropout": 1.5}, "--dropout"), ({"heads": "0"}, "--heads"),
-     ({"quant": "int8"}, "--quant"), ({"lr": -1.0}, "--lr"), ({"mixed_precision": "fp8"}, "--mixed-precision"),
-     ({"pool_over": "answer"}, "--pool-over")],
+    [
+        ({"rank": 0}, "--rank"),
+        ({"dropout": 1.5}, "--dropout"),
+        ({"heads": "0"}, "--heads"),
+        ({"quant": "int8"}, "--quant"),
+        ({"lr": -1.0}, "--lr"),
+        ({"mixed_precision": "fp8"}, "--mixed-precision"),
+        ({"pool_over": "answer"}, "--pool-over"),
+    ],
 )
 def test_bad_values_name_the_flag(settings, flag):
     with pytest.raises(UserError, match=flag):
@@ -60,8 +66,10 @@ def test_yaml_types_and_keys(tmp_path):
         read_yaml_config(path)
 
 
-@pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, "no"), ({"avx2", "avx512f", "avx512_bf16"}, "bf16"),
-                                             ({"avx2", "amx_bf16", "amx_tile"}, "bf16")])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [({"avx2", "fma"}, "no"), ({"avx2", "avx512f", "avx512_bf16"}, "bf16"), ({"avx2", "amx_bf16", "amx_tile"}, "bf16")],
+)
 def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, flags, expected):
     from hydra_edge import models
 

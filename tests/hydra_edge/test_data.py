@@ -39,7 +39,11 @@ def test_multi_turn_ids_and_loss_mask(tokenizer):
         newline = encode(tokenizer, "\n")
         expected_ids += header + body + newline
         trained = m["role"] == "assistant"
-        expected_labels += [IGNORE_INDEX] * len(header) + (body if trained else [IGNORE_INDEX] * len(body)) + [IGNORE_INDEX] * len(newline)
+        expected_labels += (
+            [IGNORE_INDEX] * len(header)
+            + (body if trained else [IGNORE_INDEX] * len(body))
+            + [IGNORE_INDEX] * len(newline)
+        )
     assert sample.input_ids == expected_ids
     assert sample.labels == expected_labels
     learned = tokenizer.decode([t for t in sample.labels if t != IGNORE_INDEX])
@@ -61,7 +65,9 @@ def test_truncation_and_rows_left_without_targets(tokenizer):
     short = Record("t:2", messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
     truncating = tokenize_records(tokenizer, [long, short], seq_len=16)
     assert (truncating.truncated, truncating.dropped_no_target, len(truncating.samples)) == (1, 1, 1)
-    long_answer = Record("t:3", messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok " * 40}])
+    long_answer = Record(
+        "t:3", messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok " * 40}]
+    )
     dropping = tokenize_records(tokenizer, [long_answer, short], seq_len=16, overlong="drop")
     assert (dropping.dropped_overlong, [s.record.source for s in dropping.samples]) == (1, ["t:2"])
     keeping = tokenize_records(tokenizer, [long_answer, short], seq_len=16, overlong="truncate")

@@ -3,15 +3,19 @@
 import json
 
 import pytest
-
 from conftest import run_cli
+
 from hydra_edge.config import build_config
 from hydra_edge.data import IGNORE_INDEX, Record, load_records, pack_samples, tokenize_record
 from hydra_edge.finetune import run_finetune
 from hydra_edge.formats import RowProblem, normalize
 
-QUESTIONS = [("What is the capital of France?", "Paris"), ("Opposite of hot?", "cold"),
-             ("Write seven in digits.", "7"), ("Is this review positive? Great movie!", "positive")]
+QUESTIONS = [
+    ("What is the capital of France?", "Paris"),
+    ("Opposite of hot?", "cold"),
+    ("Write seven in digits.", "7"),
+    ("Is this review positive? Great movie!", "positive"),
+]
 
 
 def rows_in(fmt: str, n: int = 12) -> list[dict]:
@@ -19,14 +23,21 @@ def rows_in(fmt: str, n: int = 12) -> list[dict]:
     for i in range(n):
         q, a = QUESTIONS[i % len(QUESTIONS)]
         q = f"{q} ({i})"
-        rows.append({
-            "alpaca": {"instruction": q, "input": "" if i % 2 else "context", "output": a},
-            "sharegpt": {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
-            "messages": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q},
-                                      {"role": "assistant", "content": a}]},
-            "prompt_completion": {"prompt": q, "completion": a},
-            "text": {"text": f"{q} {a}"},
-        }[fmt])
+        rows.append(
+            {
+                "alpaca": {"instruction": q, "input": "" if i % 2 else "context", "output": a},
+                "sharegpt": {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+                "messages": {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": a},
+                    ]
+                },
+                "prompt_completion": {"prompt": q, "completion": a},
+                "text": {"text": f"{q} {a}"},
+            }[fmt]
+        )
     return rows
 
 
@@ -67,8 +78,18 @@ def test_every_format_in_every_file_type_trains(tmp_path, tiny_dir, fmt, kind):
     path = write(rows_in(fmt), tmp_path / (f"data.{kind}" if kind != "datasets" else "data_folder"), kind)
     loaded = load_records([str(path)])
     assert loaded.formats == {str(path): fmt} and len(loaded.records) == 12
-    config = build_config({}, {"data": [str(path)], "out": str(tmp_path / "out"), "max_steps": 2, "heads": "2",
-                               "seq_len": 64, "batch_size": 4, "quant": "none"})
+    config = build_config(
+        {},
+        {
+            "data": [str(path)],
+            "out": str(tmp_path / "out"),
+            "max_steps": 2,
+            "heads": "2",
+            "seq_len": 64,
+            "batch_size": 4,
+            "quant": "none",
+        },
+    )
     result = run_finetune(config)
     assert result["train"]["steps"] == 2
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
@@ -85,17 +106,44 @@ def test_several_files_of_different_formats_mix(tmp_path):
 @pytest.mark.parametrize(
     "fmt, row, expected",
     [
-        ("alpaca", {"instruction": "Add", "input": "2 and 3", "output": "5", "system": "Be exact."},
-         [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Add\n\n2 and 3"},
-          {"role": "assistant", "content": "5"}]),
-        ("alpaca", {"instruction": "Say hi", "input": "", "output": "hi"},
-         [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]),
-        ("sharegpt", {"system": "S", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
-                                                       {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]},
-         [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]),
-        ("prompt_completion", {"prompt": "p", "completion": "c"},
-         [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]),
+        (
+            "alpaca",
+            {"instruction": "Add", "input": "2 and 3", "output": "5", "system": "Be exact."},
+            [
+                {"role": "system", "content": "Be exact."},
+                {"role": "user", "content": "Add\n\n2 and 3"},
+                {"role": "assistant", "content": "5"},
+            ],
+        ),
+        (
+            "alpaca",
+            {"instruction": "Say hi", "input": "", "output": "hi"},
+            [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
+        ),
+        (
+            "sharegpt",
+            {
+                "system": "S",
+                "conversations": [
+                    {"from": "human", "value": "a"},
+                    {"from": "gpt", "value": "b"},
+                    {"from": "human", "value": "c"},
+                    {"from": "gpt", "value": "d"},
+                ],
+            },
+            [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "d"},
+            ],
+        ),
+        (
+            "prompt_completion",
+            {"prompt": "p", "completion": "c"},
+            [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}],
+        ),
     ],
 )
 def test_formats_become_the_same_conversation(fmt, row, expected):
@@ -106,8 +154,17 @@ def test_sharegpt_multi_turn_loss_mask(tiny_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    messages, _ = normalize({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
-                                               {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]}, "sharegpt")
+    messages, _ = normalize(
+        {
+            "conversations": [
+                {"from": "human", "value": "a"},
+                {"from": "gpt", "value": "b"},
+                {"from": "human", "value": "c"},
+                {"from": "gpt", "value": "d"},
+            ]
+        },
+        "sharegpt",
+    )
     sample = tokenize_record(tokenizer, Record("t", messages=messages), 512)
     assert tokenizer.decode([t for t in sample.labels if t != IGNORE_INDEX]) == "b<|end|>d<|end|>"
     assert sample.input_ids[-2] == tokenizer.eos_token_id  # "...d<|end|>\n": ends with EOS (+ newline)
@@ -120,15 +177,35 @@ MALFORMED = {
     "empty_jsonl": ("empty.jsonl", "", ":1:"),
     "blank_jsonl": ("blank.jsonl", "\n\n", ":1:"),
     "alpaca_missing_output": ("a.jsonl", '{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n', ":2:"),
-    "alpaca_empty_output": ("a.jsonl", '{"instruction": "x", "output": "y"}\n{"instruction": "x", "output": ""}\n', ":2:"),
+    "alpaca_empty_output": (
+        "a.jsonl",
+        '{"instruction": "x", "output": "y"}\n{"instruction": "x", "output": ""}\n',
+        ":2:",
+    ),
     "alpaca_wrong_type": ("a.jsonl", '{"instruction": "x", "output": "y"}\n{"instruction": 3, "output": "y"}\n', ":2:"),
-    "messages_unknown_role": ("m.jsonl", '{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}\n', ":1:"),
+    "messages_unknown_role": (
+        "m.jsonl",
+        '{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}\n',
+        ":1:",
+    ),
     "messages_no_assistant": ("m.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n', ":1:"),
-    "messages_missing_content": ("m.jsonl", '{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}\n', ":1:"),
+    "messages_missing_content": (
+        "m.jsonl",
+        '{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}\n',
+        ":1:",
+    ),
     "messages_not_a_list": ("m.jsonl", '{"messages": "hello"}\n', ":1:"),
-    "sharegpt_unknown_from": ("s.jsonl", '{"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}\n', ":1:"),
+    "sharegpt_unknown_from": (
+        "s.jsonl",
+        '{"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}\n',
+        ":1:",
+    ),
     "sharegpt_empty": ("s.jsonl", '{"conversations": []}\n', ":1:"),
-    "completion_missing": ("p.jsonl", '{"prompt": "x", "completion": "y"}\n{"prompt": "x", "completion": null}\n', ":2:"),
+    "completion_missing": (
+        "p.jsonl",
+        '{"prompt": "x", "completion": "y"}\n{"prompt": "x", "completion": null}\n',
+        ":2:",
+    ),
     "row_not_object": ("r.jsonl", '{"text": "a"}\n[1, 2]\n', ":2:"),
     "unknown_format": ("u.jsonl", '{"question": "x", "answer": "y"}\n', ":1:"),
     "json_array_malformed": ("j.json", '[{"text": "a"},\n {"text": }]', ":2:"),
@@ -174,8 +251,23 @@ def test_skip_invalid_trains_on_the_valid_rows_and_counts_reasons(tmp_path):
     strict = run_cli("finetune", "--data", str(path), "--out", str(tmp_path / "strict"), cwd=tmp_path)
     assert strict.returncode == 2
     assert [line.split(": ")[0] for line in strict.stderr.splitlines()[:3]] == [f"{path}:4", f"{path}:21", f"{path}:42"]
-    result = run_cli("finetune", "--data", str(path), "--skip-invalid", "--out", str(tmp_path / "o"), "--max-steps", "2",
-                     "--heads", "2", "--quant", "none", "--seq-len", "64", cwd=tmp_path)
+    result = run_cli(
+        "finetune",
+        "--data",
+        str(path),
+        "--skip-invalid",
+        "--out",
+        str(tmp_path / "o"),
+        "--max-steps",
+        "2",
+        "--heads",
+        "2",
+        "--quant",
+        "none",
+        "--seq-len",
+        "64",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "data: 47 training rows" in result.stderr
     assert "skipped 3 invalid rows" in result.stderr
@@ -253,8 +345,11 @@ def test_row_problem_carries_a_reason():
 def test_training_batches_carry_each_tokens_cluster_and_sample():
     from hydra_edge.data import Sample, collate
 
-    samples = [Sample([5, 6, 7], [5, 6, 7], None, cluster=2), Sample([8, 9], [8, 9], None, cluster=0),
-               Sample([3, 4, 5, 6], [3, 4, 5, 6], None, cluster=1)]
+    samples = [
+        Sample([5, 6, 7], [5, 6, 7], None, cluster=2),
+        Sample([8, 9], [8, 9], None, cluster=0),
+        Sample([3, 4, 5, 6], [3, 4, 5, 6], None, cluster=1),
+    ]
     plain = collate(samples[:2], pad_id=0, with_clusters=True)
     assert plain["cluster_ids"].tolist() == [[2, 2, 2], [0, 0, -1]]
     assert plain["segment_ids"].tolist() == [[0, 0, 0], [0, 0, -1]]

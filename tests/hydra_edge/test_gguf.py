@@ -51,8 +51,22 @@ def test_finetune_on_a_gguf_file_then_eval_loads_it_by_fingerprint(tiny_gguf, tm
     import json
 
     out = tmp_path / "run"
-    result = run_in_process("finetune", "--model", str(tiny_gguf), "--max-steps", "2", "--out", str(out),
-                            "--seq-len", "64", "--batch-size", "4", "--eval-data", str(few_eval_rows), *FP32)
+    result = run_in_process(
+        "finetune",
+        "--model",
+        str(tiny_gguf),
+        "--max-steps",
+        "2",
+        "--out",
+        str(out),
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "4",
+        "--eval-data",
+        str(few_eval_rows),
+        *FP32,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((out / "adapter_config.json").read_text())
     from hydra_edge.files import sha256_of
@@ -65,10 +79,27 @@ def test_finetune_on_a_gguf_file_then_eval_loads_it_by_fingerprint(tiny_gguf, tm
 
 def test_an_adapter_refuses_a_different_gguf(tiny_gguf, tiny_dir, tmp_path, few_eval_rows):
     out = tmp_path / "run"
-    assert run_in_process("finetune", "--model", str(tiny_gguf), "--max-steps", "1", "--out", str(out),
-                          "--seq-len", "64", "--batch-size", "4", *FP32).returncode == 0
+    assert (
+        run_in_process(
+            "finetune",
+            "--model",
+            str(tiny_gguf),
+            "--max-steps",
+            "1",
+            "--out",
+            str(out),
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "4",
+            *FP32,
+        ).returncode
+        == 0
+    )
     other = write_llama_gguf(tiny_dir, tmp_path / "tiny-f16.gguf", dtype="f16")  # same model, other file
-    result = run_in_process("eval", "--adapter", str(out), "--model", str(other), "--data", str(few_eval_rows), "--max-new-tokens", "4")
+    result = run_in_process(
+        "eval", "--adapter", str(out), "--model", str(other), "--data", str(few_eval_rows), "--max-new-tokens", "4"
+    )
     assert_one_line_error(result, "fingerprint")
 
 
@@ -96,7 +127,9 @@ def test_missing_gguf_package_is_one_line(tiny_gguf, tmp_path, monkeypatch):
 def test_a_folder_with_two_gguf_files_asks_for_one(tiny_gguf, tmp_path):
     for name in ("a.gguf", "b.gguf"):
         shutil.copy(tiny_gguf, tmp_path / name)
-    result = run_in_process("finetune", "--model", str(tmp_path), "--max-steps", "1", "--out", str(tmp_path / "o"), *FP32)
+    result = run_in_process(
+        "finetune", "--model", str(tmp_path), "--max-steps", "1", "--out", str(tmp_path / "o"), *FP32
+    )
     assert_one_line_error(result, "2 GGUF files", "a.gguf")
 
 
@@ -110,9 +143,13 @@ def test_gemma_chat_template_renders_turns_and_learns_the_answer():
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir())
     tokenizer.bos_token = "<|system|>"  # stands in for <bos>
     tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi "},
-                {"role": "assistant", "content": "Hello."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi "},
+        {"role": "assistant", "content": "Hello."},
+    ]
     full, spans = _assistant_spans(tokenizer, messages)
-    assert full == ("<|system|><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
-                    "<start_of_turn>model\nHello.<end_of_turn>\n")
+    assert full == (
+        "<|system|><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+    )
     assert [full[s:e] for s, e in spans] == ["Hello.<end_of_turn>"]

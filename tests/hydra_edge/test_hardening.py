@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import FP32, assert_one_line_error, fill_disk, read_only, run_in_process, small_disk
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import FP32, assert_one_line_error, fill_disk, read_only, run_in_process, small_disk
 from hydra_edge.checkpoint import list_checkpoints, save_checkpoint
 from hydra_edge.config import build_config
 from hydra_edge.errors import UserError
@@ -35,7 +35,15 @@ def adapter_copy(trained_adapter, tmp_path) -> Path:
 
 def adapter_commands(adapter: Path, small_eval: Path, tmp_path: Path) -> dict[str, list[str]]:
     return {
-        "chat": ["chat", "--adapter", str(adapter), "--prompt", "What is the capital of Japan?", "--max-new-tokens", "2"],
+        "chat": [
+            "chat",
+            "--adapter",
+            str(adapter),
+            "--prompt",
+            "What is the capital of Japan?",
+            "--max-new-tokens",
+            "2",
+        ],
         "eval": ["eval", "--adapter", str(adapter), "--data", str(small_eval), "--max-new-tokens", "2"],
         "export": ["export", "--adapter", str(adapter), "--out", str(tmp_path / "export")],
     }
@@ -43,9 +51,19 @@ def adapter_commands(adapter: Path, small_eval: Path, tmp_path: Path) -> dict[st
 
 # -- 2. a crafted adapter_config.json is refused before any layer is built ------------------------
 
+
 @pytest.mark.parametrize("command", ["chat", "eval", "export"])
-@pytest.mark.parametrize("change", [{"heads": 1_000_000}, {"r": 1_000_000_000}, {"r": -3}, {"heads": "three"},
-                                    {"target_modules": []}, {"quantization": "int2"}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"heads": 1_000_000},
+        {"r": 1_000_000_000},
+        {"r": -3},
+        {"heads": "three"},
+        {"target_modules": []},
+        {"quantization": "int2"},
+    ],
+)
 def test_crafted_adapter_config_is_refused_before_allocating(adapter_copy, small_eval, tmp_path, command, change):
     config = json.loads((adapter_copy / "adapter_config.json").read_text())
     config.update(change)
@@ -65,6 +83,7 @@ def test_adapter_weights_disagreeing_with_the_config_are_refused(adapter_copy, s
 
 
 # -- 6. damaged clusters, router, run config, manifest, target modules, model weights -------------
+
 
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -98,13 +117,16 @@ def test_router_whose_centroids_do_not_fit_is_refused(adapter_copy, tmp_path):
     assert not (tmp_path / "export").exists()
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2, 3]", "expected a JSON object"),
-    ('{"max_steps": 4, "learning_rate": 0.1}', "unknown key 'learning_rate'"),
-    ('{"rank": "eight"}', "rank"),
-    ('{"rank": 0}', "--rank"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2, 3]", "expected a JSON object"),
+        ('{"max_steps": 4, "learning_rate": 0.1}', "unknown key 'learning_rate'"),
+        ('{"rank": "eight"}', "rank"),
+        ('{"rank": 0}', "--rank"),
+    ],
+)
 def test_damaged_run_config_on_resume_is_one_line(run_copy, content, needle):
     (run_copy / "run_config.json").write_text(content)
     result = run_in_process("finetune", "--out", str(run_copy), "--resume")
@@ -125,7 +147,10 @@ def test_target_module_that_is_not_in_the_base_is_refused(adapter_copy, small_ev
     gone, renamed = config["target_modules"][0], config["target_modules"][0] + "_missing"
     config["target_modules"][0] = renamed
     (adapter_copy / "adapter_config.json").write_text(json.dumps(config))
-    weights = {k.replace(gone + ".", renamed + "."): v for k, v in load_file(str(adapter_copy / "adapter_model.safetensors")).items()}
+    weights = {
+        k.replace(gone + ".", renamed + "."): v
+        for k, v in load_file(str(adapter_copy / "adapter_model.safetensors")).items()
+    }
     save_file(weights, str(adapter_copy / "adapter_model.safetensors"))
     result = run_in_process(*adapter_commands(adapter_copy, small_eval, tmp_path)["chat"])
     assert_one_line_error(result, renamed, "not a linear layer")
@@ -140,12 +165,14 @@ def test_model_folder_with_a_pickle_that_is_not_a_state_dict(tiny_dir, tmp_path)
         if file.suffix == ".json":
             shutil.copy(file, folder)
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
-    result = run_in_process("finetune", "--model", str(folder), "--data", str(DEMO_EVAL), "--out", str(tmp_path / "o"),
-                            "--max-steps", "1")
+    result = run_in_process(
+        "finetune", "--model", str(folder), "--data", str(DEMO_EVAL), "--out", str(tmp_path / "o"), "--max-steps", "1"
+    )
     assert_one_line_error(result, f"--model {folder}", "safetensors")
 
 
 # -- 4. checkpoints: a full disk, pruning, stale temp folders, damaged checkpoints ---------------
+
 
 def _toy_training():
     model = torch.nn.Linear(4, 4)
@@ -192,7 +219,9 @@ def test_full_disk_during_a_checkpoint_says_how_much_room_it_needs(tmp_path):
                 fill_disk(out, leave=64 * 1024)  # room for metrics rows, not for a checkpoint
 
         config = build_config({}, {**FP32, "data": [str(DEMO_TRAIN)], "out": str(out), "max_steps": 4, "save_every": 2})
-        with pytest.raises(UserError, match=r"no room to save checkpoint step-000002 \(a checkpoint needs about [\d.]+ MB"):
+        with pytest.raises(
+            UserError, match=r"no room to save checkpoint step-000002 \(a checkpoint needs about [\d.]+ MB"
+        ):
             run_finetune(config, on_step=fill_after_first_step)
         assert not list((out / "checkpoints").glob(".tmp-step-*"))
 
@@ -262,6 +291,7 @@ def test_resume_with_every_checkpoint_damaged_is_one_line(run_copy):
 
 
 # -- 5. read-only --out ---------------------------------------------------------------------------
+
 
 def test_read_only_out_for_a_new_run(tmp_path):
     (tmp_path / "ro").mkdir()
@@ -340,12 +370,25 @@ def test_validate_lists_every_problem_when_no_row_is_valid(tmp_path):
     assert "0 valid rows, 3 invalid" in result.stdout
 
 
-@pytest.mark.parametrize("row", [
-    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                  {"role": "user", "content": "And then?"}]},
-    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
-                       {"from": "human", "value": "And then?"}]},
-])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "And then?"},
+            ]
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello"},
+                {"from": "human", "value": "And then?"},
+            ]
+        },
+    ],
+)
 def test_conversation_ending_with_a_user_turn_is_a_problem(tmp_path, row):
     data = tmp_path / "trailing.jsonl"
     data.write_text(json.dumps(row) + "\n")
@@ -355,6 +398,7 @@ def test_conversation_ending_with_a_user_turn_is_a_problem(tmp_path, row):
 
 
 # -- 1. a datasets folder may only read files inside itself ---------------------------------------
+
 
 def _arrow_stream(path: Path, texts: list[str]) -> None:
     import pyarrow as pa
@@ -411,8 +455,10 @@ def test_damaged_tiny_preset_cache_says_how_to_rebuild_it(tiny_dir, tmp_path, mo
     assert_one_line_error(result, "--model tiny", "delete that folder")
 
 
-@pytest.mark.parametrize("content, needle", [(b"data: " + b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-                                             (b"\xff\xfe\x00", "not UTF-8")])
+@pytest.mark.parametrize(
+    "content, needle",
+    [(b"data: " + b"[" * 100_000 + b"]" * 100_000, "nested too deeply"), (b"\xff\xfe\x00", "not UTF-8")],
+)
 def test_hostile_yaml_config_is_one_line(tmp_path, content, needle):
     config = tmp_path / "run.yaml"
     config.write_bytes(content)

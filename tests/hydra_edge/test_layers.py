@@ -63,7 +63,9 @@ def peft_lora_output(base: nn.Module, A: torch.Tensor, B: torch.Tensor, alpha: f
 
     wrapper = nn.Sequential()
     wrapper.add_module("proj", base)
-    peft_model = get_peft_model(wrapper, LoraConfig(r=A.shape[0], lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0))
+    peft_model = get_peft_model(
+        wrapper, LoraConfig(r=A.shape[0], lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0)
+    )
     lora_layer = peft_model.base_model.model.proj
     with torch.no_grad():
         lora_layer.lora_A["default"].weight.copy_(A)
@@ -145,7 +147,7 @@ def test_dropout_only_on_adapter_path(linear):
 
 
 def test_fixed_gates_equal_one_merged_lora(linear):
-    """With gates fixed to ḡ, the heads collapse into one LoRA: B̄ = Σ_i ḡ_i B_i (DESIGN.md §5)."""
+    """With gates fixed to ḡ, the heads collapse into one LoRA: B̄ = Σ_i ḡ_i B_i (the export's merge)."""
     layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3)
     randomize_heads(layer)
     gates = torch.tensor([0.2, 0.5, 0.3])
@@ -162,7 +164,7 @@ def test_router_supervision_is_the_cross_entropy_of_the_router_logits(linear):
     targets = torch.tensor([[0, 0, 1, 1, -1], [2, 2, 2, -1, -1]])  # -1: padding, no target
     layer.router_targets, layer.router_losses = targets, []
     layer(x)
-    (nll, count), = layer.router_losses
+    ((nll, count),) = layer.router_losses
     logits = x @ layer.hydra_router.T  # (B, T, N)
     expected = torch.nn.functional.cross_entropy(logits[targets >= 0], targets[targets >= 0], reduction="sum")
     assert count == 7
@@ -202,6 +204,7 @@ def test_pooled_gates_are_each_groups_mean_over_its_sources(linear):
     expected = layer(x[:1, :3])
     layer.fixed_gates, layer.pool_groups = None, (groups[:1, :3], every[:1, :3])
     assert_close(layer(x[:1, :3]), expected)
+
 
 def test_uniform_router_gives_every_head_the_same_weight_and_does_not_train(linear):
     from hydra_edge.adapter import freeze_uniform_router

@@ -25,8 +25,15 @@ def _model(kind: str):
     )
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64)
+    shape = dict(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
     elif kind == "gemma3-softcap":
@@ -95,7 +102,9 @@ def test_per_row_label_losses_match_the_full_logits():
         assert hidden.shape[-1] == 32  # hidden states, not logits
         losses, rows = label_losses(model, hidden, batch["labels"])
     targets = batch["labels"][:, 1:]
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
     for row in range(3):
         assert abs(float(losses[rows == row].sum()) - float(expected[row].sum())) < 1e-4
     assert rows.tolist() == sorted(rows.tolist()) and int((rows == 2).sum()) == 4

@@ -87,8 +87,12 @@ def test_consecutive_non_finite_steps_abort(tmp_path, monkeypatch):
 
 def _cli(*args, **kw):
     return subprocess.Popen(
-        [sys.executable, "-m", "hydra_edge", "finetune", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=os.environ.copy(), **kw,
+        [sys.executable, "-m", "hydra_edge", "finetune", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+        **kw,
     )
 
 
@@ -98,8 +102,26 @@ def _losses(out: Path) -> list[float]:
 
 def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, tiny_dir):
     steps = 30
-    flags = ["--quant", "none", "--mixed-precision", "no", "--heads", "2", "--batch-size", "4", "--seq-len", "64",
-             "--max-steps", str(steps), "--save-every", "7", "--dropout", "0.1", "--grad-accum", "2"]
+    flags = [
+        "--quant",
+        "none",
+        "--mixed-precision",
+        "no",
+        "--heads",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--max-steps",
+        str(steps),
+        "--save-every",
+        "7",
+        "--dropout",
+        "0.1",
+        "--grad-accum",
+        "2",
+    ]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
 
     proc = _cli(*flags, "--out", str(stopped))
@@ -139,10 +161,34 @@ def test_two_process_ddp_run_on_cpu(tmp_path, tiny_dir):
     """torchrun (as accelerate launch would) with 2 CPU processes: one set of outputs, one log."""
     out = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "hydra_edge", "finetune",
-         "--out", str(out), "--max-steps", "4", "--heads", "2", "--seq-len", "64", "--batch-size", "4",
-         "--save-every", "2", "--quant", "none"],
-        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "hydra_edge",
+            "finetune",
+            "--out",
+            str(out),
+            "--max-steps",
+            "4",
+            "--heads",
+            "2",
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "4",
+            "--save-every",
+            "2",
+            "--quant",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ.copy(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -155,7 +201,7 @@ def test_pooling_groups_per_sample_prompt_and_cluster():
     from hydra_edge.data import IGNORE_INDEX
     from hydra_edge.train import pooling_groups
 
-    I = IGNORE_INDEX
+    I = IGNORE_INDEX  # noqa: E741  (reads like the label grid it fills)
     batch = {  # row 0: one sample (cluster 2) + padding; row 1: two packed samples (clusters 0 and 2)
         "segment_ids": torch.tensor([[0, 0, 0, -1], [0, 0, 1, 1]]),
         "cluster_ids": torch.tensor([[2, 2, 2, -1], [0, 0, 2, 2]]),

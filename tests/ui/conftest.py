@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from uihelpers import QUICK, UPLOAD_LIMIT_MB, free_port, wait_until_done
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -18,8 +17,14 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Same as tests/conftest.py's: pytest imports this file as `conftest` too, and test modules
     collected after it that do `from conftest import run_cli` must still find it."""
-    return subprocess.run([sys.executable, "-m", "hydra_edge", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=os.environ.copy())
+    return subprocess.run(
+        [sys.executable, "-m", "hydra_edge", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
+    )
 
 
 class UIServer:
@@ -59,8 +64,13 @@ def client(ui_server):
 def trained_run(ui_server, client) -> str:
     """A 20-step tiny run started through the API; returns its workspace folder (runs/<name>)."""
     # batch 16 (the tiny preset's): after 20 steps the adapter already answers instead of stopping at once
-    status = client.predict(data="data/demo/train.jsonl", max_steps=20, run_name="api-20",
-                            **{**QUICK, "batch_size": 16}, api_name="/start_training")
+    status = client.predict(
+        data="data/demo/train.jsonl",
+        max_steps=20,
+        run_name="api-20",
+        **{**QUICK, "batch_size": 16},
+        api_name="/start_training",
+    )
     assert status["state"] == "running", status
     status = wait_until_done(client)
     assert status["state"] == "finished", status["message"]
@@ -70,6 +80,7 @@ def trained_run(ui_server, client) -> str:
 @pytest.fixture(scope="session")
 def exported(ui_server, client, trained_run) -> dict:
     """An `adapters`-mode fp32 export of the trained run, made through the API; its result dict."""
-    result, *_ = client.predict(adapter=trained_run, mode="adapters", precision="fp32", name="api-export",
-                                api_name="/export")
+    result, *_ = client.predict(
+        adapter=trained_run, mode="adapters", precision="fp32", name="api-export", api_name="/export"
+    )
     return result

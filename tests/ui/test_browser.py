@@ -13,12 +13,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from uihelpers import ROOT
 
 CHROMIUM = os.environ.get("HYDRA_EDGE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-background-networking", "--disable-component-update",
-                 "--disable-default-apps", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-sync",
+    "--no-first-run",
+]
 SCREENSHOTS = Path(os.environ.get("HYDRA_EDGE_SCREENSHOTS", ROOT / "docs" / "screenshots"))
 TIMEOUT_MS = 240_000  # generous: CI machines have 2 cores
 
@@ -59,19 +65,20 @@ def test_train_watch_reload_stop_then_chat_in_a_browser(ui_server, trained_run, 
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(TIMEOUT_MS)
             outside_requests = []
-            page.on("request", lambda r: outside_requests.append(r.url) if not r.url.startswith(ui_server.url) else None)
+            page.on(
+                "request", lambda r: outside_requests.append(r.url) if not r.url.startswith(ui_server.url) else None
+            )
             page.goto(ui_server.url)
 
             # Train: a run long enough to stop halfway, small enough to be quick per step.
             page.locator("#run-name").get_by_role("textbox").fill(run)
             for elem_id, value in (("max-steps", "400"), ("seq-len", "64"), ("batch-size", "4")):
                 _set_number(page, elem_id, value)
-            page.wait_for_function("document.querySelector('#train-command').innerText.includes('--max-steps 400')")
+            page.wait_for_function("document.querySelector('#train-command').innerText.includes('max_steps: 400')")
             page.locator("#start-training").click()
             page.wait_for_function("document.querySelectorAll('#loss-plot .hover_marks path').length >= 2")
             first = _plot_points(page)
-            page.wait_for_function(
-                f"document.querySelectorAll('#loss-plot .hover_marks path').length > {first}")
+            page.wait_for_function(f"document.querySelectorAll('#loss-plot .hover_marks path').length > {first}")
             assert _plot_points(page) > first >= 2
             page.wait_for_function("document.querySelectorAll('#loss-plot .hover_marks path').length >= 12")
             assert f"Training {run}: step" in page.locator("#train-status").inner_text()
@@ -80,8 +87,7 @@ def test_train_watch_reload_stop_then_chat_in_a_browser(ui_server, trained_run, 
             # A reload finds the running job again: status, progress and the curve so far.
             seen = _plot_points(page)
             page.reload()
-            page.wait_for_function(
-                f"document.querySelectorAll('#loss-plot .hover_marks path').length >= {seen}")
+            page.wait_for_function(f"document.querySelectorAll('#loss-plot .hover_marks path').length >= {seen}")
             assert run in page.locator("#train-status").inner_text()
 
             page.locator("#stop-training").click()
@@ -96,8 +102,10 @@ def test_train_watch_reload_stop_then_chat_in_a_browser(ui_server, trained_run, 
             page.locator("#find-clusters").click()
             page.wait_for_function("document.querySelector('#clusters-summary').innerText.includes('clusters')")
             assert "k = " in page.locator("#clusters-summary").inner_text()
-            page.wait_for_function("(() => { const img = document.querySelector('#clusters-plot img'); "
-                                   "return img && img.complete && img.naturalWidth > 0; })()")
+            page.wait_for_function(
+                "(() => { const img = document.querySelector('#clusters-plot img'); "
+                "return img && img.complete && img.naturalWidth > 0; })()"
+            )
             page.wait_for_timeout(1000)  # the fade-in of the new picture
             page.screenshot(path=str(SCREENSHOTS / "data.png"), full_page=True)
 
@@ -107,7 +115,8 @@ def test_train_watch_reload_stop_then_chat_in_a_browser(ui_server, trained_run, 
             source.fill(trained_run)
             source.press("Enter")
             page.wait_for_function(
-                f"document.querySelector('#chat-source-info').innerText.includes('Loaded {trained_run}')")
+                f"document.querySelector('#chat-source-info').innerText.includes('Loaded {trained_run}')"
+            )
             page.get_by_label("Compare with the base model").check()
             message = page.locator("#chat-input").get_by_role("textbox")
             message.fill("Tell me if this review is positive or negative: This meal is fantastic.")
@@ -115,7 +124,8 @@ def test_train_watch_reload_stop_then_chat_in_a_browser(ui_server, trained_run, 
             page.wait_for_function("document.querySelector('#chat-routing').innerText.includes('Router → cluster')")
             page.wait_for_function(
                 "document.querySelectorAll('#base-chatbot [data-testid=\"bot\"]').length >= 1 && "
-                "document.querySelector('#chat-input textarea').value === ''")
+                "document.querySelector('#chat-input textarea').value === ''"
+            )
             page.wait_for_timeout(1500)  # the last streamed tokens
             assert "router → cluster" in page.locator("#chatbot").inner_text()
             assert page.locator("#chatbot [data-testid='bot']").last.inner_text().strip(), "an answer"

@@ -14,8 +14,9 @@ from hydra_edge.ui.jobs import JobManager, strays
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds processes through /proc")
 def test_a_stray_training_in_the_workspace_blocks_a_start(tmp_path):
     # looks like `python -m hydra_edge finetune` running in the workspace (say, left by a killed UI)
-    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "hydra_edge", "finetune"],
-                             cwd=tmp_path)
+    stray = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "-m", "hydra_edge", "finetune"], cwd=tmp_path
+    )
     try:
         assert [pid for pid, _ in strays(tmp_path)] == [stray.pid]
         assert strays(tmp_path / "elsewhere") == []

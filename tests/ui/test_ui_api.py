@@ -11,12 +11,19 @@ import httpx
 import pytest
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
-
-from hydra_edge.tiny import DEMO_TRAIN
 from uihelpers import QUICK, UPLOAD_LIMIT_MB, finetune_processes, wait_for_step, wait_until_done
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "clusters.json", "clusters.safetensors",
-                 "cluster_gates.safetensors", "metrics.jsonl", "run_config.json")
+from hydra_edge.tiny import DEMO_TRAIN
+
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "clusters.json",
+    "clusters.safetensors",
+    "cluster_gates.safetensors",
+    "metrics.jsonl",
+    "run_config.json",
+)
 
 
 def test_upload_then_validate_the_demo_data(client, ui_server):
@@ -25,7 +32,9 @@ def test_upload_then_validate_the_demo_data(client, ui_server):
     assert (report["format"], report["rows"], report["invalid"]) == ("messages", 396, 0)
     assert (ui_server.workspace / report["file"]).read_bytes() == DEMO_TRAIN.read_bytes()
     again = client.predict(data=report["file"], format="auto", api_name="/validate_data")
-    assert {k: again[k] for k in ("file", "format", "rows", "invalid")} == {k: report[k] for k in again if k != "problems"}
+    assert {k: again[k] for k in ("file", "format", "rows", "invalid")} == {
+        k: report[k] for k in again if k != "problems"
+    }
 
 
 def test_validation_lists_bad_rows_and_start_refuses_them(client, ui_server):
@@ -46,14 +55,17 @@ def _outside_paths(ui_server) -> list[str]:
     return ["../secret.jsonl", "data/../../secret.jsonl", str(secret), "/etc/passwd"]
 
 
-@pytest.mark.parametrize("endpoint, argument", [
-    ("/validate_data", "data"),
-    ("/clusters", "data"),
-    ("/start_training", "data"),
-    ("/resume_training", "run"),
-    ("/export", "adapter"),
-    ("/export_result", "export"),
-])
+@pytest.mark.parametrize(
+    "endpoint, argument",
+    [
+        ("/validate_data", "data"),
+        ("/clusters", "data"),
+        ("/start_training", "data"),
+        ("/resume_training", "run"),
+        ("/export", "adapter"),
+        ("/export_result", "export"),
+    ],
+)
 def test_paths_outside_the_workspace_are_refused(client, ui_server, endpoint, argument):
     for path in _outside_paths(ui_server):
         with pytest.raises(AppError, match=r"'\.\.' is not allowed|outside the workspace"):
@@ -63,8 +75,7 @@ def test_paths_outside_the_workspace_are_refused(client, ui_server, endpoint, ar
 def test_chat_refuses_a_model_outside_the_workspace(client, ui_server):
     for path in _outside_paths(ui_server):
         with pytest.raises(AppError, match=r"'\.\.' is not allowed|outside the workspace"):
-            client.predict(message="hi", history=[], base_history=[], source=path, system_prompt="",
-                           api_name="/chat")
+            client.predict(message="hi", history=[], base_history=[], source=path, system_prompt="", api_name="/chat")
 
 
 def test_oversized_upload_is_refused(client, ui_server, tmp_path):
@@ -102,9 +113,16 @@ def test_a_20_step_training_completes_and_its_adapter_appears(client, ui_server,
 
 def test_chat_answers_and_shows_the_routed_cluster(client, ui_server, trained_run):
     history, base_history, routing, result, cleared = client.predict(
-        message="Tell me if this review is positive or negative: This meal is fantastic.", history=[],
-        base_history=[], source=trained_run, system_prompt="", temperature=0.0, max_tokens=16,
-        compare_base=True, api_name="/chat")
+        message="Tell me if this review is positive or negative: This meal is fantastic.",
+        history=[],
+        base_history=[],
+        source=trained_run,
+        system_prompt="",
+        temperature=0.0,
+        max_tokens=16,
+        compare_base=True,
+        api_name="/chat",
+    )
     heads = json.loads((ui_server.workspace / trained_run / "adapter_config.json").read_text())["heads"]
     assert result["backend"] == "pytorch" and isinstance(result["cluster"], int) and 0 <= result["cluster"] < heads
     assert isinstance(result["answer"], str) and result["answer"].strip()
@@ -116,9 +134,15 @@ def test_chat_answers_and_shows_the_routed_cluster(client, ui_server, trained_ru
     assert [m["role"] for m in base_history] == ["user", "assistant"]
     assert cleared == ""
     # the next turn carries the history (the routing note is display-only)
-    history2, *_ , result2, _ = client.predict(
-        message="And this one: The phone was dreadful.", history=history, base_history=[], source=trained_run,
-        system_prompt="You judge reviews.", max_tokens=8, api_name="/chat")
+    history2, *_, result2, _ = client.predict(
+        message="And this one: The phone was dreadful.",
+        history=history,
+        base_history=[],
+        source=trained_run,
+        system_prompt="You judge reviews.",
+        max_tokens=8,
+        api_name="/chat",
+    )
     assert len(history2) == 6 and isinstance(result2["cluster"], int)
 
 
@@ -131,8 +155,11 @@ def test_two_concurrent_starts_spawn_one_process_then_stop_and_resume(client, ui
         own = ui_server.client()
         barrier.wait()
         try:
-            outcomes.append(own.predict(data="data/demo/train.jsonl", max_steps=10_000, run_name="race", **QUICK,
-                                        api_name="/start_training")["state"])
+            outcomes.append(
+                own.predict(
+                    data="data/demo/train.jsonl", max_steps=10_000, run_name="race", **QUICK, api_name="/start_training"
+                )["state"]
+            )
         except AppError as exc:
             outcomes.append(str(exc))
 
@@ -156,8 +183,9 @@ def test_two_concurrent_starts_spawn_one_process_then_stop_and_resume(client, ui
     assert 3 <= stopped_at < 10_000 and status["step"] == stopped_at
     assert finetune_processes("runs/race") == []
     with pytest.raises(AppError, match="already used"):
-        client.predict(data="data/demo/train.jsonl", max_steps=10_000, run_name="race", **QUICK,
-                       api_name="/start_training")
+        client.predict(
+            data="data/demo/train.jsonl", max_steps=10_000, run_name="race", **QUICK, api_name="/start_training"
+        )
 
     with pytest.raises(AppError, match="checkpoint is at step"):
         client.predict(run="race", max_steps=stopped_at, api_name="/resume_training")
@@ -166,7 +194,9 @@ def test_two_concurrent_starts_spawn_one_process_then_stop_and_resume(client, ui
     assert status["state"] == "running"
     status = wait_until_done(client)
     assert status["state"] == "finished", status["message"]
-    steps = [json.loads(line)["step"] for line in (ui_server.workspace / "runs/race/metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (ui_server.workspace / "runs/race/metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, stopped_at + 9)), "the resumed run continues the step numbers, each step once"
     assert jobs.spawned == spawned_before + 2
 
@@ -184,17 +214,30 @@ def test_export_runs_validates_and_lists_its_files(client, ui_server, exported):
     reopened, *_ = client.predict(export="exports/api-export", api_name="/export_result")
     assert reopened == exported
     with pytest.raises(AppError, match="already exists"):
-        client.predict(adapter="runs/api-20", mode="adapters", precision="fp32", name="api-export",
-                       api_name="/export")
+        client.predict(adapter="runs/api-20", mode="adapters", precision="fp32", name="api-export", api_name="/export")
 
 
 def test_chat_with_an_onnx_export(client, exported):
-    *_, result, _ = client.predict(message="What is the capital of Japan?", history=[], base_history=[],
-                                   source=exported["export"], system_prompt="", max_tokens=8, api_name="/chat")
+    *_, result, _ = client.predict(
+        message="What is the capital of Japan?",
+        history=[],
+        base_history=[],
+        source=exported["export"],
+        system_prompt="",
+        max_tokens=8,
+        api_name="/chat",
+    )
     assert result["backend"] == "onnx" and isinstance(result["cluster"], int) and isinstance(result["answer"], str)
     with pytest.raises(AppError, match="needs a finished run"):
-        client.predict(message="hi", history=[], base_history=[], source=exported["export"], system_prompt="",
-                       compare_base=True, api_name="/chat")
+        client.predict(
+            message="hi",
+            history=[],
+            base_history=[],
+            source=exported["export"],
+            system_prompt="",
+            compare_base=True,
+            api_name="/chat",
+        )
 
 
 def test_clusters_of_the_demo_data(client):
@@ -206,16 +249,20 @@ def test_clusters_of_the_demo_data(client):
 
 def test_with_auth_nothing_answers_before_sign_in(tmp_path):
     from gradio_client import Client
+    from uihelpers import free_port
 
     from hydra_edge.ui.app import create_ui, launch
-    from uihelpers import free_port
 
     demo = create_ui(tmp_path / "ws")
     _, url, _ = launch(demo, port=free_port(), auth=("admin", "s3cret"), prevent_thread_lock=True, quiet=True)
     try:
-        for route in ("config", "gradio_api/info", f"gradio_api/file={tmp_path / 'ws' / 'data' / 'demo' / 'train.jsonl'}"):
+        for route in (
+            "config",
+            "gradio_api/info",
+            f"gradio_api/file={tmp_path / 'ws' / 'data' / 'demo' / 'train.jsonl'}",
+        ):
             assert httpx.get(url + route).status_code in (401, 403), route
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError, match="Could not fetch"):  # gradio_client's answer to a 401
             Client(url, verbose=False).predict(api_name="/training_status")
         signed_in = Client(url, auth=("admin", "s3cret"), verbose=False)
         assert signed_in.predict(api_name="/training_status")["state"] == "idle"

@@ -7,10 +7,11 @@ import os
 
 import pytest
 
+from hydra_edge.config import build_config, read_yaml_config
 from hydra_edge.errors import UserError
 from hydra_edge.ui.datasets import _safe_file_name
 from hydra_edge.ui.jobs import MetricsReader
-from hydra_edge.ui.training import TrainSettings, build_command, resolve_model
+from hydra_edge.ui.training import TrainSettings, build_command, config_yaml, resolve_model
 from hydra_edge.ui.workspace import Workspace
 
 
@@ -27,34 +28,40 @@ def ws(tmp_path):
     return workspace
 
 
-@pytest.mark.parametrize("typed, expected", [
-    ("data/train.jsonl", "data/train.jsonl"),
-    ("./data/train.jsonl", "data/train.jsonl"),
-    ("data//train.jsonl", "data/train.jsonl"),
-    ("  data/train.jsonl  ", "data/train.jsonl"),
-    ("data/alias.jsonl", "data/train.jsonl"),  # a symlink inside the workspace is fine
-    ("runs/r1", "runs/r1"),
-    ("{root}/data/train.jsonl", "data/train.jsonl"),  # absolute, inside
-])
+@pytest.mark.parametrize(
+    "typed, expected",
+    [
+        ("data/train.jsonl", "data/train.jsonl"),
+        ("./data/train.jsonl", "data/train.jsonl"),
+        ("data//train.jsonl", "data/train.jsonl"),
+        ("  data/train.jsonl  ", "data/train.jsonl"),
+        ("data/alias.jsonl", "data/train.jsonl"),  # a symlink inside the workspace is fine
+        ("runs/r1", "runs/r1"),
+        ("{root}/data/train.jsonl", "data/train.jsonl"),  # absolute, inside
+    ],
+)
 def test_paths_inside_the_workspace_resolve(ws, typed, expected):
     assert ws.rel(ws.resolve(typed.format(root=ws.root))) == expected
 
 
-@pytest.mark.parametrize("typed, reason", [
-    ("../outside/secret.jsonl", "'..' is not allowed"),
-    ("data/../../outside/secret.jsonl", "'..' is not allowed"),
-    ("data/../data/train.jsonl", "'..' is not allowed"),  # refused even when it would stay inside
-    ("..\\outside\\secret.jsonl", "'..' is not allowed"),
-    ("/etc/passwd", "outside the workspace"),
-    ("{outside}/secret.jsonl", "outside the workspace"),
-    ("{root}-sibling/x.jsonl", "outside the workspace"),  # a prefix of the root is not inside it
-    ("data/escape/secret.jsonl", "leads outside the workspace"),
-    ("~/secret.jsonl", "'~' is not allowed"),
-    ("", "empty"),
-    ("   ", "empty"),
-    ("data/nothing.jsonl", "not found"),
-    ("data/x\x00.jsonl", "invalid characters"),
-])
+@pytest.mark.parametrize(
+    "typed, reason",
+    [
+        ("../outside/secret.jsonl", "'..' is not allowed"),
+        ("data/../../outside/secret.jsonl", "'..' is not allowed"),
+        ("data/../data/train.jsonl", "'..' is not allowed"),  # refused even when it would stay inside
+        ("..\\outside\\secret.jsonl", "'..' is not allowed"),
+        ("/etc/passwd", "outside the workspace"),
+        ("{outside}/secret.jsonl", "outside the workspace"),
+        ("{root}-sibling/x.jsonl", "outside the workspace"),  # a prefix of the root is not inside it
+        ("data/escape/secret.jsonl", "leads outside the workspace"),
+        ("~/secret.jsonl", "'~' is not allowed"),
+        ("", "empty"),
+        ("   ", "empty"),
+        ("data/nothing.jsonl", "not found"),
+        ("data/x\x00.jsonl", "invalid characters"),
+    ],
+)
 def test_paths_leaving_the_workspace_are_refused(ws, typed, reason):
     typed = typed.format(root=ws.root, outside=ws.root.parent / "outside")
     with pytest.raises(UserError, match=reason):
@@ -69,11 +76,21 @@ def test_kind_checks(ws):
     assert not ws.resolve("runs/new", "run", must_exist=False).exists()
 
 
-@pytest.mark.parametrize("name, ok", [
-    ("run-1", True), ("my_run.v2", True), ("A", True),
-    ("", False), ("../x", False), ("a/b", False), (".hidden", False), ("-x", False), ("x" * 65, False),
-    ("with space", False),
-])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("run-1", True),
+        ("my_run.v2", True),
+        ("A", True),
+        ("", False),
+        ("../x", False),
+        ("a/b", False),
+        (".hidden", False),
+        ("-x", False),
+        ("x" * 65, False),
+        ("with space", False),
+    ],
+)
 def test_new_folder_names(ws, name, ok):
     if ok:
         assert ws.new_folder("runs", name, "run name") == ws.root / "runs" / name
@@ -82,14 +99,17 @@ def test_new_folder_names(ws, name, ok):
             ws.new_folder("runs", name, "run name")
 
 
-@pytest.mark.parametrize("uploaded, stored", [
-    ("train.jsonl", "train.jsonl"),
-    ("My Data (1).JSONL", "My_Data_1.jsonl"),
-    ("../../etc/passwd.json", "passwd.json"),
-    ("..\\..\\x.csv", "x.csv"),
-    ("ünïcode.parquet", "n_code.parquet"),
-    (".jsonl", "upload.jsonl"),
-])
+@pytest.mark.parametrize(
+    "uploaded, stored",
+    [
+        ("train.jsonl", "train.jsonl"),
+        ("My Data (1).JSONL", "My_Data_1.jsonl"),
+        ("../../etc/passwd.json", "passwd.json"),
+        ("..\\..\\x.csv", "x.csv"),
+        ("ünïcode.parquet", "n_code.parquet"),
+        (".jsonl", "upload.jsonl"),
+    ],
+)
 def test_upload_names_are_made_safe(uploaded, stored):
     assert _safe_file_name(uploaded) == stored
 
@@ -100,12 +120,15 @@ def test_demo_data_is_copied_into_a_new_workspace(ws):
     assert "data/train.jsonl" in ws.data_files()
 
 
-@pytest.mark.parametrize("typed, expected", [
-    ("tiny", "tiny"),
-    ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
-    ("gpt2", "gpt2"),
-    ("models/local", "models/local"),
-])
+@pytest.mark.parametrize(
+    "typed, expected",
+    [
+        ("tiny", "tiny"),
+        ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
+        ("gpt2", "gpt2"),
+        ("models/local", "models/local"),
+    ],
+)
 def test_resolve_model(ws, typed, expected):
     (ws.root / "models" / "local").mkdir()
     (ws.root / "models" / "local" / "config.json").write_text("{}")
@@ -119,28 +142,35 @@ def test_resolve_model_refuses(ws, typed):
 
 
 def test_build_command_is_an_argument_list_with_workspace_paths(ws):
-    settings = TrainSettings(data="data/train.jsonl", eval_data="", max_steps=20, seq_len=64, batch_size=4,
-                             run_name="r2; rm -rf /")
+    settings = TrainSettings(
+        data="data/train.jsonl", eval_data="", max_steps=20, seq_len=64, batch_size=4, run_name="r2; rm -rf /"
+    )
     with pytest.raises(UserError, match="run name"):
         build_command(ws, settings)
     settings.run_name = "r2"
-    argv, out = build_command(ws, settings)
+    argv, out, config = build_command(ws, settings)
     assert out == ws.root / "runs" / "r2"
-    assert argv[:5] == ["finetune", "--model", "tiny", "--data", "data/train.jsonl"]
-    assert argv[argv.index("--max-steps") + 1] == "20" and argv[argv.index("--lr") + 1] == "0.003"
-    assert argv[-2:] == ["--out", "runs/r2"]
-    assert "--eval-data" not in argv and "--epochs" not in argv
+    assert argv == ["finetune", "--config", "runs/r2/config.yaml"]
+    assert config.model == "tiny" and config.data == ["data/train.jsonl"] and config.out == "runs/r2"
+    assert config.max_steps == 20 and config.lr == 0.003 and config.eval_data is None
+    # The YAML the run reads gives finetune exactly these settings back.
+    path = ws.root / "settings.yaml"
+    path.write_text(config_yaml(config))
+    assert build_config(read_yaml_config(path), {}) == config
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"rank": 0}, "--rank 0"),
-    ({"rank": 2.5}, "whole number"),
-    ({"lr": "fast"}, "not a number"),
-    ({"heads": "many"}, "--heads many"),
-    ({"data": "../x.jsonl"}, "'..' is not allowed"),
-    ({"eval_data": "/etc/passwd"}, "outside the workspace"),
-    ({"length": "forever"}, "steps or epochs"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rank": 0}, "--rank 0"),
+        ({"rank": 2.5}, "whole number"),
+        ({"lr": "fast"}, "not a number"),
+        ({"heads": "many"}, "--heads many"),
+        ({"data": "../x.jsonl"}, "'..' is not allowed"),
+        ({"eval_data": "/etc/passwd"}, "outside the workspace"),
+        ({"length": "forever"}, "steps or epochs"),
+    ],
+)
 def test_build_command_refuses_bad_values(ws, change, message):
     settings = TrainSettings(data="data/train.jsonl", eval_data="", run_name="r3")
     for key, value in change.items():
@@ -201,8 +231,8 @@ def test_ui_datasets_folder_naming_an_outside_file_is_refused(ws):
     with pytest.raises(UserError, match="outside"):
         validate_data(ws, "data/uploaded")
     settings = TrainSettings(data="data/uploaded", eval_data="")
-    argv, _ = build_command(ws, settings, "r2")  # the command is built; the run itself refuses the folder
-    assert "data/uploaded" in argv
+    _, _, config = build_command(ws, settings, "r2")  # the command is built; the run itself refuses the folder
+    assert config.data == ["data/uploaded"]
     with pytest.raises(UserError, match="data file or datasets folder"):
         build_command(ws, TrainSettings(data="runs/r1", eval_data=""), "r3")
 

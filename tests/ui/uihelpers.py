@@ -24,8 +24,14 @@ def free_port() -> int:
 
 def hydra_edge(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """`python -m hydra_edge ARGS` in a subprocess, as a user would run it."""
-    return subprocess.run([sys.executable, "-m", "hydra_edge", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=os.environ.copy())
+    return subprocess.run(
+        [sys.executable, "-m", "hydra_edge", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
+    )
 
 
 def wait_until_done(client, timeout: float = 300) -> dict:

@@ -1,6 +1,6 @@
 """The request router at inference time: text -> cluster, with numpy alone.
 
-It replays the featurizer fitted in training (hydra_edge/clustering.py) from its saved arrays:
+It replays the featurizer fitted in training (clustering.py) from its saved arrays:
 sklearn's `char_wb` n-grams of the lower-cased text, sublinear TF x IDF, L2 norm, the LSA
 projection, L2 norm again, then the nearest centroid. No scikit-learn, no pickle, so an export
 can route requests on any machine that has numpy and safetensors.
@@ -32,24 +32,45 @@ def char_wb_ngrams(text: str, ngram_range: tuple[int, int]) -> list[str]:
     return grams
 
 
+def nearest_centroid(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """The nearest centroid of each row, the k-means assignment training and serving share.
+    (n, d) features, (k, d) centroids -> (n,) int."""
+    if centroids.shape[0] == 1:
+        return np.zeros(features.shape[0], dtype=np.int64)
+    # ||x - c||^2 = ||x||^2 - 2 x·c + ||c||^2; ||x||^2 is the same for every centroid.
+    scores = 2 * (features @ centroids.T) - (centroids**2).sum(axis=1)[None, :]  # (n, k)
+    return np.asarray(scores).argmax(axis=1)
+
+
 def _l2(rows: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
 
 
 class RequestRouter:
-    def __init__(self, vocabulary: dict[str, int], idf: np.ndarray, projection: np.ndarray,
-                 centroids: np.ndarray, ngram_range: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        vocabulary: dict[str, int],
+        idf: np.ndarray,
+        projection: np.ndarray,
+        centroids: np.ndarray,
+        ngram_range: tuple[int, int],
+    ) -> None:
         self.vocabulary, self.idf, self.projection = vocabulary, idf, projection  # (V,), (d, V)
         self.centroids, self.ngram_range = centroids, ngram_range  # (k, d)
 
     @classmethod
-    def from_dir(cls, folder: str | Path) -> "RequestRouter":
+    def from_dir(cls, folder: str | Path) -> RequestRouter:
         from hydra_edge.clustering import read_cluster_files
 
         meta, arrays = read_cluster_files(Path(folder))
-        return cls(meta["vocabulary"], arrays["idf"], arrays["projection"], arrays["centroids"],
-                   tuple(meta["featurizer"]["ngram_range"]))
+        return cls(
+            meta["vocabulary"],
+            arrays["idf"],
+            arrays["projection"],
+            arrays["centroids"],
+            tuple(meta["featurizer"]["ngram_range"]),
+        )
 
     @property
     def k(self) -> int:
@@ -70,8 +91,4 @@ class RequestRouter:
 
     def route(self, texts: list[str]) -> np.ndarray:
         """The cluster of each text. (n,) int."""
-        if self.k == 1:
-            return np.zeros(len(texts), dtype=np.int64)
-        x = self.features(texts)  # (n, d)
-        scores = 2 * (x @ self.centroids.T) - (self.centroids**2).sum(axis=1)[None, :]
-        return scores.argmax(axis=1)
+        return nearest_centroid(self.features(texts), self.centroids)
