@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from report import save_json  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 
 def score(adapter_dir: Path, max_new_tokens: int) -> dict:
     import torch
@@ -119,8 +121,7 @@ def main() -> None:
             f"{100 * row['per-token router']:>12.1f}% {100 * row['cluster mean gates']:>13.1f}% "
             f"{100 * row['kept']:>5.0f}% {100 * row['cluster head alone']:>13.1f}%"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(table, indent=2) + "\n")
+    save_json(args.json, table)
 
 
 if __name__ == "__main__":

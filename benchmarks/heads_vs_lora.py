@@ -10,13 +10,13 @@ and its alpha keeps the same alpha/r scaling.
 """
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import save_json  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from run_summary import summarise  # noqa: E402
 
 from hydra_edge.adapter_config import AdapterConfig
@@ -81,9 +81,7 @@ def main() -> None:
             f"{1000 * r['median_step_time_s']:>8.1f} "
             f"{r['median_tokens_per_s']:>7.0f} {r['last_loss']:>7.4f} {em:>6}"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    save_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ JSON: median step time per head, the ratio, and the loss each head computed on t
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
+
+from report import save_json  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 
 def main() -> None:
@@ -88,8 +89,7 @@ def main() -> None:
         f"{row['model']:>12} {row['precision']:>9} {row['full_head_s']:>9.2f}s {row['selective_head_s']:>9.2f}s "
         f"{row['speedup']:>8.2f}x {row['max_loss_difference']:>12.2e}"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(row, indent=2) + "\n")
+    save_json(args.json, row)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import save_json  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 from hydra_edge.data import load_records
 
 
@@ -66,8 +68,7 @@ def main() -> None:
         f"{result['rows']:>8} {result['format']:>9} {result['file_mb']:>6} {result['valid']:>7} "
         f"{result['invalid']:>7} {result['best_s']:>7} {result['rows_per_s']:>9}"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(args.json, result)
     path.unlink()
 
 

@@ -1,6 +1,6 @@
 """Runs onnxruntime-genai's model builder (same arguments as `python -m
 onnxruntime_genai.models.builder`), with the model config adapted where transformers 5 and the
-builder read it differently. Run as a subprocess by onnx_export.build_onnx.
+builder read it differently. Run as a subprocess by builders.build_onnx.
 
 Gemma 3: transformers 5 nests the rotary settings per layer type (rope_parameters =
 {"full_attention": {...}, "sliding_attention": {...}}); the builder's Gemma 3 path (0.18) reads

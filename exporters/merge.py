@@ -89,21 +89,12 @@ def save_plain_base(adapter_config: AdapterConfig, out_dir: Path) -> Path:
 def hydra_on_plain_base(plain_dir: Path, adapter_dir: Path):
     """(model, tokenizer): the float32 plain base with the HydraLoRA adapter, routing per token;
     inside `switches.fixed_gates(model, ḡ_c)` it computes cluster c's merged model."""
-    from hydra_edge.adapter import inject_hydra_lora, load_adapter_state_dict
+    from hydra_edge.adapter import attach_adapter
     from hydra_edge.models import load_base
 
     config = AdapterConfig.load(adapter_dir)
     base = load_base(str(plain_dir), quant="none", device="cpu", dtype="fp32")
-    inject_hydra_lora(
-        base.model,
-        config.target_modules,
-        config.r,
-        config.alpha,
-        config.heads,
-        0.0,
-        source=str(Path(adapter_dir) / "adapter_config.json"),
-    )
-    load_adapter_state_dict(base.model, read_adapter_weights(adapter_dir), str(adapter_dir))
+    attach_adapter(base.model, config, read_adapter_weights(adapter_dir), adapter_dir)
     return base.model.eval(), base.tokenizer
 
 

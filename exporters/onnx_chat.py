@@ -13,7 +13,8 @@ from pathlib import Path
 from hydra_edge.data import render_chat, routing_text
 from hydra_edge.errors import UserError
 from hydra_edge.evaluate import rowwise_token_losses
-from hydra_edge.exporters.onnx_export import open_decoder, run_decoder, verify_export
+from hydra_edge.exporters.manifest import verify_export
+from hydra_edge.exporters.runtime import open_decoder, run_decoder
 from hydra_edge.request_router import RequestRouter
 
 
@@ -116,15 +117,8 @@ class OnnxChat:
             }
         return self._adapter_feeds[cluster]
 
-    def answer(
-        self,
-        messages: list[dict],
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        on_text=None,
-    ) -> tuple[int, str]:
-        """(cluster, answer); on_text(piece) is called as tokens arrive."""
+    def answer(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, on_text=None) -> tuple[int, str]:
+        """(cluster, answer); on_text(piece) is called as tokens arrive (Engine.answer)."""
         import onnxruntime_genai as og
 
         cluster = self.route(messages)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hydra_edge.adapter_config import ADAPTER_KEYS, WEIGHTS_FILE, AdapterConfig
+from hydra_edge.adapter_config import ADAPTER_KEYS, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig
 from hydra_edge.errors import UserError
 from hydra_edge.files import save_tensors
 from hydra_edge.layers import HydraLoRALinear
@@ -198,6 +198,14 @@ def _checkpoint_files(resolved: str) -> list[Path]:
         except Exception:  # not cached as a snapshot: use the loaded weights instead
             return []
     return sorted(folder.glob("*.safetensors"))
+
+
+def attach_adapter(model: nn.Module, config: AdapterConfig, weights: dict[str, torch.Tensor], adapter_dir) -> None:
+    """A trained adapter on its loaded base: HydraLoRA layers where it was trained (no dropout:
+    inference), then its weights."""
+    source = str(Path(adapter_dir) / CONFIG_FILE)
+    inject_hydra_lora(model, config.target_modules, config.r, config.alpha, config.heads, 0.0, source=source)
+    load_adapter_state_dict(model, weights, str(adapter_dir))
 
 
 def save_adapter(model: nn.Module, out_dir: Path, config: AdapterConfig) -> None:

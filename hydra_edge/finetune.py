@@ -6,6 +6,7 @@ model is loaded, so a mistake costs seconds, not a model load.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -190,21 +191,11 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         len(train_samples), config.batch_size, config.grad_accum, config.epochs, process.num_processes
     )
     warmup = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
-    settings = LoopSettings(
-        total_steps=total_steps,
-        batch_size=config.batch_size,
-        grad_accum=config.grad_accum,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_steps=warmup,
-        max_grad_norm=config.max_grad_norm,
-        seed=config.seed,
-        save_every=config.save_every,
-        max_bad_steps=config.max_bad_steps,
-        router_loss=config.router_loss if num_heads > 1 else 0.0,
-        pooled_steps=config.pooled_steps if num_heads > 1 else 0.0,
-        pool_over=config.pool_over,
-    )
+    # The loop's settings of the same name come from the config; one head has nothing to route.
+    same_name = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoopSettings) if hasattr(config, f.name)}
+    settings = LoopSettings(**same_name, total_steps=total_steps, warmup_steps=warmup)
+    if num_heads == 1:
+        settings.router_loss = settings.pooled_steps = 0.0
     summary = train_loop(
         base.model,
         train_samples,

@@ -8,12 +8,11 @@ from pathlib import Path
 import torch
 
 from hydra_edge.adapter import (
+    attach_adapter,
     base_fingerprint,
-    inject_hydra_lora,
-    load_adapter_state_dict,
     read_adapter_weights,
 )
-from hydra_edge.adapter_config import CONFIG_FILE, AdapterConfig
+from hydra_edge.adapter_config import AdapterConfig
 from hydra_edge.clustering import ClusterModel, load_clusters
 from hydra_edge.data import render_chat
 from hydra_edge.errors import UserError
@@ -53,16 +52,7 @@ def load_trained(adapter_dir: str | Path, model_override: str | None = None, dev
             f"(fingerprint {config.base_fingerprint[:12]}), but the loaded base "
             f"{base.reference!r} has fingerprint {fingerprint[:12]}; load the base it was trained on"
         )
-    inject_hydra_lora(
-        base.model,
-        config.target_modules,
-        config.r,
-        config.alpha,
-        config.heads,
-        0.0,
-        source=str(adapter_dir / CONFIG_FILE),
-    )
-    load_adapter_state_dict(base.model, weights, str(adapter_dir))
+    attach_adapter(base.model, config, weights, adapter_dir)
     base.model.eval()
     return TrainedModel(base.model, base.tokenizer, config, clusters, adapter_dir)
 

@@ -80,3 +80,30 @@ def small_eval(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
     path.write_text("".join(DEMO_EVAL.read_text().splitlines(keepends=True)[:2]))
     return path
+
+
+# Fixtures that train, export or launch something (minutes on two cores): a test that uses one is
+# `slow`, and `pytest -m "not slow"` leaves it out. Tests that do such work in their own body
+# carry @pytest.mark.slow (or their module a pytestmark) themselves.
+SLOW_FIXTURES = {
+    "demo_run",
+    "trained_adapter",
+    "checkpointed_run",
+    "run_copy",
+    "adapter_copy",
+    "exported",
+    "plain_base",
+    "demo_scores",
+    "adapter_export",
+    "gemma_run",
+    "tiny_gguf",
+    "ui_server",
+    "client",
+    "trained_run",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

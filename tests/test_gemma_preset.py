@@ -15,6 +15,8 @@ from conftest import run_cli
 
 from hydra_edge.tiny import DEMO_EVAL
 
+pytestmark = pytest.mark.slow  # trains, exports or drives a browser
+
 
 def _gemma_or_skip() -> None:
     from hydra_edge.gguf_models import gemma_installed

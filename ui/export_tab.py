@@ -13,7 +13,7 @@ import gradio as gr
 
 from hydra_edge.errors import UserError
 from hydra_edge.ui.exporting import MODES, PRECISIONS, build_command, export_result, start_export
-from hydra_edge.ui.handlers import AppContext, refreshed, user_errors
+from hydra_edge.ui.handlers import AppContext, command_box, refreshed, user_errors
 from hydra_edge.ui.training import command_text
 
 MODE_HELP = {
@@ -51,14 +51,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown, g
                 placeholder="<run>-<mode>-<precision> when empty",
                 info="its folder: exports/<name> in the workspace",
             )
-            command = gr.Code(
-                language="shell",
-                label="Equivalent command",
-                interactive=False,
-                lines=3,
-                wrap_lines=True,
-                show_line_numbers=False,
-            )
+            command = command_box()
             go = gr.Button("Export", variant="primary", elem_id="export-button")
             gr.Markdown("#### Exports in the workspace")
             existing = gr.Dropdown(ws.exports(), value=None, label="Open an export", allow_custom_value=True)

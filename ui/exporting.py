@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 
 from hydra_edge.errors import UserError
+from hydra_edge.exporters.manifest import MODES, PRECISIONS
 from hydra_edge.ui.jobs import Job, JobManager
 from hydra_edge.ui.workspace import EXPORTS_DIR, Workspace
 
-MODES = ("adapters", "merged", "dynamic")
-PRECISIONS = ("fp32", "fp16", "int4")
 LOGS_DIR = "logs"
 
 

@@ -59,3 +59,17 @@ def refreshed(dropdown_choices: list[str], current: str | None, keep_custom: boo
         else (dropdown_choices[0] if dropdown_choices else None)
     )
     return gr.update(choices=dropdown_choices, value=value)
+
+
+def command_box(value: str = "", elem_id: str | None = None) -> gr.Code:
+    """The read-only shell command a tab runs, which a user can copy."""
+    return gr.Code(
+        value,
+        language="shell",
+        label="Equivalent command",
+        interactive=False,
+        lines=3,
+        wrap_lines=True,
+        show_line_numbers=False,
+        elem_id=elem_id,
+    )

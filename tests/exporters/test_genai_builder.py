@@ -38,7 +38,7 @@ def test_other_configs_are_left_alone():
 
 
 def test_an_onnxruntime_failure_while_validating_is_one_line():
-    from hydra_edge.exporters.onnx_export import run_decoder
+    from hydra_edge.exporters.runtime import run_decoder
 
     class Input:
         def __init__(self, name):
@@ -58,6 +58,7 @@ def test_an_onnxruntime_failure_while_validating_is_one_line():
         run_decoder(FailingSession(), decoder, [1, 2, 3])
 
 
+@pytest.mark.slow  # four ONNX builds
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("sliding_window", [16, 4])  # longer and shorter than the 10 tokens run
 def test_a_small_gemma3_builds_and_matches_pytorch(tmp_path, precision, sliding_window):
@@ -66,12 +67,9 @@ def test_a_small_gemma3_builds_and_matches_pytorch(tmp_path, precision, sliding_
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from hydra_edge.exporters.onnx_export import (
-        build_onnx,
-        compare_logits,
-        onnx_logits,
-        validation_problem,
-    )
+    from hydra_edge.exporters.builders import build_onnx
+    from hydra_edge.exporters.runtime import onnx_logits
+    from hydra_edge.exporters.validation import compare_logits, validation_problem
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(

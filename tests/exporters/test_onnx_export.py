@@ -73,7 +73,7 @@ def test_onnx_greedy_tokens_equal_pytorch_on_every_demo_prompt(exported, trained
 
 
 def test_tampered_exports_are_refused(exported, tmp_path):
-    from hydra_edge.exporters.onnx_export import verify_export
+    from hydra_edge.exporters.manifest import verify_export
 
     out, manifest = exported
     model_dir = model_dirs(out, manifest)[0].name
@@ -149,7 +149,7 @@ def _external_onnx(path, location: str) -> None:
     ],
 )
 def test_verify_export_accounts_for_every_file(exported, tmp_path, forgery):
-    from hydra_edge.exporters.onnx_export import verify_export
+    from hydra_edge.exporters.manifest import verify_export
 
     out, manifest = exported
     model_dir = model_dirs(out, manifest)[0].relative_to(out).as_posix()
@@ -195,7 +195,7 @@ def test_verify_export_accounts_for_every_file(exported, tmp_path, forgery):
 def test_onnx_checker_runs_on_every_export_and_rejects_a_broken_graph(exported, tmp_path):
     import onnx
 
-    from hydra_edge.exporters.onnx_export import check_onnx_model
+    from hydra_edge.exporters.runtime import check_onnx_model
 
     out, manifest = exported
     for model_dir in model_dirs(out, manifest):
@@ -291,7 +291,7 @@ def test_rounded_precisions_keep_lora_float_and_validate(trained_adapter, tmp_pa
 def test_cuda_export_needs_a_cuda_runtime(trained_adapter, tmp_path, monkeypatch):
     import onnxruntime as ort
 
-    from hydra_edge.exporters import onnx_export
+    from hydra_edge.exporters import runtime
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has a CUDA runtime; benchmarks/gpu_export.sh checks the CUDA path")
@@ -302,7 +302,7 @@ def test_cuda_export_needs_a_cuda_runtime(trained_adapter, tmp_path, monkeypatch
     # onnxruntime and onnxruntime-gpu side by side overwrite each other's files: refused by name.
     monkeypatch.setattr("importlib.metadata.version", lambda dist: "1.32.0")
     with pytest.raises(UserError, match="both onnxruntime 1.32.0 and onnxruntime-gpu 1.32.0"):
-        onnx_export.check_runtime("cpu")
+        runtime.check_runtime("cpu")
 
 
 def test_cpu_and_gpu_extras_never_install_both_runtimes():
@@ -336,7 +336,7 @@ def test_cpu_and_gpu_extras_never_install_both_runtimes():
 def test_validation_rejects_a_wrong_model():
     import numpy as np
 
-    from hydra_edge.exporters.onnx_export import compare_logits, validation_problem
+    from hydra_edge.exporters.validation import compare_logits, validation_problem
 
     rng = np.random.default_rng(0)
     expected = rng.normal(size=(40, 64))
@@ -366,7 +366,7 @@ def test_validation_rejects_a_wrong_model():
 
 def test_rounded_precisions_cannot_pass_on_zero_decisive_positions():
     """Gemma 3 270M in int4: no position was decisive, and the old rule passed vacuously."""
-    from hydra_edge.exporters.onnx_export import validation_problem
+    from hydra_edge.exporters.validation import validation_problem
 
     gemma_int4 = {
         "positions": 120,
@@ -403,7 +403,7 @@ def test_rounded_precisions_cannot_pass_on_zero_decisive_positions():
 )
 def test_validation_prompts_are_the_rows_the_run_was_scored_on(tmp_path, run_config, expected):
     from hydra_edge.data import read_records
-    from hydra_edge.exporters.onnx_export import VALIDATION_PROMPTS, validation_prompts
+    from hydra_edge.exporters.validation import VALIDATION_PROMPTS, validation_prompts
     from hydra_edge.tiny import DEMO_EVAL
 
     (tmp_path / "run_config.json").write_text(json.dumps(run_config))

@@ -18,6 +18,8 @@ from hydra_edge.config import build_config
 from hydra_edge.errors import TrainingDiverged
 from hydra_edge.finetune import run_finetune
 
+pytestmark = pytest.mark.slow  # trains, exports or drives a browser
+
 # fp32 end to end (no quantization, no autocast, no dropout) so runs are bit-comparable.
 FP32 = {"quant": "none", "mixed_precision": "no", "dropout": 0.0, "heads": "2", "batch_size": 4, "seq_len": 64}
 

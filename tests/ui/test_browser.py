@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from uihelpers import ROOT
 
+pytestmark = pytest.mark.slow  # trains, exports or drives a browser
+
 CHROMIUM = os.environ.get("HYDRA_EDGE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
