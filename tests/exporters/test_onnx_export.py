@@ -48,6 +48,7 @@ def test_onnx_greedy_tokens_equal_pytorch_on_every_demo_prompt(exported, trained
     import torch  # noqa: F401
 
     from hydra_edge.data import read_records
+    from hydra_edge.engines import Engine
     from hydra_edge.exporters.merge import cluster_gates, hydra_on_plain_base
     from hydra_edge.exporters.onnx_chat import OnnxChat
     from hydra_edge.inference import generate_greedy
@@ -56,6 +57,7 @@ def test_onnx_greedy_tokens_equal_pytorch_on_every_demo_prompt(exported, trained
 
     out, _ = exported
     chat = OnnxChat(out)
+    assert isinstance(chat, Engine)
     gates = cluster_gates(trained_adapter)
     conversations = [r.messages[:-1] for r in read_records(DEMO_EVAL)]
     by_cluster: dict[int, list[int]] = {}

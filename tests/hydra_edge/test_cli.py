@@ -102,6 +102,7 @@ def test_chat_routes_on_the_whole_conversation_with_its_system_prompt(demo_run):
     system prompt, chat must not route on the last message alone."""
     from cli_helpers import conversation_routed_by_its_system_prompt
 
+    from hydra_edge.engines import Engine
     from hydra_edge.torch_engine import TorchEngine
 
     out, _ = demo_run
@@ -110,6 +111,7 @@ def test_chat_routes_on_the_whole_conversation_with_its_system_prompt(demo_run):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"[cluster {cluster} | gates " in result.stderr, result.stderr[-500:]
     engine = TorchEngine.load(out, device="cpu")
+    assert isinstance(engine, Engine)
     messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
     assert engine.route(messages) == cluster
 
