@@ -18,18 +18,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
+from hydra_edge.choices import Dtype, Quant
 from hydra_edge.errors import UserError
 from hydra_edge.files import atomic_write_text, read_json_object
-from hydra_edge.quant import Quant
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_KEYS = ("hydra_A", "hydra_B", "hydra_router")
-
-Dtype = Literal["bf16", "fp32"]
 
 
 @dataclass

@@ -17,15 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from hydra_edge.data import Overlong
+from hydra_edge.choices import FormatChoice, HeadInit, MixedPrecision, Overlong, PoolOver, Quant, Router
 from hydra_edge.errors import UserError
-from hydra_edge.formats import FormatChoice
-from hydra_edge.layers import HeadInit
-from hydra_edge.quant import Quant
-
-MixedPrecision = Literal["auto", "bf16", "no"]
-PoolOver = Literal["cluster", "sample", "prompt"]
-Router = Literal["learned", "uniform"]
 
 
 def _f(default, help: str, **bounds):

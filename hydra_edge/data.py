@@ -11,15 +11,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
+from hydra_edge.choices import OVERLONG_CHOICES, FormatChoice
 from hydra_edge.errors import UserError
-from hydra_edge.formats import FormatChoice, RowProblem, detect_format, normalize
+from hydra_edge.formats import RowProblem, detect_format, normalize
 from hydra_edge.sources import read_rows
 
 IGNORE_INDEX = -100
-Overlong = Literal["truncate", "drop"]
-OVERLONG_CHOICES = get_args(Overlong)
 
 
 def routing_text(messages: list[dict]) -> str:

@@ -13,11 +13,6 @@ does not fit raises `RowProblem(reason, detail)`; the reasons are few and fixed 
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
-RowFormat = Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text"]
-FORMATS = get_args(RowFormat)
-FormatChoice = Literal[("auto", *FORMATS)]  # what --format accepts
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
     "human": "user",

@@ -13,14 +13,12 @@ The heads are applied with one matmul: h = A·x is computed once, scaled by each
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-HeadInit = Literal["zero", "random"]
-HEAD_INITS = get_args(HeadInit)
+from hydra_edge.choices import HEAD_INITS
 
 
 class HydraLoRALinear(nn.Module):

@@ -5,11 +5,6 @@ bitsandbytes is imported inside the functions, so `import hydra_edge` stays fast
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
-Quant = Literal["nf4", "fp4", "none"]
-QUANT_CHOICES = get_args(Quant)
-
 
 def bnb_config(quant: str, compute_dtype=None):
     """The `BitsAndBytesConfig` for `--quant nf4|fp4` (double quant; compute in compute_dtype,

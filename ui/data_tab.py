@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from hydra_edge.formats import FORMATS
+from hydra_edge.choices import FORMATS
 from hydra_edge.ui.datasets import find_clusters
 from hydra_edge.ui.handlers import AppContext, refreshed, user_errors
 

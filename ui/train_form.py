@@ -10,8 +10,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from hydra_edge.formats import FORMATS
-from hydra_edge.quant import QUANT_CHOICES
+from hydra_edge.choices import FORMATS, QUANT_CHOICES
 from hydra_edge.ui.handlers import command_box
 from hydra_edge.ui.training import TrainSettings, build_command, model_choices, run_preview
 from hydra_edge.ui.workspace import Workspace

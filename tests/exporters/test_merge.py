@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from hydra_edge.adapter_config import AdapterConfig
 from hydra_edge.exporters.merge import (
     cluster_gates,
     fold_cluster_into_base,
@@ -21,8 +22,7 @@ PROMPTS = ["What is the capital of Peru?", "Give the antonym of the word fast.",
 
 @pytest.fixture(scope="module")
 def plain_base(trained_adapter, tmp_path_factory):
-    config = json.loads((trained_adapter / "adapter_config.json").read_text())
-    return save_plain_base(config, tmp_path_factory.mktemp("plain") / "base")
+    return save_plain_base(AdapterConfig.load(trained_adapter), tmp_path_factory.mktemp("plain") / "base")
 
 
 def logits_of(model, tokenizer, prompts=PROMPTS):

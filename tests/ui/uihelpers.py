@@ -58,6 +58,8 @@ def wait_for_step(client, step: int, timeout: float = 300) -> dict:
 
 
 def finetune_processes(run_folder: str) -> list[str]:
-    """Command lines of the live `hydra_edge finetune` processes whose --out is this run folder."""
+    """Command lines of the live `hydra_edge finetune` processes of this run folder: started from
+    its settings file (`--config RUN/config.yaml`) or resumed (`--out RUN --resume`)."""
     ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in ps if "hydra_edge finetune" in line and f"--out {run_folder}" in line]
+    ours = (f"--out {run_folder}", f"--config {run_folder}/")
+    return [line for line in ps if "hydra_edge finetune" in line and any(mark in line for mark in ours)]
