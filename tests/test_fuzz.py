@@ -312,6 +312,7 @@ RAW_FILES = {
 }
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_fuzz_data_files(tmp_path):
     outcomes = Outcomes()
     folder = tmp_path / "data"

@@ -152,6 +152,7 @@ def test_adapter_on_a_different_base_is_refused(demo_run, tmp_path):
     assert result.stdout.strip() == "Tokyo"
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -172,6 +173,7 @@ def test_user_errors_are_one_line_and_exit_2(args, needle, tmp_path):
     assert_one_line_error(result, needle)
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_bad_data_line_is_named(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "fine"}\n{"text": "also fine"}\n{not json\n')
@@ -180,6 +182,7 @@ def test_bad_data_line_is_named(tmp_path):
     assert result.stderr.splitlines()[0].startswith(f"{data}:3: malformed JSON")
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_run_that_died_before_any_checkpoint_can_start_over(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
@@ -197,6 +200,7 @@ def test_existing_run_is_not_overwritten(demo_run):
     assert (out / "adapter_model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_yaml_config_with_flag_override(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("max_steps: 3\nheads: 2\nrank: 4\nquant: none\nseq-len: 64\n")

@@ -83,6 +83,7 @@ def test_one_head_is_one_cluster_and_too_many_heads_refused():
         fit_clusters(["a", "b", "c"], heads=5)
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_mixed_language_fixture_clusters_by_language(tmp_path):
     from conftest import run_cli
 

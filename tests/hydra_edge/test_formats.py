@@ -72,6 +72,7 @@ FORMATS = ["alpaca", "sharegpt", "messages", "prompt_completion", "text"]
 KINDS = ["jsonl", "json", "csv", "parquet", "datasets"]
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_in_every_file_type_trains(tmp_path, tiny_dir, fmt, kind):
@@ -216,6 +217,7 @@ MALFORMED = {
 }
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 @pytest.mark.parametrize("name", sorted(MALFORMED))
 def test_malformed_file_stops_before_training_naming_file_and_line(tmp_path, name):
     file_name, content, where = MALFORMED[name]
@@ -241,6 +243,7 @@ def test_parquet_wrong_type_names_the_row(tmp_path):
     assert f"{path}:row 2: missing field" in err.value.lines[0]
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_skip_invalid_trains_on_the_valid_rows_and_counts_reasons(tmp_path):
     rows = [json.dumps(r) for r in rows_in("messages", 50)]
     rows[3] = '{"messages": [{"role": "user", "content": "only a question"}]}'
@@ -285,6 +288,7 @@ def test_data_validate_lists_every_problem(tmp_path):
     assert "1 valid rows, 2 invalid" in result.stdout
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_data_preview_marks_trained_tokens(tmp_path, tiny_dir):
     path = write(rows_in("alpaca", 2), tmp_path / "a.jsonl", "jsonl")
     result = run_cli("data", "preview", "--data", str(path), "--n", "1")
@@ -323,6 +327,7 @@ def test_packing_never_lets_attention_cross_samples(tiny_dir):
     assert starts and all(packed[0].labels[i] == IGNORE_INDEX for i in starts)
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_packing_and_overlong_from_the_cli(tmp_path):
     rows = rows_in("messages", 20)
     rows[0]["messages"][2]["content"] = "word " * 200  # a long answer: truncated, not emptied

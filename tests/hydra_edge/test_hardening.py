@@ -156,6 +156,7 @@ def test_target_module_that_is_not_in_the_base_is_refused(adapter_copy, small_ev
     assert_one_line_error(result, renamed, "not a linear layer")
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_model_folder_with_a_pickle_that_is_not_a_state_dict(tiny_dir, tmp_path):
     import pickle
 
@@ -210,6 +211,7 @@ def test_pruning_never_deletes_the_last_good_checkpoint(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000006"]
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_full_disk_during_a_checkpoint_says_how_much_room_it_needs(tmp_path):
     out = tmp_path / "disk" / "run"
     with small_disk(tmp_path / "disk", "16m"):
@@ -226,6 +228,7 @@ def test_full_disk_during_a_checkpoint_says_how_much_room_it_needs(tmp_path):
         assert not list((out / "checkpoints").glob(".tmp-step-*"))
 
 
+@pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_out_of_space_while_writing_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     """The same full disk when the free space cannot be known in advance: the write itself fails."""
     import hydra_edge.checkpoint as checkpoint

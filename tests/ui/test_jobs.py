@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,6 +19,10 @@ def test_a_stray_training_in_the_workspace_blocks_a_start(tmp_path):
         [sys.executable, "-c", "import time; time.sleep(60)", "-m", "hydra_edge", "finetune"], cwd=tmp_path
     )
     try:
+        # /proc shows a just-started process's command line only once it runs (empty before)
+        deadline = time.monotonic() + 30
+        while not strays(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert [pid for pid, _ in strays(tmp_path)] == [stray.pid]
         assert strays(tmp_path / "elsewhere") == []
         jobs = JobManager(tmp_path)
