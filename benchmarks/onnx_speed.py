@@ -36,8 +36,9 @@ def pytorch_side(
 ) -> list[tuple[float, float]]:
     from transformers import GenerationConfig
 
-    from hydra_edge.exporters.merge import cluster_gates, hydra_on_plain_base
-    from hydra_edge.inference import prompt_ids
+    from hydra_edge.data import prompt_ids
+    from hydra_edge.exporters.merge import hydra_on_plain_base
+    from hydra_edge.gates import cluster_gates
     from hydra_edge.switches import fixed_gates
 
     model, tokenizer = hydra_on_plain_base(export_dir / "peft" / "base", adapter_dir)

@@ -20,19 +20,8 @@ from torch import nn
 from hydra_edge.adapter import read_adapter_weights
 from hydra_edge.adapter_config import AdapterConfig
 from hydra_edge.files import save_tensors
-from hydra_edge.gates import load_cluster_gates
+from hydra_edge.gates import cluster_gates
 from hydra_edge.quant import dequantized_weight, is_linear4bit
-
-
-def cluster_gates(adapter_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
-    """{cluster: {module: ḡ (N,)}} from cluster_gates.safetensors, checked against the adapter."""
-    config = AdapterConfig.load(adapter_dir)
-    per_cluster: dict[int, dict[str, torch.Tensor]] = {}
-    gates_file = load_cluster_gates(adapter_dir, config.target_modules, config.heads, config.heads)
-    for key, gates in gates_file.items():
-        _, cluster, module = key.split(".", 2)  # "cluster.<c>.<module>"
-        per_cluster.setdefault(int(cluster), {})[module] = gates.float()
-    return dict(sorted(per_cluster.items()))
 
 
 def merged_heads(adapter_dir: Path) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:

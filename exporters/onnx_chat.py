@@ -1,16 +1,23 @@
 """Serving an export: route the request, pick that cluster's model (or adapter), stream tokens.
 
 `OnnxChat` is the `onnx` engine (hydra_edge.engines.Engine) behind `hydra-edge chat --onnx`,
-`eval --onnx` and the web UI's chat, found through the `hydra_edge.engines` entry point, so
-hydra_edge/ never imports this module.
+`eval --onnx`, `serve --onnx` and the web UI's chat, found through the `hydra_edge.engines`
+entry point, so hydra_edge/ never imports this module.
+
+Several requests generate at once, each with its own onnxruntime-genai generator; the models
+and the adapters are loaded once and shared (ONNX Runtime sessions run concurrently).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-from hydra_edge.data import render_chat, routing_text
+from hydra_edge.data import routing_text
+from hydra_edge.engines import OnText, Sampling, ServeAs, answer_by_streaming
 from hydra_edge.errors import UserError
 from hydra_edge.evaluate import rowwise_token_losses
 from hydra_edge.exporters.manifest import verify_export
@@ -30,6 +37,7 @@ class OnnxChat:
         self._models: dict[str, tuple] = {}
         self._sessions: dict[str, object] = {}
         self._adapter_feeds: dict[int, dict] = {}
+        self._loading = threading.Lock()  # two first requests must not load a model twice
 
     def _key(self, cluster: int) -> str:
         """The models/ folder serving a cluster: one shared base (adapters), one model that
@@ -39,20 +47,25 @@ class OnnxChat:
     def _model(self, cluster: int):
         """(model, genai tokenizer, HF tokenizer, adapters or None) serving this cluster."""
         key = self._key(cluster)
-        if key not in self._models:
-            import onnxruntime_genai as og
-            from transformers import AutoTokenizer
-
-            model_dir = self.folder / "models" / key
-            model = og.Model(str(model_dir))
-            adapters = None
-            if key == "base":
-                adapters = og.Adapters(model)
-                for c in self.manifest["clusters"]:
-                    adapters.load(str(self.folder / "adapters" / f"cluster_{c}.onnx_adapter"), f"cluster_{c}")
-            self._models[key] = (model, og.Tokenizer(model), AutoTokenizer.from_pretrained(model_dir), adapters)
+        with self._loading:
+            if key not in self._models:
+                self._models[key] = self._load(key)
         return self._models[key]
 
+    def _load(self, key: str) -> tuple:
+        import onnxruntime_genai as og
+        from transformers import AutoTokenizer
+
+        model_dir = self.folder / "models" / key
+        model = og.Model(str(model_dir))
+        adapters = None
+        if key == "base":
+            adapters = og.Adapters(model)
+            for c in self.manifest["clusters"]:
+                adapters.load(str(self.folder / "adapters" / f"cluster_{c}.onnx_adapter"), f"cluster_{c}")
+        return model, og.Tokenizer(model), AutoTokenizer.from_pretrained(model_dir), adapters
+
+    @functools.cache  # noqa: B019 (one engine per export, kept for the process's life)
     def _genai_config(self, cluster: int) -> dict:
         return json.loads((self.folder / "models" / self._key(cluster) / "genai_config.json").read_text())["model"]
 
@@ -117,32 +130,45 @@ class OnnxChat:
             }
         return self._adapter_feeds[cluster]
 
-    def answer(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, on_text=None) -> tuple[int, str]:
-        """(cluster, answer); on_text(piece) is called as tokens arrive (Engine.answer)."""
+    def answer(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, on_text: OnText | None = None):
+        return answer_by_streaming(self, messages, max_new_tokens, temperature, top_p, on_text)
+
+    def stream(self, prompt_ids: list[int], cluster: int, serve_as: ServeAs, sampling: Sampling) -> Iterator[str]:
         import onnxruntime_genai as og
 
-        cluster = self.route(messages)
-        model, tokenizer, hf_tokenizer, adapters = self._model(cluster)
-        ids = tokenizer.encode(render_chat(hf_tokenizer, messages, add_generation_prompt=True))
+        model, tokenizer, _, adapters = self._model(cluster)
+        wanted = len(prompt_ids) + sampling.max_new_tokens
+        options = {"max_length": self.max_length(cluster, wanted), "do_sample": False}
+        if sampling.temperature > 0:
+            options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        if sampling.seed is not None:
+            options["random_seed"] = sampling.seed
+        if sampling.ignore_eos:
+            options["min_length"] = wanted  # end tokens masked until the last one
         params = og.GeneratorParams(model)
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-        )
-        params.set_search_options(max_length=self.max_length(cluster, len(ids) + max_new_tokens), **sampling)
+        params.set_search_options(**options)
         generator = og.Generator(model, params)
-        if adapters is not None:
+        if adapters is not None and serve_as != "base":
             generator.set_active_adapter(adapters, f"cluster_{cluster}")
-        generator.append_tokens(ids)
-        stream, pieces, stops = tokenizer.create_stream(), [], self.stop_tokens(cluster)
-        for _ in range(max_new_tokens):
-            if generator.is_done():
-                break
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            if token in stops:
-                break
-            piece = stream.decode(token)
-            pieces.append(piece)
-            if on_text is not None and piece:
-                on_text(piece)
-        return cluster, "".join(pieces).strip()
+        generator.append_tokens(prompt_ids)
+        decoder, ends = tokenizer.create_stream(), self.stop_tokens(cluster)
+        try:
+            for _ in range(sampling.max_new_tokens):
+                if generator.is_done():
+                    break
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                if token in ends and not sampling.ignore_eos:
+                    break
+                yield decoder.decode(token)
+        finally:
+            del generator  # frees its KV cache now, not at the next garbage collection
+
+    def forceable_clusters(self) -> list[int]:
+        return [] if self.manifest["mode"] == "dynamic" else list(self.manifest["clusters"])
+
+    def serves_base(self) -> bool:
+        return self.manifest["mode"] == "adapters"  # the shared base with no adapter active
+
+    def context_length(self, cluster: int) -> int:
+        return int(self._genai_config(cluster)["context_length"])

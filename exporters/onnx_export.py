@@ -24,6 +24,8 @@ and leaves nothing behind.
     <out>/models/dynamic/           dynamic mode: the decoder with the router and heads inside
     <out>/peft/base/                the dequantized base as a float32 HF folder
     <out>/peft/cluster_<c>/         LoRA (A, B̄_c) in PEFT format, for PEFT / vLLM / TGI
+    <out>/serve-vllm.sh             vLLM serving peft/ (base + one adapter per cluster), for
+                                    `hydra-edge serve --upstream`
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from hydra_edge.exporters.builders import build_adapters, build_dynamic, build_m
 from hydra_edge.exporters.manifest import DEVICES, MANIFEST, MODES, PRECISIONS, verify_export
 from hydra_edge.exporters.merge import (
     check_exportable,
-    cluster_gates,
     hydra_on_plain_base,
     merged_heads,
     save_plain_base,
@@ -57,7 +58,9 @@ from hydra_edge.exporters.validation import (
     validation_problem,
     validation_prompts,
 )
+from hydra_edge.exporters.vllm_script import write_vllm_script
 from hydra_edge.files import disk_errors, ensure_writable_dir, sha256_of
+from hydra_edge.gates import cluster_gates
 from hydra_edge.switches import fixed_gates
 
 
@@ -91,7 +94,7 @@ def _build_validate_and_write(
     adapter_dir: Path, out_dir: Path, mode: str, precision: str, device: str, config: AdapterConfig, log
 ) -> dict:
     """Everything export() writes, in a temporary folder renamed into place at the end."""
-    from hydra_edge.inference import prompt_ids
+    from hydra_edge.data import prompt_ids
 
     scaling = config.scaling
     heads_by_cluster = merged_heads(adapter_dir)
@@ -130,6 +133,7 @@ def _build_validate_and_write(
             log(f"export: {name} validated ({describe_check(check, precision)})")
         for cluster, heads in heads_by_cluster.items():
             write_peft_adapter(work / "peft" / f"cluster_{cluster}", "../base", config.r, config.alpha, heads)
+        write_vllm_script(work, sorted(heads_by_cluster), config.r)
         shutil.rmtree(work / "tmp")
         (work / "router").mkdir()
         for name in ("clusters.json", "clusters.safetensors"):

@@ -168,6 +168,17 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
         raise UserError(f"the tokenizer's chat template cannot render this conversation ({first})") from exc
 
 
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered up to the assistant's turn."""
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
+
+
+def text_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a plain prompt (no chat template), BOS first where the model has one."""
+    return tokenizer(prompt)["input_ids"]
+
+
 def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns.
 

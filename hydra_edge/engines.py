@@ -10,14 +10,32 @@ gets does not depend on the backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
+from hydra_edge.data import prompt_ids
 from hydra_edge.errors import UserError
 
 OnText = Callable[[str], None]
+
+# What serves a request: "routed" is how the engine serves the cluster it routed the request to
+# (an export: that cluster's merged adapter; PyTorch: the per-token router), "cluster" pins the
+# cluster's merged adapter (mean gates ḡ_c), "base" is the base model with no adapter.
+ServeAs = Literal["routed", "cluster", "base"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each next token is picked: greedy when temperature is 0."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None  # sampling only: the same seed gives the same answer
+    ignore_eos: bool = False  # generate max_new_tokens tokens (load benchmarks); end tokens are masked
 
 
 @runtime_checkable
@@ -43,6 +61,21 @@ class Engine(Protocol):
     ) -> tuple[int, str]:
         """(cluster, answer): routes, then generates; on_text(piece) is called as tokens arrive."""
 
+    def stream(self, prompt_ids: list[int], cluster: int, serve_as: ServeAs, sampling: Sampling) -> Iterator[str]:
+        """The answer's text, one piece per generated token ("" while a character is still
+        incomplete), ending at an end token or max_new_tokens. Closing the iterator stops the
+        generation after the current token. Safe to call from several threads at once."""
+
+    def forceable_clusters(self) -> list[int]:
+        """The clusters a request can pin (serve_as="cluster"); none where one model routes
+        every token by itself (a dynamic export)."""
+
+    def serves_base(self) -> bool:
+        """Whether serve_as="base" (no adapter) is possible."""
+
+    def context_length(self, cluster: int) -> int:
+        """The most tokens (prompt and answer) one sequence may hold."""
+
     def describe(self) -> str:
         """One line on what is loaded, for the chat's routing note."""
 
@@ -60,6 +93,21 @@ class Engine(Protocol):
         self, conversations: list[list[dict]], clusters: list[int], max_new_tokens: int, progress=None
     ) -> list[str]:
         """The greedy answer to each conversation, with its cluster's weights."""
+
+
+def answer_by_streaming(
+    engine: Engine, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float, on_text: OnText | None
+) -> tuple[int, str]:
+    """Engine.answer for every engine: route, render with the cluster's chat template, stream.
+    The API server takes the same path, so its answers equal `chat`'s."""
+    cluster = engine.route(messages)
+    ids = prompt_ids(engine.tokenizer(cluster), messages)
+    pieces = []
+    for piece in engine.stream(ids, cluster, "routed", Sampling(max_new_tokens, temperature, top_p)):
+        pieces.append(piece)
+        if on_text is not None and piece:
+            on_text(piece)
+    return cluster, "".join(pieces).strip()
 
 
 def load_engine(name: str, folder: str | Path) -> Engine:

@@ -107,3 +107,16 @@ def load_cluster_gates(
         if not ok:
             raise UserError(f"{path}: {key} is not a probability vector over {heads} heads; {remedy}")
     return gates
+
+
+def cluster_gates(adapter_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """{cluster: {module: ḡ (N,)}} from cluster_gates.safetensors, checked against the adapter."""
+    from hydra_edge.adapter_config import AdapterConfig
+
+    config = AdapterConfig.load(adapter_dir)
+    per_cluster: dict[int, dict[str, torch.Tensor]] = {}
+    gates_file = load_cluster_gates(adapter_dir, config.target_modules, config.heads, config.heads)
+    for key, gates in gates_file.items():
+        _, cluster, module = key.split(".", 2)  # "cluster.<c>.<module>"
+        per_cluster.setdefault(int(cluster), {})[module] = gates.float()
+    return dict(sorted(per_cluster.items()))

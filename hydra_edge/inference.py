@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from hydra_edge.adapter import (
 )
 from hydra_edge.adapter_config import AdapterConfig
 from hydra_edge.clustering import ClusterModel, load_clusters
-from hydra_edge.data import render_chat
+from hydra_edge.data import prompt_ids
+from hydra_edge.engines import Sampling
 from hydra_edge.errors import UserError
 from hydra_edge.models import load_base
 
@@ -55,12 +57,6 @@ def load_trained(adapter_dir: str | Path, model_override: str | None = None, dev
     attach_adapter(base.model, config, weights, adapter_dir)
     base.model.eval()
     return TrainedModel(base.model, base.tokenizer, config, clusters, adapter_dir)
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation rendered up to the assistant's turn."""
-    text = render_chat(tokenizer, messages, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def generation_config(model, tokenizer, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0):
@@ -124,40 +120,79 @@ def prompt_gate_mix(model, tokenizer, messages: list[dict]) -> list[float]:
     return torch.stack(per_module).mean(dim=0).tolist()
 
 
-def stream_answer(
-    model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float, on_text
-) -> str:
-    """Generates one answer, calling on_text(piece) as tokens arrive; returns the whole answer."""
-    from threading import Thread
+def stream_tokens(model, tokenizer, prompt_ids: list[int], sampling: Sampling) -> Iterator[str]:
+    """Engine.stream for a PyTorch model: HF generate on a worker thread, one text piece per
+    token. Closing the iterator sets a stopping criterion, so generation ends after the current
+    token. Pieces come from decoding all answer tokens so far (what TextIteratorStreamer does), so
+    characters that span tokens come out whole."""
+    from queue import SimpleQueue
+    from threading import Event, Thread
 
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
 
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        streamer=streamer,
-        generation_config=generation_config(model, tokenizer, max_new_tokens, temperature, top_p),
-    )
+    ids = torch.tensor([prompt_ids], device=device)
+    tokens: SimpleQueue = SimpleQueue()  # answer token ids, then None
+    stop = Event()
+
+    class TokenQueue(BaseStreamer):
+        def __init__(self) -> None:
+            self.prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if not self.prompt_seen:  # generate() sends the prompt first
+                self.prompt_seen = True
+                return
+            for token in value.reshape(-1).tolist():
+                tokens.put(token)
+
+        def end(self) -> None:
+            tokens.put(None)
+
+    class StopWhenClosed(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    config = generation_config(model, tokenizer, sampling.max_new_tokens, sampling.temperature, sampling.top_p)
+    if sampling.ignore_eos:
+        config.min_new_tokens = sampling.max_new_tokens  # end tokens masked until the last one
+    ends = set(config.eos_token_id)
     failure: list[BaseException] = []
 
     def work() -> None:
         try:
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
             with torch.no_grad():
-                model.generate(**kwargs)
-        except BaseException as exc:  # surface it in the caller instead of hanging the stream
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    generation_config=config,
+                    streamer=TokenQueue(),
+                    stopping_criteria=StoppingCriteriaList([StopWhenClosed()]),
+                )
+        except BaseException as exc:  # surface it in the reader instead of hanging it
             failure.append(exc)
-            streamer.end()
+            tokens.put(None)
 
     worker = Thread(target=work, daemon=True)
     worker.start()
-    pieces = []
-    for piece in streamer:
-        pieces.append(piece)
-        on_text(piece)
-    worker.join()
+    answer: list[int] = []
+    shown = ""
+    try:
+        while (token := tokens.get()) is not None:
+            if token in ends:
+                continue
+            answer.append(token)
+            text = tokenizer.decode(answer, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # a character still incomplete
+                yield ""
+                continue
+            piece, shown = text[len(shown) :], text
+            yield piece
+    finally:
+        stop.set()
+        worker.join()
     if failure:
         raise failure[0]
-    return "".join(pieces).strip()

@@ -3,34 +3,50 @@
 Its router works per token, so every cluster is served by the same model and the cluster only
 labels the request; the routed cluster is still reported, from the same request router the
 exports use. Scoring and generation run in batches (an export's engine goes row by row).
+
+Generation runs one request at a time (a lock): pinning a cluster or the base sets the layers'
+gates for the whole model, and PyTorch already uses every core for one sequence.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from threading import Lock
 
 import torch
 
 from hydra_edge.adapter_config import AdapterConfig
 from hydra_edge.clustering import ClusterModel
 from hydra_edge.data import IGNORE_INDEX, collate, routing_text
-from hydra_edge.engines import OnText
-from hydra_edge.inference import generate_greedy, load_trained, prompt_gate_mix, stream_answer
+from hydra_edge.engines import OnText, Sampling, ServeAs, answer_by_streaming
+from hydra_edge.gates import cluster_gates
+from hydra_edge.inference import generate_greedy, load_trained, prompt_gate_mix, stream_tokens
 from hydra_edge.lm_head import deferred_head, label_losses, supports_deferred_head
 
 
 class TorchEngine:
     backend = "pytorch"
 
-    def __init__(self, model, tokenizer, clusters: ClusterModel, config: AdapterConfig | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        clusters: ClusterModel,
+        config: AdapterConfig | None = None,
+        gates: dict[int, dict] | None = None,
+    ) -> None:
         self.model, self._tokenizer, self.clusters, self.config = model, tokenizer, clusters, config
+        self.gates = gates or {}  # {cluster: {module: ḡ (N,)}}: what pins a cluster
+        self._generating = Lock()
         model.eval()  # no dropout: scores and answers are deterministic
 
     @classmethod
     def load(cls, adapter_dir: str | Path, model_override: str | None = None, device: str | None = None):
         trained = load_trained(adapter_dir, model_override, device)
-        return cls(trained.model, trained.tokenizer, trained.clusters, trained.config)
+        gates = cluster_gates(trained.adapter_dir)
+        return cls(trained.model, trained.tokenizer, trained.clusters, trained.config, gates)
 
     def route(self, messages: list[dict]) -> int:
         return int(self.clusters.assign([routing_text(messages)])[0])
@@ -44,11 +60,27 @@ class TorchEngine:
         return self.model(input_ids=torch.tensor([input_ids], device=device)).logits[0].float().cpu().numpy()
 
     def answer(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, on_text: OnText | None = None):
-        cluster = self.route(messages)
-        reply = stream_answer(
-            self.model, self._tokenizer, messages, max_new_tokens, temperature, top_p, on_text or (lambda piece: None)
-        )
-        return cluster, reply
+        return answer_by_streaming(self, messages, max_new_tokens, temperature, top_p, on_text)
+
+    def stream(self, prompt_ids: list[int], cluster: int, serve_as: ServeAs, sampling: Sampling) -> Iterator[str]:
+        from hydra_edge.switches import fixed_gates, heads_disabled
+
+        switch = {
+            "routed": nullcontext,
+            "cluster": lambda: fixed_gates(self.model, self.gates[cluster]),
+            "base": lambda: heads_disabled(self.model),
+        }[serve_as]
+        with self._generating, switch():
+            yield from stream_tokens(self.model, self._tokenizer, prompt_ids, sampling)
+
+    def forceable_clusters(self) -> list[int]:
+        return sorted(self.gates)
+
+    def serves_base(self) -> bool:
+        return True
+
+    def context_length(self, cluster: int) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", None) or self._tokenizer.model_max_length)
 
     def describe(self) -> str:
         if self.config is None:

@@ -7,7 +7,6 @@ Safe by default: the UI binds 127.0.0.1; any address other machines can reach ne
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 from pathlib import Path
@@ -15,19 +14,7 @@ from pathlib import Path
 import typer
 
 from hydra_edge.errors import UserError
-
-LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and localhost; everything else (0.0.0.0, a LAN address, a host name) is reachable."""
-    host = host.strip().strip("[]")
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from hydra_edge.hosts import is_loopback
 
 
 def parse_auth(auth: str) -> tuple[str, str]:

@@ -8,13 +8,13 @@ from torch.testing import assert_close
 
 from hydra_edge.adapter_config import AdapterConfig
 from hydra_edge.exporters.merge import (
-    cluster_gates,
     fold_cluster_into_base,
     hydra_on_plain_base,
     merged_heads,
     save_plain_base,
     write_peft_adapter,
 )
+from hydra_edge.gates import cluster_gates
 from hydra_edge.switches import fixed_gates
 
 PROMPTS = ["What is the capital of Peru?", "Give the antonym of the word fast.", "Spell nine with digits."]
@@ -26,7 +26,7 @@ def plain_base(trained_adapter, tmp_path_factory):
 
 
 def logits_of(model, tokenizer, prompts=PROMPTS):
-    from hydra_edge.inference import prompt_ids
+    from hydra_edge.data import prompt_ids
 
     with torch.no_grad():
         return [

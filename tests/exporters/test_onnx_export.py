@@ -49,8 +49,9 @@ def test_onnx_greedy_tokens_equal_pytorch_on_every_demo_prompt(exported, trained
 
     from hydra_edge.data import read_records
     from hydra_edge.engines import Engine
-    from hydra_edge.exporters.merge import cluster_gates, hydra_on_plain_base
+    from hydra_edge.exporters.merge import hydra_on_plain_base
     from hydra_edge.exporters.onnx_chat import OnnxChat
+    from hydra_edge.gates import cluster_gates
     from hydra_edge.inference import generate_greedy
     from hydra_edge.switches import fixed_gates
     from hydra_edge.tiny import DEMO_EVAL

@@ -10,7 +10,8 @@ import pytest
 from uihelpers import hydra_edge
 
 from hydra_edge.errors import UserError
-from hydra_edge.ui.cli import check_options, is_loopback, parse_auth
+from hydra_edge.hosts import is_loopback
+from hydra_edge.ui.cli import check_options, parse_auth
 
 
 def test_non_loopback_host_without_auth_exits_2_with_one_clear_line(tmp_path):
