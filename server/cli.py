@@ -122,8 +122,23 @@ def serve_command(
         f"{', '.join(backend.model_ids())}{'; API key required' if api_key else ''}). Ctrl-C stops it.",
         flush=True,
     )
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off")
+    config = uvicorn.Config(
+        app, log_level=log_level, log_config=log_config(), timeout_graceful_shutdown=5, lifespan="off"
+    )
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def log_config() -> dict:
+    """uvicorn's logging, with its access lines on stderr (stdout holds only the URL line, which
+    scripts read) and this server's request lines (model, cluster, tokens) beside them."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    config["loggers"]["hydra_edge.server"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
 
 
 def backend_factory(onnx, adapter, model, upstream, upstream_api_key, settings):

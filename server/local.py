@@ -216,13 +216,10 @@ class Generation:
             result = self.backend.produce(plan, lambda text: text and put(("text", text)), self.cancelled)
             metrics.completion_tokens.inc(result[1])
             log.info(
-                "%s %s: %d prompt + %d answer tokens, %s",
-                plan.model,
-                plan.served_by,
-                len(plan.prompt_ids),
-                result[1],
-                result[0],
-            )
+                "%s -> %s: %d prompt + %d answer tokens (%s) in %.2f s",
+                plan.model, plan.served_by, len(plan.prompt_ids), result[1], result[0],
+                time.perf_counter() - plan.arrived,
+            )  # fmt: skip
             put(("end", result))
         except Exception as exc:
             log.exception("generation failed")

@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,18 @@ FP32 = {
     "seq_len": 64,
     "grad_accum": 1,
 }
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `python -m hydra_edge ARGS` in a subprocess, as a user would from a shell."""
+    return subprocess.run(
+        [sys.executable, "-m", "hydra_edge", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
+    )
 
 
 @dataclass

@@ -2,28 +2,16 @@
 
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 _HOME = tempfile.mkdtemp(prefix="hydra-edge-test-home-")
 os.environ["HYDRA_EDGE_HOME"] = _HOME
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Runs `python -m hydra_edge ARGS` in a subprocess, as a user would from a shell."""
-    return subprocess.run(
-        [sys.executable, "-m", "hydra_edge", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ.copy(),
-    )
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +61,16 @@ def checkpointed_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def adapter_export(trained_adapter, tmp_path_factory) -> Path:
+    """An `adapters`-mode fp32 export of trained_adapter (tests copy it before damaging it)."""
+    from hydra_edge.exporters.onnx_export import export
+
+    out = tmp_path_factory.mktemp("adapter-export") / "onnx"
+    export(trained_adapter, out, mode="adapters", log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_eval(tmp_path_factory) -> Path:
     """The first two rows of the demo's held-out split: eval/chat calls that must be quick."""
     from hydra_edge.tiny import DEMO_EVAL
@@ -100,6 +98,9 @@ SLOW_FIXTURES = {
     "ui_server",
     "client",
     "trained_run",
+    "api_server",
+    "busy_server",
+    "proxy_server",
 }
 
 

@@ -118,15 +118,6 @@ def spoiled_copy(source: Path, target: Path, rel: str, content: bytes) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def adapter_export(trained_adapter, tmp_path_factory) -> Path:
-    from hydra_edge.exporters.onnx_export import export
-
-    out = tmp_path_factory.mktemp("fuzz-export") / "onnx"
-    export(trained_adapter, out, mode="adapters", log=lambda m: None)
-    return out
-
-
 ADAPTER_FILES = {  # file -> the commands that read it
     "adapter_config.json": ("eval", "chat", "export"),
     "adapter_model.safetensors": ("eval", "chat", "export"),

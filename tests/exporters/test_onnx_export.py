@@ -4,8 +4,7 @@ import json
 import shutil
 
 import pytest
-from cli_helpers import conversation_routed_by_its_system_prompt
-from conftest import run_cli
+from cli_helpers import conversation_routed_by_its_system_prompt, run_cli
 
 from hydra_edge.errors import UserError
 

@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error
-from conftest import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
 EVAL_KEYS = {"loss", "perplexity", "exact_match", "n", "per_cluster"}

@@ -85,7 +85,7 @@ def test_one_head_is_one_cluster_and_too_many_heads_refused():
 
 @pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_mixed_language_fixture_clusters_by_language(tmp_path):
-    from conftest import run_cli
+    from cli_helpers import run_cli
 
     fixture = Path(__file__).resolve().parent.parent / "fixtures" / "mixed_language.jsonl"
     languages = [json.loads(line)["language"] for line in fixture.read_text(encoding="utf-8").splitlines()]

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import run_cli
+from cli_helpers import run_cli
 
 from hydra_edge.config import build_config
 from hydra_edge.data import IGNORE_INDEX, Record, load_records, pack_samples, tokenize_record

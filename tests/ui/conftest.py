@@ -4,27 +4,11 @@ first training are the slow parts), plus a trained run and an export made throug
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from uihelpers import QUICK, UPLOAD_LIMIT_MB, free_port, wait_until_done
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-
-
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Same as tests/conftest.py's: pytest imports this file as `conftest` too, and test modules
-    collected after it that do `from conftest import run_cli` must still find it."""
-    return subprocess.run(
-        [sys.executable, "-m", "hydra_edge", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ.copy(),
-    )
 
 
 class UIServer:
