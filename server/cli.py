@@ -111,6 +111,12 @@ def serve_command(
             f"serve needs FastAPI, uvicorn and prometheus-client ({exc}); pip install 'hydra-edge[serve]'"
         ) from exc
     sock = bind(host, port)
+    if adapter and not upstream and max_concurrency > 1:
+        # PyTorch generates one request at a time (see torch_engine.py); the other slots would only
+        # wait on its lock while /health called them running, so they join the queue instead.
+        print(f"hydra-edge serve: --adapter generates one request at a time; --max-concurrency {max_concurrency} "
+              "becomes 1 running and the rest queued", file=sys.stderr, flush=True)  # fmt: skip
+        max_concurrency, max_queue = 1, max_queue + max_concurrency - 1
     settings = ServeSettings(api_key, max_concurrency, max_queue, max_tokens_cap, int(max_body_mb * 1024 * 1024))
     app = create_app(backend_factory(onnx, adapter, model, upstream, upstream_api_key, settings), settings)
     backend = app.state.backend

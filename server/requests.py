@@ -138,7 +138,7 @@ def parse(model_class: type[GenerationRequest], body: object) -> GenerationReque
     try:
         return model_class.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        first = max(exc.errors(), key=lambda e: len(e["loc"]))  # in a union: the branch that got furthest
         where = ".".join(str(p) for p in first["loc"] if not (str(p) in _UNION_TAGS or "[" in str(p)))
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "missing":

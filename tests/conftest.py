@@ -101,6 +101,7 @@ SLOW_FIXTURES = {
     "api_server",
     "busy_server",
     "proxy_server",
+    "torch_server",
 }
 
 

@@ -30,6 +30,7 @@ def test_export_layout_and_validation(exported, trained_adapter):
     assert manifest["precision"] == "fp32" and manifest["base"]["weights"] == "dequantized nf4"
     assert len(manifest["clusters"]) == config["heads"]
     assert all((d / "model.onnx").is_file() for d in model_dirs(out, manifest))
+    assert "serve-vllm.sh" in manifest["files"] and "cluster_0=peft/cluster_0" in (out / "serve-vllm.sh").read_text()
     for cluster in manifest["clusters"]:
         assert (out / "peft" / f"cluster_{cluster}" / "adapter_model.safetensors").is_file()
         if manifest["mode"] == "adapters":

@@ -30,3 +30,12 @@ def proxy_server(api_server, adapter_export, tmp_path_factory):
     server = launch(tmp_path_factory.mktemp("proxy"), *args, "--api-key", API_KEY)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def torch_server(trained_adapter, tmp_path_factory):
+    """The adapter served with PyTorch (one generation at a time), one place in the queue."""
+    args = ("--adapter", str(trained_adapter), "--api-key", API_KEY, "--max-concurrency", "1", "--max-queue", "1")
+    server = launch(tmp_path_factory.mktemp("torch"), *args)
+    yield server
+    server.stop()

@@ -179,3 +179,19 @@ def test_the_request_lines_name_model_cluster_and_tokens(api_server):
     ask(api_server, "What is the capital of Peru?", model="base", max_tokens=3)
     assert "base -> base: 13 prompt + 3 answer tokens (length)" in api_server.log.read_text()
     assert API_KEY not in api_server.log.read_text()
+
+
+def test_the_pytorch_backend_routes_like_chat_adapter(torch_server, trained_adapter, adapter_export):
+    cluster, question = next(iter(demo_prompts_by_cluster(adapter_export).items()))
+    chat = run_cli("chat", "--adapter", str(trained_adapter), "--prompt", question, "--max-new-tokens", "16")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert f"[cluster {cluster} |" in chat.stderr
+    reply = ask(torch_server, question, max_tokens=16)
+    assert reply.model_extra["hydra_cluster"] == cluster
+    assert reply.choices[0].message.content.strip() == chat.stdout.strip()
+    assert [m.id for m in torch_server.client().models.list()][-1] == "base"
+    base = ask(torch_server, question, model="base", max_tokens=16)
+    assert (
+        base.model_extra["hydra_cluster"] is None
+        and base.choices[0].message.content != reply.choices[0].message.content
+    )
