@@ -16,10 +16,7 @@ class Admission:
         self._free = asyncio.Semaphore(slots)
         self.admitted = 0  # requests between admit() and the end of their response
         self.running = 0  # requests holding a slot
-
-    @property
-    def waiting(self) -> int:
-        return self.admitted - self.running
+        self.waiting = 0  # requests waiting for one (the queue depth)
 
     def admit(self) -> Ticket | None:
         """A ticket, or None when `slots` run and `queue` wait already."""
@@ -39,7 +36,11 @@ class Ticket:
         self.has_slot = self.closed = self.worker_owns_slot = False
 
     async def take_slot(self) -> None:
-        await self.admission._free.acquire()
+        self.admission.waiting += 1
+        try:
+            await self.admission._free.acquire()
+        finally:
+            self.admission.waiting -= 1
         self.has_slot = True
         self.admission.running += 1
 

@@ -84,7 +84,18 @@ def test_admission_counts_running_and_waiting_and_refuses_beyond_the_queue():
         assert (admission.running, admission.waiting) == (1, 0)
         second.close()
         second.close()  # closing twice changes nothing
-        assert (admission.admitted, admission.running) == (0, 0)
+        assert (admission.admitted, admission.running, admission.waiting) == (0, 0, 0)
+        third = admission.admit()
+        cancelled = asyncio.ensure_future(third.take_slot())  # no slot is free: it waits
+        blocker = admission.admit()
+        await blocker.take_slot()
+        await asyncio.sleep(0)
+        assert admission.waiting == 1
+        cancelled.cancel()  # its client left while it waited
+        await asyncio.sleep(0)
+        third.close()
+        assert (admission.waiting, admission.running, admission.admitted) == (0, 1, 1)
+        blocker.close()
         assert admission.admit() is not None
 
     asyncio.run(scenario())
