@@ -68,6 +68,7 @@ def save_plain_base(adapter_config: AdapterConfig, out_dir: Path) -> Path:
         quant=adapter_config.quantization,
         device="cpu",
         dtype=adapter_config.dtype,
+        chat_template=adapter_config.chat_template,  # saved with the tokenizer: every export renders as training did
     )
     dequantize_in_place(base.model)
     base.model.save_pretrained(out_dir)

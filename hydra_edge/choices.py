@@ -18,6 +18,9 @@ MixedPrecision = Literal["auto", "bf16", "no"]
 PoolOver = Literal["cluster", "sample", "prompt"]
 Router = Literal["learned", "uniform"]
 Dtype = Literal["bf16", "fp32"]  # what a base computed in during training
+LrScheduler = Literal["cosine", "linear", "constant", "cosine_with_min_lr"]
+Optim = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
+ReportTo = Literal["none", "tensorboard", "mlflow", "wandb", "all"]
 
 FORMATS = get_args(RowFormat)
 QUANT_CHOICES = get_args(Quant)

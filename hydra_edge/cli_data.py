@@ -59,16 +59,24 @@ def preview(
     n: int = typer.Option(3, "--n", min=1, help="How many samples to show."),
     seq_len: int = typer.Option(1024, "--seq-len", min=1, help="Truncate as training would."),
     as_json: bool = typer.Option(False, "--json", help="Print the token ids and labels as JSON lines."),
+    chat_template: str | None = typer.Option(
+        None, "--chat-template", help="Render with this template: chatml, llama3, gemma, qwen2.5 or a .jinja file."
+    ),
 ) -> None:
     """Show the first samples as the model will see them, trained tokens marked [[like this]]."""
+    from hydra_edge.chat_templates import resolve_chat_template
     from hydra_edge.data import IGNORE_INDEX, load_records, tokenize_record
     from hydra_edge.models import load_tokenizer
 
+    template = resolve_chat_template(chat_template) if chat_template else None
     records = load_records(data, format).records[:n]
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, chat_template=template)
     color = sys.stdout.isatty()
     for record in records:
-        sample = tokenize_record(tokenizer, record, seq_len)
+        try:
+            sample = tokenize_record(tokenizer, record, seq_len)
+        except UserError as exc:
+            raise UserError(f"{record.source}: {exc}") from exc
         trained = sum(label != IGNORE_INDEX for label in sample.labels)
         if as_json:
             print(json.dumps({"source": record.source, "input_ids": sample.input_ids, "labels": sample.labels}))

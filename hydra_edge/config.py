@@ -17,7 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from hydra_edge.choices import FormatChoice, HeadInit, MixedPrecision, Overlong, PoolOver, Quant, Router
+from hydra_edge.choices import (
+    FormatChoice,
+    HeadInit,
+    LrScheduler,
+    MixedPrecision,
+    Optim,
+    Overlong,
+    PoolOver,
+    Quant,
+    ReportTo,
+    Router,
+)
 from hydra_edge.errors import UserError
 
 
@@ -53,6 +64,11 @@ class FinetuneConfig:
     )
     eval_data: str | None = _f(
         None, "Held-out file scored after training. Default with a preset: the demo's held-out split."
+    )
+    chat_template: str | None = _f(
+        None,
+        "Chat template: chatml, llama3, gemma, qwen2.5 or a .jinja file (default: the base's own). Stored in "
+        "the adapter; eval, chat, export and serve use it.",
     )
     heads: str = _f("auto", "Number of B heads: 'auto' (k-means elbow over the prompts) or N (1 = plain LoRA).")
     max_k: int = _f(8, "Largest k tried by --heads auto.", ge=1)
@@ -102,7 +118,18 @@ class FinetuneConfig:
     packing: bool = _f(False, "Pack short samples into --seq-len rows; attention never crosses samples.")
     batch_size: int = _f(4, "Samples per micro-batch (per process).", ge=1)
     grad_accum: int = _f(4, "Micro-batches accumulated per optimizer step.", ge=1)
-    lr: float = _f(2e-4, "Peak learning rate (AdamW, cosine decay).", gt=0)
+    lr: float = _f(2e-4, "Peak learning rate (after warmup).", gt=0)
+    lr_scheduler: LrScheduler = _f(
+        "cosine",
+        "Schedule after warmup (transformers.get_scheduler): cosine, linear (to 0), constant, or "
+        "cosine_with_min_lr (cosine down to --min-lr-rate x --lr).",
+    )
+    min_lr_rate: float = _f(0.1, "With --lr-scheduler cosine_with_min_lr: the final lr as a share of --lr.", ge=0, le=1)
+    optim: Optim = _f(
+        "adamw",
+        "adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes: 8-bit optimizer states, a "
+        "quarter of the memory; paged spills to CPU RAM under GPU memory pressure).",
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
     epochs: float = _f(3.0, "Passes over the training data (ignored when --max-steps is set).", gt=0)
     max_steps: int | None = _f(None, "Optimizer steps to run; overrides --epochs.", ge=1)
@@ -115,6 +142,25 @@ class FinetuneConfig:
     max_bad_steps: int = _f(5, "Abort after this many consecutive steps with a non-finite loss or gradient.", ge=1)
     gate_samples_per_cluster: int = _f(256, "Training samples per cluster used to measure its mean gates.", ge=1)
     max_new_tokens: int = _f(32, "Tokens generated per row for the held-out exact-match.", ge=1)
+    eval_every: int = _f(
+        0,
+        "Score the held-out rows every N steps while training (loss and per-cluster loss; exact-match "
+        "on --eval-em-rows rows; the router's health) and log them as `eval` rows; 0 = only at the end.",
+        ge=0,
+    )
+    eval_em_rows: int = _f(32, "Held-out rows answered for the exact-match of each --eval-every pass.", ge=0)
+    early_stopping: int | None = _f(
+        None,
+        "Stop when held-out loss has not improved for this many --eval-every passes, and keep the best "
+        "step's adapter as the run's result.",
+        ge=1,
+    )
+    report_to: ReportTo = _f(
+        "none",
+        "Also log to an experiment tracker (accelerate's): tensorboard (<out>/runs), mlflow (MLFLOW_TRACKING_URI, "
+        "else <out>/mlruns), wandb (WANDB_MODE=offline works offline), or all. metrics.jsonl is always written.",
+    )
+    run_name: str | None = _f(None, "The run's name in the tracker (default: the --out folder's name).")
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
@@ -137,6 +183,8 @@ class FinetuneConfig:
                 problems.append(f"--heads {self.heads}: use 'auto' or a whole number >= 1")
         if self.max_k < 2 and self.heads == "auto":
             problems.append(f"--max-k {self.max_k}: must be >= 2 with --heads auto")
+        if self.early_stopping is not None and not self.eval_every:
+            problems.append("--early-stopping: needs --eval-every N (held-out loss is what it watches)")
         if problems:
             raise ValueError(problems[0])
 

@@ -15,15 +15,16 @@ from typing import get_args
 
 from hydra_edge.choices import OVERLONG_CHOICES, FormatChoice
 from hydra_edge.errors import UserError
-from hydra_edge.formats import RowProblem, detect_format, normalize
+from hydra_edge.formats import RowProblem, detect_format, normalize, tools_of
 from hydra_edge.sources import read_rows
 
 IGNORE_INDEX = -100
 
 
 def routing_text(messages: list[dict]) -> str:
-    """The text a request is routed on: every non-assistant turn (system prompt included), the
-    same text the clusters were fitted on in training. Every engine routes through this."""
+    """The text a request is routed on: every non-assistant turn (system prompt and tool results
+    included), the same text the clusters were fitted on in training. Every engine routes
+    through this."""
     return "\n".join(m["content"] for m in messages if m["role"] != "assistant")
 
 
@@ -34,6 +35,7 @@ class Record:
     source: str  # "FILE:LINE" or "FILE:row N", for messages about this row
     messages: list[dict] | None = None
     text: str | None = None
+    tools: list[dict] | None = None  # function definitions the template shows (messages rows)
 
     @property
     def prompt_text(self) -> str:
@@ -47,8 +49,9 @@ class Record:
 
     @property
     def reference_answer(self) -> str | None:
-        """The last assistant message, when the conversation ends with one (for exact-match)."""
-        if self.messages and self.messages[-1]["role"] == "assistant":
+        """The last assistant message, when the conversation ends with one in words (for
+        exact-match; a tool call is not an answer to compare text with)."""
+        if self.messages and self.messages[-1]["role"] == "assistant" and not self.messages[-1].get("tool_calls"):
             return self.messages[-1]["content"]
         return None
 
@@ -143,10 +146,11 @@ def load_records(
                 continue
             try:
                 messages, text = normalize(row.value, file_fmt)
+                tools = tools_of(row.value) if file_fmt == "messages" else None
             except RowProblem as problem:
                 problems.append(Problem(row.location, problem.reason, problem.detail))
                 continue
-            records.append(Record(row.location, messages=messages, text=text))
+            records.append(Record(row.location, messages=messages, text=text, tools=tools))
     if problems and not skip_invalid:
         raise DataProblems(problems, total, max_problems)
     if not records and require_rows:
@@ -159,10 +163,12 @@ def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
     return load_records([str(path)], fmt).records
 
 
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> str:
     """The tokenizer's chat template applied to messages, or a UserError saying why it can't be."""
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as exc:  # ValueError (no template) or jinja2 TemplateError (template refuses)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"the tokenizer's chat template cannot render this conversation ({first})") from exc
@@ -179,7 +185,7 @@ def text_prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def _assistant_spans(tokenizer, messages: list[dict], tools=None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns.
 
     Each span runs from where the generation prompt ends to the end of the turn (its closing
@@ -187,23 +193,23 @@ def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[i
     Templates that rewrite earlier turns (some move the system prompt or drop earlier
     reasoning) do not render prefix by prefix; then only the final assistant turn is learned.
     """
-    full = render_chat(tokenizer, messages)
+    full = render_chat(tokenizer, messages, tools=tools)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = render_chat(tokenizer, messages[: i + 1])
+        prefix = render_chat(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+        upto = render_chat(tokenizer, messages[: i + 1], tools=tools)
         if not full.startswith(upto) or not upto.startswith(prefix):
-            return full, _last_turn_span(tokenizer, messages, full)
+            return full, _last_turn_span(tokenizer, messages, full, tools)
         spans.append((len(prefix), len(upto.rstrip())))
     return full, spans
 
 
-def _last_turn_span(tokenizer, messages: list[dict], full: str) -> list[tuple[int, int]]:
+def _last_turn_span(tokenizer, messages: list[dict], full: str, tools=None) -> list[tuple[int, int]]:
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    prefix = render_chat(tokenizer, messages[:last], add_generation_prompt=True)
-    upto = render_chat(tokenizer, messages[: last + 1])
+    prefix = render_chat(tokenizer, messages[:last], add_generation_prompt=True, tools=tools)
+    upto = render_chat(tokenizer, messages[: last + 1], tools=tools)
     if not (full.startswith(upto) and upto.startswith(prefix)):
         raise UserError(
             "the tokenizer's chat template does not render a conversation as its prefix plus the "
@@ -222,7 +228,8 @@ def tokenize_record(tokenizer, record: Record, seq_len: int) -> Sample:
             IGNORE_INDEX if t == tokenizer.bos_token_id and tokenizer.bos_token_id is not None else t for t in ids
         ]
     else:
-        full, spans = _assistant_spans(tokenizer, record.messages)
+        full, spans = _assistant_spans(tokenizer, record.messages, record.tools)
+        _check_tools_rendered(full, record.messages)
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
         labels = []
@@ -233,23 +240,53 @@ def tokenize_record(tokenizer, record: Record, seq_len: int) -> Sample:
     return Sample(ids[:seq_len], labels[:seq_len], record, truncated=truncated, overlong=truncated)
 
 
+def _check_tools_rendered(full: str, messages: list[dict]) -> None:
+    """A template that ignores tool calls would train on a conversation with its calls cut out;
+    each call's name and each tool result must appear in the rendered text."""
+    for m in messages:
+        missing = [c["function"]["name"] for c in m.get("tool_calls") or () if c["function"]["name"] not in full]
+        if m["role"] == "tool" and m["content"].strip() not in full:
+            missing.append(f"the result {m['content'][:40]!r}")
+        if missing:
+            raise UserError(
+                f"the chat template does not render tool calls (it dropped {missing[0]}); pick one that does: "
+                "--chat-template chatml, llama3 or qwen2.5"
+            )
+
+
 @dataclass
 class TokenizedData:
     samples: list[Sample]
     truncated: int  # samples cut to seq_len (--overlong truncate)
     dropped_overlong: int  # samples longer than seq_len left out (--overlong drop)
     dropped_no_target: int  # samples with no loss token left after truncation
+    unrenderable: int = 0  # rows the chat template cannot render (left out with skip_invalid)
 
 
 def tokenize_records(
-    tokenizer, records: list[Record], seq_len: int, clusters: list[int] | None = None, overlong: str = "truncate"
+    tokenizer,
+    records: list[Record],
+    seq_len: int,
+    clusters: list[int] | None = None,
+    overlong: str = "truncate",
+    skip_invalid: bool = False,
 ) -> TokenizedData:
-    """Tokenizes every record (with its cluster id); applies --overlong; drops rows with no target."""
+    """Tokenizes every record (with its cluster id); applies --overlong; drops rows with no target.
+    Rows the chat template cannot render are reported by row (DataProblems), or left out with
+    skip_invalid."""
     if overlong not in OVERLONG_CHOICES:
         raise UserError(f"--overlong {overlong}: use truncate or drop")
-    samples = [tokenize_record(tokenizer, r, seq_len) for r in records]
-    for sample, cluster in zip(samples, clusters or [0] * len(samples)):
+    samples, problems = [], []
+    for record, cluster in zip(records, clusters or [0] * len(records)):
+        try:
+            sample = tokenize_record(tokenizer, record, seq_len)
+        except UserError as exc:
+            problems.append(Problem(record.source, "template cannot render", str(exc)))
+            continue
         sample.cluster = int(cluster)
+        samples.append(sample)
+    if problems and not skip_invalid:
+        raise DataProblems(problems, len(records), 20)
     long_ones = sum(s.truncated for s in samples)
     if overlong == "drop":
         samples = [s for s in samples if not s.truncated]
@@ -264,6 +301,7 @@ def tokenize_records(
         truncated=long_ones if overlong == "truncate" else 0,
         dropped_overlong=long_ones if overlong == "drop" else 0,
         dropped_no_target=len(samples) - len(kept),
+        unrenderable=len(problems),
     )
 
 

@@ -12,13 +12,21 @@ from hydra_edge.data import IGNORE_INDEX, Record, tokenize_record
 from hydra_edge.progress import PhaseProgress
 
 
-def evaluate(engine, records: list[Record], seq_len: int, max_new_tokens: int, report_progress: bool = False) -> dict:
+def evaluate(
+    engine,
+    records: list[Record],
+    seq_len: int,
+    max_new_tokens: int,
+    report_progress: bool = False,
+    em_rows: int | None = None,
+) -> dict:
     """{"loss", "perplexity", "exact_match", "n", "per_cluster": {c: {...}}} of an engine
     (hydra_edge/engines.py): each row is routed, scored with its cluster's weights and answered
-    greedily. With report_progress, a progress line per phase (held-out loss, then answers)."""
+    greedily (the first `em_rows` rows with an answer, or all). With report_progress, a progress
+    line per phase (held-out loss, then answers)."""
     cluster_ids = [engine.route(r.as_messages) for r in records]
     samples = [tokenize_record(engine.tokenizer(c), r, seq_len) for r, c in zip(records, cluster_ids)]
-    with_answer = [i for i, r in enumerate(records) if r.reference_answer is not None]
+    with_answer = [i for i, r in enumerate(records) if r.reference_answer is not None][:em_rows]
     loss_progress = PhaseProgress("eval loss", len(samples)) if report_progress else None
     answer_progress = PhaseProgress("eval answers", len(with_answer)) if report_progress else None
     token_losses = engine.token_losses(samples, cluster_ids, progress=loss_progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from hydra_edge.adapter import (
     save_adapter,
 )
 from hydra_edge.adapter_config import AdapterConfig
+from hydra_edge.chat_templates import resolve_chat_template
 from hydra_edge.checkpoint import checkpoint_problem, list_checkpoints, remove_stale_temp
 from hydra_edge.clustering import fit_clusters, load_clusters, save_clusters, summary_lines
 from hydra_edge.config import FinetuneConfig, check_settings, run_data_files
@@ -33,11 +35,12 @@ from hydra_edge.files import atomic_write_text, ensure_writable_dir, read_json_o
 from hydra_edge.models import resolve_model_reference
 from hydra_edge.progress import PhaseProgress
 from hydra_edge.tiny import TINY_NAME
+from hydra_edge.tracking import check_trackers, hyperparameters, make_trackers
 
 RUN_CONFIG = "run_config.json"
 EVAL_RESULTS = "eval_results.json"
 # Settings a resumed run may change; everything else must match the saved run.
-RESUMABLE_OVERRIDES = ("max_steps", "epochs", "save_every", "max_bad_steps")
+RESUMABLE_OVERRIDES = ("max_steps", "epochs", "save_every", "max_bad_steps", "report_to", "run_name")
 
 
 def log(message: str) -> None:
@@ -98,6 +101,7 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
 
     from hydra_edge.evaluate import evaluate
     from hydra_edge.gates import mean_gates_per_cluster, save_cluster_gates
+    from hydra_edge.held_out import BEST_DIR, HeldOut, restore_best
     from hydra_edge.models import load_base, resolve_mixed_precision
     from hydra_edge.torch_engine import TorchEngine
     from hydra_edge.train import LoopSettings, steps_for, train_loop
@@ -122,9 +126,13 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
             "--data: no training file given; pass --data FILE.jsonl "
             "(the demo data is for the presets: --model tiny or gemma3-270m)"
         )
+    check_trackers(config.report_to)
+    template = resolve_chat_template(config.chat_template) if config.chat_template else None
     loaded = load_records(data_files, config.format, config.skip_invalid)
     records = loaded.records
     eval_records = read_records(eval_file) if eval_file else []
+    if config.eval_every and not eval_records:
+        raise UserError("--eval-every: no held-out rows to score; pass --eval-data FILE.jsonl")
     formats = ", ".join(f"{Path(f).name} ({fmt})" for f, fmt in loaded.formats.items())
     log(
         f"data: {len(records)} training rows from {formats}"
@@ -158,7 +166,11 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         )
     dtype = "fp32" if mixed_precision == "no" else "bf16"
     base = load_base(
-        config.model, quant=config.quant, gradient_checkpointing=config.gradient_checkpointing, dtype=dtype
+        config.model,
+        quant=config.quant,
+        gradient_checkpointing=config.gradient_checkpointing,
+        dtype=dtype,
+        chat_template=template,
     )
     fingerprint = base_fingerprint(base.resolved, base.model)
     modules = find_target_modules(base.model, config.targets)
@@ -173,8 +185,12 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     )
 
     # 4. Tokenize, train.
-    tokenized = tokenize_records(base.tokenizer, records, config.seq_len, labels.tolist(), config.overlong)
+    tokenized = tokenize_records(
+        base.tokenizer, records, config.seq_len, labels.tolist(), config.overlong, config.skip_invalid
+    )
     samples = tokenized.samples
+    if tokenized.unrenderable:
+        log(f"data: skipped {tokenized.unrenderable} rows the chat template cannot render (--skip-invalid)")
     if tokenized.truncated:
         log(f"data: {tokenized.truncated} samples longer than --seq-len {config.seq_len} truncated")
     if tokenized.dropped_overlong:
@@ -196,6 +212,15 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     settings = LoopSettings(**same_name, total_steps=total_steps, warmup_steps=warmup)
     if num_heads == 1:
         settings.router_loss = settings.pooled_steps = 0.0
+    held_out = None
+    if config.eval_every:
+        held_out = HeldOut(
+            eval_records, base.tokenizer, clusters, config.seq_len, config.max_new_tokens, config.eval_em_rows,
+            config.eval_every,
+        )  # fmt: skip
+    if resume_from is None and process.is_main_process:
+        shutil.rmtree(out / BEST_DIR, ignore_errors=True)  # a run that died before its first checkpoint
+    run_name = config.run_name or out.resolve().name
     summary = train_loop(
         base.model,
         train_samples,
@@ -205,10 +230,16 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         mixed_precision,
         resume_from=resume_from,
         on_step=on_step,
+        held_out=held_out,
+        trackers=make_trackers(config.report_to, run_name, out),
+        hparams=hyperparameters({**config.to_dict(), "num_heads": num_heads, "trainable_params": trainable}),
     )
 
     if not summary.pop("is_main_process"):
         return {"train": summary, "adapter": str(out), "secondary_process": True}  # the main one writes
+    if config.early_stopping and summary["best_step"] is not None:
+        restore_best(out, base.model)
+        log(f"adapter: the weights of step {summary['best_step']}, the best held-out loss (--early-stopping)")
 
     # 5. The adapter, per-cluster gates, held-out score.
     adapter_config = AdapterConfig(
@@ -228,7 +259,7 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         tokenizer=base.resolved,
         chat_template=getattr(base.tokenizer, "chat_template", None),
         hydra_edge_version=__version__,
-        training={k: summary[k] for k in ("steps", "final_loss", "skipped_steps")},
+        training={k: summary[k] for k in ("steps", "final_loss", "skipped_steps", "stopped_early", "best_step")},
     )
     save_adapter(base.model, out, adapter_config)
     gate_rows = sum(min(n, config.gate_samples_per_cluster) for n in Counter(s.cluster for s in samples).values())
@@ -245,6 +276,8 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     if eval_records:
         engine = TorchEngine(base.model, base.tokenizer, clusters)
         scores = evaluate(engine, eval_records, config.seq_len, config.max_new_tokens, report_progress=True)
+        if config.early_stopping:
+            scores = {**scores, "best_step": summary["best_step"], "stopped_early": summary["stopped_early"]}
         atomic_write_text(out / EVAL_RESULTS, json.dumps(scores, indent=2) + "\n")
         result["eval"] = scores
     result["total_time_s"] = time.perf_counter() - started

@@ -2,7 +2,9 @@
 
     alpaca             instruction, input?, output, system?
     sharegpt           conversations: [{from: human|gpt|system, value}], system?
-    messages           messages: [{role: system|user|assistant, content}]
+    messages           messages: [{role: system|user|assistant|tool, content}], tools?
+                       (OpenAI's format: content a string or a list of text parts; an
+                       assistant turn may carry tool_calls, answered by `tool` turns)
     prompt_completion  prompt, completion
     text               text
 
@@ -13,7 +15,10 @@ does not fit raises `RowProblem(reason, detail)`; the reasons are few and fixed 
 
 from __future__ import annotations
 
+import json
+
 ROLES = ("system", "user", "assistant")
+MESSAGE_ROLES = (*ROLES, "tool")
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -99,7 +104,100 @@ def _turns(
 
 
 def _messages(row: dict) -> list[dict]:
-    return _turns(row, "messages", "role", "content", {r: r for r in ROLES}, "system, user or assistant")
+    """OpenAI's chat format: text parts joined into one string, tool calls kept (their JSON
+    arguments parsed, as chat templates expect a mapping), and `tool` turns after the call."""
+    turns = row.get("messages")
+    if not isinstance(turns, list) or not all(isinstance(m, dict) for m in turns):
+        return _turns(row, "messages", "role", "content", {r: r for r in ROLES}, "system, user or assistant")
+    if not turns:
+        raise RowProblem("empty field", "'messages' is an empty list")
+    out = []
+    for i, m in enumerate(turns):
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise RowProblem("missing field" if role is None else "wrong type", f"messages[{i}] needs a string 'role'")
+        if role not in MESSAGE_ROLES:
+            raise RowProblem("unknown role", f"messages[{i}].role is {role!r}; use system, user, assistant or tool")
+        calls = _tool_calls(m, i) if role == "assistant" else None
+        content = _content(m, i, may_be_empty=bool(calls))
+        message = {"role": role, "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        if role == "tool":
+            if not out or not (out[-1]["role"] == "tool" or out[-1].get("tool_calls")):
+                raise RowProblem("tool turn without a call", f"messages[{i}] answers no assistant tool_calls")
+            for key in ("tool_call_id", "name"):
+                if isinstance(m.get(key), str):
+                    message[key] = m[key]
+        out.append(message)
+    if not any(m["role"] == "assistant" for m in out):
+        raise RowProblem("no assistant turn", "'messages' has no assistant message to learn from")
+    if out[-1]["role"] != "assistant":
+        raise RowProblem(
+            "last turn not the assistant's",
+            f"'messages' ends with a {out[-1]['role']} turn, which has no answer to learn from; end it with the "
+            "assistant's reply",
+        )
+    return out
+
+
+def _content(m: dict, i: int, may_be_empty: bool) -> str:
+    """A message's text: a string, or OpenAI content parts [{type: text, text}] joined."""
+    content = m.get("content")
+    if content is None and not may_be_empty:
+        raise RowProblem("missing field", f"messages[{i}] needs 'content'")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RowProblem(
+                    "unsupported content", f"messages[{i}].content[{j}] is a {kind!r} part; only text parts train"
+                )
+            texts.append(part["text"])
+        content = "".join(texts)
+    if content is not None and not isinstance(content, str):
+        raise RowProblem("wrong type", f"messages[{i}].content must be a string or a list of text parts")
+    if not (content or "").strip() and not may_be_empty:
+        raise RowProblem("empty field", f"messages[{i}].content is empty")
+    return content or ""
+
+
+def _tool_calls(m: dict, i: int) -> list[dict] | None:
+    calls = m.get("tool_calls")
+    if calls is None:
+        return None
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list) or not calls:
+        raise RowProblem("wrong type", f"{where} must be a non-empty list")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RowProblem("bad tool call", f"{where}[{j}] needs function.name (OpenAI's format)")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise RowProblem("bad tool call", f"{where}[{j}].function.arguments is not JSON ({exc.msg})") from None
+        if not isinstance(arguments, dict):
+            raise RowProblem("bad tool call", f"{where}[{j}].function.arguments must be a JSON object")
+        entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def tools_of(row) -> list[dict] | None:
+    """A messages row's `tools` (function definitions the chat template shows the model)."""
+    tools = row.get("tools") if isinstance(row, dict) else None
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowProblem("wrong type", "'tools' must be a list of function definitions (objects)")
+    return tools or None
 
 
 def _sharegpt(row: dict) -> list[dict]:

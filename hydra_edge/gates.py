@@ -10,6 +10,7 @@ For cluster c and module m, ḡ_{c,m} is the router's softmax averaged over ever
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -25,6 +26,28 @@ GATES_FILE = "cluster_gates.safetensors"
 
 
 @torch.no_grad()
+def _gates_by_batch(model, samples: list[Sample], pad_id: int, batch_size: int, progress: PhaseProgress | None):
+    """(mask (B, T), {module: gates (B, T, N) float32}) for each batch of samples, in eval mode."""
+    layers = hydra_layers(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with capture_gates(model) as sinks:
+            for i in range(0, len(samples), batch_size):
+                batch = collate(samples[i : i + batch_size], pad_id)
+                mask = batch["attention_mask"].to(device)  # (B, T)
+                for sink in sinks.values():
+                    sink.clear()
+                # Only the gates matter: skip the (B, T, vocab) logits.
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False, logits_to_keep=1)
+                if progress is not None:
+                    progress.update(mask.shape[0], int(mask.sum()))
+                yield mask, {name: sinks[name][-1] for name in layers}
+    finally:
+        model.train(was_training)
+
+
 def mean_gates_per_cluster(
     model,
     samples: list[Sample],
@@ -35,38 +58,53 @@ def mean_gates_per_cluster(
     progress: PhaseProgress | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """{"cluster.<c>.<module>": [N]} and the token count behind each cluster."""
-    layers = hydra_layers(model)
     by_cluster: dict[int, list[Sample]] = {c: [] for c in range(num_clusters)}
     for s in samples:
         if len(by_cluster[s.cluster]) < per_cluster:
             by_cluster[s.cluster].append(s)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums = {(c, name): torch.zeros(layer.num_heads) for c in by_cluster for name, layer in layers.items()}
+    sums: dict[tuple[int, str], torch.Tensor] = {}
     counts = [0] * num_clusters
-    try:
-        with capture_gates(model) as sinks:
-            for c, group in by_cluster.items():
-                for i in range(0, len(group), batch_size):
-                    batch = collate(group[i : i + batch_size], pad_id)
-                    mask = batch["attention_mask"].to(device)  # (B, T)
-                    for sink in sinks.values():
-                        sink.clear()
-                    # Only the gates matter: skip the (B, T, vocab) logits.
-                    model(
-                        input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False, logits_to_keep=1
-                    )
-                    counts[c] += int(mask.sum())
-                    if progress is not None:
-                        progress.update(mask.shape[0], int(mask.sum()))
-                    for name in layers:
-                        gates = sinks[name][-1]  # (B, T, N)
-                        sums[(c, name)] += (gates * mask.unsqueeze(-1)).sum(dim=(0, 1)).float().cpu()
-    finally:
-        model.train(was_training)
-    gates = {f"cluster.{c}.{name}": (sums[(c, name)] / max(counts[c], 1)).contiguous() for c, name in sums}
+    for c, group in by_cluster.items():
+        for mask, gates_by_module in _gates_by_batch(model, group, pad_id, batch_size, progress):
+            counts[c] += int(mask.sum())
+            for name, gates in gates_by_module.items():  # (B, T, N)
+                total = (gates * mask.unsqueeze(-1)).sum(dim=(0, 1)).float().cpu()
+                sums[(c, name)] = sums.get((c, name), 0) + total
+    heads = {name: layer.num_heads for name, layer in hydra_layers(model).items()}
+    gates = {
+        f"cluster.{c}.{name}": (sums.get((c, name), torch.zeros(n)) / max(counts[c], 1)).contiguous()
+        for c in by_cluster
+        for name, n in heads.items()
+    }
     return gates, counts
+
+
+def router_health(model, samples: list[Sample], pad_id: int, batch_size: int = 16) -> dict[str, dict]:
+    """{module: {"gate_entropy", "head_share"}} over every real token of `samples`: the gates'
+    entropy as a share of its maximum log N (0: one head takes every token, 1: all weigh the
+    same), and the share of tokens each head wins (its gate is the largest). A router that
+    collapsed onto one head, or never left uniform, shows here."""
+    entropy: dict[str, float] = {}
+    wins: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for mask, gates_by_module in _gates_by_batch(model, samples, pad_id, batch_size, None):
+        real = mask.bool()  # (B, T)
+        tokens += int(real.sum())
+        for name, gates in gates_by_module.items():
+            g = gates[real].float()  # (n, N)
+            per_token = -(g * g.clamp_min(1e-12).log()).sum(dim=-1)  # (n,)
+            entropy[name] = entropy.get(name, 0.0) + float(per_token.sum())
+            won = torch.bincount(g.argmax(dim=-1), minlength=g.shape[-1]).cpu()
+            wins[name] = wins.get(name, 0) + won
+    health = {}
+    for name, won in wins.items():
+        heads = len(won)
+        top = math.log(heads) if heads > 1 else 1.0
+        health[name] = {
+            "gate_entropy": entropy[name] / max(tokens, 1) / top,
+            "head_share": [float(w) / max(tokens, 1) for w in won],
+        }
+    return health
 
 
 def save_cluster_gates(out_dir: Path, gates: dict[str, torch.Tensor], token_counts: list[int]) -> None:

@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from hydra_edge.chat_templates import TEMPLATES
 from hydra_edge.errors import UserError
 from hydra_edge.files import atomic_target, sha256_of
 from hydra_edge.tiny import hydra_edge_home
@@ -28,21 +29,8 @@ GEMMA_TERMS = (
     "Gemma 3 270M is Google's model; the Gemma Terms of Use apply to it and to what you "
     "fine-tune from it (https://ai.google.dev/gemma/terms)."
 )
-# Gemma's own chat format; the GGUF carries no template. A system message opens the first
-# user turn (Gemma has no system role); the assistant's role is "model".
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' }}"
-    "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}"
-    "{{ messages[0]['content'] | trim + '\n\n' }}{% endif %}"
-    "{{ message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
+# Gemma's own chat format (the GGUF carries no template).
+GEMMA_CHAT_TEMPLATE = TEMPLATES["gemma"]
 END_OF_TURN = "<end_of_turn>"
 
 

@@ -46,6 +46,7 @@ def load_trained(adapter_dir: str | Path, model_override: str | None = None, dev
         quant=config.quantization,
         device=device,
         dtype=config.dtype,
+        chat_template=config.chat_template,  # the template it trained with
     )
     fingerprint = base_fingerprint(base.resolved, base.model)
     if fingerprint != config.base_fingerprint:

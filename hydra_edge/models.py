@@ -7,16 +7,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra_edge.chat_templates import apply_chat_template
 from hydra_edge.errors import UserError
 from hydra_edge.tiny import TINY_NAME, tiny_model_dir
 
-# For tokenizers without a chat template: role headers as plain text, each turn closed by EOS.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '### ' + message['role'] + ':\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### assistant:\n' }}{% endif %}"
-)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -67,8 +61,9 @@ def resolve_model_reference(reference: str) -> str:
     return reference
 
 
-def load_tokenizer(reference: str, resolved: str | None = None):
-    """The base's tokenizer, with a pad token and a chat template even when it ships none."""
+def load_tokenizer(reference: str, resolved: str | None = None, chat_template: str | None = None):
+    """The base's tokenizer, with a pad token and a chat template: `chat_template` (its text) if
+    given, else its own, else the fallback (hydra_edge/chat_templates.py)."""
     from transformers import AutoTokenizer
 
     resolved = resolved or resolve_model_reference(reference)
@@ -79,9 +74,7 @@ def load_tokenizer(reference: str, resolved: str | None = None):
         raise _load_error(reference, "its tokenizer could not be loaded", exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not getattr(tokenizer, "chat_template", None):
-        # Base checkpoints often ship none; conversations still need one to be rendered.
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    apply_chat_template(tokenizer, chat_template, reference)
     return tokenizer
 
 
@@ -139,6 +132,7 @@ def load_base(
     gradient_checkpointing: bool = False,
     device: str | None = None,
     dtype: str = "bf16",
+    chat_template: str | None = None,
 ) -> BaseModel:
     """Loads the base, quantized with bitsandbytes unless quant == "none".
 
@@ -154,7 +148,7 @@ def load_base(
     _quiet_loading()
     device = device or pick_device()
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    tokenizer = load_tokenizer(reference, resolved)
+    tokenizer = load_tokenizer(reference, resolved, chat_template)
     import warnings
 
     try:

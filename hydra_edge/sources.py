@@ -1,7 +1,9 @@
 """Reading rows out of data files, each with the place it came from.
 
-Supported: `.jsonl`, `.json` (an array), `.csv`, `.parquet`, and a folder written by Hugging Face
-`datasets` (`save_to_disk`, a Dataset or a DatasetDict, whose `train` split is used). Every row
+Supported: `.jsonl`, `.json` (an array), `.csv`, `.parquet`, a folder written by Hugging Face
+`datasets` (`save_to_disk`, a Dataset or a DatasetDict, whose `train` split is used), and
+`hf:ORG/NAME[:SPLIT]`: a dataset `datasets.load_dataset` finds (the Hub or its cache, or a local
+dataset folder of data files), rows numbered `hf:ORG/NAME:row N`. Every row
 is yielded as `RawRow(location, value)`; a row that cannot even be decoded is yielded with a
 `problem` instead, so validation can report every bad row, not just the first.
 """
@@ -34,8 +36,14 @@ class RawRow:
     problem: tuple[str, str] | None = None  # (reason, detail) when the row could not be decoded
 
 
+HUB_PREFIX = "hf:"
+
+
 def read_rows(path: str | Path) -> Iterator[RawRow]:
-    """Every row of one data file or datasets folder, in order."""
+    """Every row of one data file, datasets folder or hf: dataset, in order."""
+    if isinstance(path, str) and path.startswith(HUB_PREFIX):
+        yield from _hub_dataset(path)
+        return
     path = Path(path)
     if path.is_dir():
         yield from _datasets_folder(path)
@@ -220,6 +228,34 @@ def _read_json_file(path: Path, what: str):
         raise UserError(
             f"{path}: not a readable {what} ({type(exc).__name__}); re-save the dataset with save_to_disk"
         ) from exc
+
+
+def _hub_dataset(reference: str) -> Iterator[RawRow]:
+    """hf:NAME[:SPLIT] through datasets.load_dataset (split default: train)."""
+    spec = reference.removeprefix(HUB_PREFIX)
+    name, _, split = spec.rpartition(":") if spec.count(":") else (spec, "", "train")
+    if not name or not split:
+        raise UserError(f"--data {reference}: use hf:ORG/NAME or hf:ORG/NAME:SPLIT")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise UserError(f"--data {reference}: needs the datasets package; pip install 'hydra-edge[hub]'") from exc
+    datasets.disable_progress_bars()
+    try:
+        rows = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - not found, no such split, offline, a damaged cache: all the user's to fix
+        root = exc
+        while root.__cause__ is not None:  # datasets wraps a builder's failure ("An error occurred ...")
+            root = root.__cause__
+        first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+        raise UserError(
+            f"--data {reference}: cannot be loaded ({first}); check the name and the split, and that it is "
+            "downloaded when offline (HF_HUB_OFFLINE=1 reads the cache only)"
+        ) from exc
+    if len(rows) == 0:
+        yield RawRow(f"{reference}:row 1", problem=("empty file", "no rows"))
+    for index, row in enumerate(rows, start=1):
+        yield RawRow(f"{reference}:row {index}", row)
 
 
 def _datasets_folder(folder: Path) -> Iterator[RawRow]:

@@ -24,10 +24,15 @@ from hydra_edge.checkpoint import load_checkpoint, save_checkpoint
 from hydra_edge.data import IGNORE_INDEX, Sample, collate
 from hydra_edge.errors import TrainingDiverged, TrainingStopped
 from hydra_edge.files import atomic_write_text
+from hydra_edge.held_out import EarlyStopping, HeldOut, save_best, tracker_values
 from hydra_edge.lm_head import mean_label_loss
+from hydra_edge.optimizers import build_optimizer, build_scheduler
 from hydra_edge.switches import pooled_gates, router_targets
+from hydra_edge.tracking import PROJECT
 
 METRICS_FILE = "metrics.jsonl"
+# Training-row fields the trackers get (as train/<name>).
+TRACKED = ("loss", "router_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "epoch", "peak_gpu_mem_gb")
 
 
 @dataclass
@@ -45,6 +50,10 @@ class LoopSettings:
     router_loss: float = 0.0
     pooled_steps: float = 0.0
     pool_over: str = "cluster"
+    lr_scheduler: str = "cosine"
+    min_lr_rate: float = 0.1
+    optim: str = "adamw"
+    early_stopping: int | None = None  # patience, in held-out evals
 
 
 def steps_for(num_samples: int, batch_size: int, grad_accum: int, epochs: float, num_processes: int = 1) -> int:
@@ -62,16 +71,6 @@ def epoch_batches(
     order = torch.randperm(len(samples), generator=generator).tolist()
     mine = [samples[i] for i in order[rank::world]]
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-
-
-def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def is_pooled_step(step: int, share: float) -> bool:
@@ -162,25 +161,47 @@ def train_loop(
     resume_from: Path | None = None,
     run_state: dict | None = None,
     on_step=None,
+    held_out: HeldOut | None = None,
+    trackers: list | None = None,
+    hparams: dict | None = None,
 ) -> dict:
     """Trains the model's trainable parameters in place; returns a summary.
 
-    on_step(step, model, skipped) is called after every optimizer step (tests use it).
+    on_step(step, model, skipped) is called after every optimizer step (tests use it). With
+    held_out, the held-out rows are scored every held_out.every steps (and early stopping, if
+    set, keeps the best step's weights in <out>/best/); trackers (accelerate GeneralTrackers)
+    get every row metrics.jsonl gets.
     """
     from accelerate import Accelerator
 
     _forget_previous_accelerator()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), log_with=list(trackers or []) or None
+    )
+    if trackers:
+        accelerator.init_trackers(PROJECT, config=hparams)
+    try:
+        return _train(accelerator, model, samples, settings, out_dir, pad_id, resume_from, run_state, on_step, held_out)
+    finally:
+        if trackers:
+            accelerator.end_training()
+
+
+def _train(accelerator, model, samples, settings, out_dir, pad_id, resume_from, run_state, on_step, held_out) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = cosine_with_warmup(optimizer, settings.warmup_steps, settings.total_steps)
+    optimizer = build_optimizer(params, settings.optim, settings.lr, settings.weight_decay)
+    scheduler = build_scheduler(
+        optimizer, settings.lr_scheduler, settings.warmup_steps, settings.total_steps, settings.min_lr_rate
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
 
     start_step, bad_in_a_row, skipped_total = 0, 0, 0
+    stopping = EarlyStopping(settings.early_stopping)
     metrics_path = out_dir / METRICS_FILE
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
         start_step, bad_in_a_row, skipped_total = state["step"], state["bad_in_a_row"], state["skipped_total"]
+        stopping = EarlyStopping.restore(settings.early_stopping, state.get("early_stopping"))
         if accelerator.is_main_process:
             _truncate_metrics(metrics_path, start_step)
     elif metrics_path.exists() and accelerator.is_main_process:
@@ -200,7 +221,12 @@ def train_loop(
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return out_dir / "checkpoints" / f"step-{step:06d}"
-        trainer_state = {"bad_in_a_row": bad_in_a_row, "skipped_total": skipped_total, **(run_state or {})}
+        trainer_state = {
+            "bad_in_a_row": bad_in_a_row,
+            "skipped_total": skipped_total,
+            "early_stopping": stopping.state(),
+            **(run_state or {}),
+        }
         return save_checkpoint(out_dir, step, accelerator.unwrap_model(model), optimizer, scheduler, trainer_state)
 
     step = start_step
@@ -280,9 +306,21 @@ def train_loop(
             if accelerator.is_main_process:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+            accelerator.log({f"train/{k}": row[k] for k in TRACKED if k in row}, step=step)
             bar.update(row)
             if on_step is not None:
                 on_step(step, accelerator.unwrap_model(model), skipped)
+            if held_out is not None and held_out.due(step, settings.total_steps):
+                unwrapped = accelerator.unwrap_model(model)
+                scores = {"step": step, **held_out.score(unwrapped)}
+                best = stopping.update(step, scores["eval_loss"])
+                if accelerator.is_main_process:
+                    metrics.write(json.dumps(scores) + "\n")
+                    metrics.flush()
+                    if best and settings.early_stopping:
+                        save_best(out_dir, unwrapped, step, scores["eval_loss"])
+                    bar.note(_eval_line(scores, stopping))
+                accelerator.log(tracker_values(scores), step=step)
             if bad_in_a_row >= settings.max_bad_steps:
                 bar.close()
                 raise TrainingDiverged(
@@ -296,6 +334,12 @@ def train_loop(
             if signum is not None:
                 bar.close()
                 raise TrainingStopped(signum, step, save(step))
+            if stopping.should_stop:
+                bar.note(
+                    f"early stopping: held-out loss has not improved for {stopping.evals_since_best} evals; "
+                    f"the best was step {stopping.best_step} ({stopping.best_loss:.4f}), which becomes the adapter"
+                )
+                break
             if settings.save_every and step % settings.save_every == 0 and step < settings.total_steps:
                 save(step)
     bar.close()
@@ -307,7 +351,20 @@ def train_loop(
         "train_time_s": time.perf_counter() - run_start,
         "checkpoint": str(final_checkpoint),
         "is_main_process": accelerator.is_main_process,
+        "stopped_early": stopping.should_stop,
+        "best_step": stopping.best_step,
     }
+
+
+def _eval_line(scores: dict, stopping: EarlyStopping) -> str:
+    em, loss = scores["eval_exact_match"], scores["eval_loss"]
+    best = f", best step {stopping.best_step}" if stopping.best_step is not None else ""
+    return (
+        f"eval: step {scores['step']} held-out loss "
+        + (f"{loss:.4f}" if loss is not None else "n/a (no answer tokens)")
+        + (f", exact-match {100 * em:.1f} % of {scores['eval_em_rows']}" if em is not None else "")
+        + best
+    )
 
 
 class _progress:
@@ -341,6 +398,15 @@ class _progress:
                 file=sys.stderr,
                 flush=True,
             )
+
+    def note(self, line: str) -> None:
+        """A line of its own (an eval result), above the bar on a terminal."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

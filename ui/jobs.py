@@ -64,13 +64,18 @@ class MetricsReader:
         for line in lines:
             try:
                 row = json.loads(line)
-                step = int(row["step"])
-            except (ValueError, KeyError, TypeError):
+                key = _order(row)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue
-            if self.rows and step <= self.rows[-1]["step"]:  # rewritten under us: keep what precedes it
-                self.rows = [r for r in self.rows if r["step"] < step]
+            if self.rows and key <= _order(self.rows[-1]):  # rewritten under us: keep what precedes it
+                self.rows = [r for r in self.rows if _order(r) < key]
             self.rows.append(row)
         return self.rows
+
+
+def _order(row: dict) -> tuple[int, bool]:
+    """Where a row falls in the file: by step, an `eval` row after its step's training row."""
+    return int(row["step"]), row.get("kind") == "eval"
 
 
 @dataclass

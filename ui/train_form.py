@@ -105,6 +105,15 @@ def layout(ws: Workspace, s: TrainSettings, files: list[str], upload_mb: float) 
                     s.max_steps, precision=0, minimum=1, label="Steps", min_width=90, elem_id="max-steps"
                 )
                 epochs = gr.Number(s.epochs, minimum=0, label="Epochs", min_width=90)
+                eval_every = gr.Number(
+                    s.eval_every,
+                    precision=0,
+                    minimum=0,
+                    label="Held-out loss every (steps)",
+                    info="0: only at the end",
+                    min_width=150,
+                    elem_id="eval-every",
+                )
             with gr.Accordion("More settings", open=False):
                 with gr.Row():
                     dropout = gr.Number(s.dropout, minimum=0, maximum=0.99, label="Dropout", min_width=90)
@@ -153,7 +162,8 @@ def layout(ws: Workspace, s: TrainSettings, files: list[str], upload_mb: float) 
                 resume = gr.Button("Resume", scale=1, min_width=100, elem_id="resume-training")
             status_md = gr.Markdown(elem_id="train-status")
             progress = gr.HTML(elem_id="train-progress")
-            loss_plot = _step_plot("loss", "Training loss", "loss-plot", 260)
+            loss_plot = _step_plot("loss", "Loss (training, and held-out with --eval-every)", "loss-plot", 260,
+                                   color="series")  # fmt: skip
             lr_plot = _step_plot("lr", "Learning rate", "lr-plot", 170, y_axis_format=".1e")
             with gr.Accordion("Log", open=False):
                 log = gr.Textbox(
@@ -184,6 +194,7 @@ def layout(ws: Workspace, s: TrainSettings, files: list[str], upload_mb: float) 
         packing,
         seed,
         save_every,
+        eval_every,
         run_name,
     ]
     return SimpleNamespace(
@@ -212,6 +223,7 @@ def layout(ws: Workspace, s: TrainSettings, files: list[str], upload_mb: float) 
         head_init=head_init,
         seed=seed,
         save_every=save_every,
+        eval_every=eval_every,
         packing=packing,
         run_name=run_name,
         command=command,

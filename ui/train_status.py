@@ -15,9 +15,15 @@ MAX_PLOT_POINTS = 2000
 
 
 def metric_rows(jobs: JobManager) -> list[dict]:
-    """Every metrics row of the current (or last) run, for the plots."""
+    """Every metrics row of the current (or last) run, for the plots: training rows and, with
+    --eval-every, `eval` rows (held-out loss) between them."""
     job = jobs.last.get("train")
     return list(job.metrics.read()) if job is not None and job.metrics is not None else []
+
+
+def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out eval rows)."""
+    return [r for r in rows if r.get("kind") != "eval"], [r for r in rows if r.get("kind") == "eval"]
 
 
 def plot_rows(rows: list[dict]) -> list[dict]:
@@ -56,7 +62,7 @@ def training_status(ws: Workspace, jobs: JobManager) -> dict:
             "total_steps": None,
             "points": 0,
         }
-    rows = job.metrics.read()
+    rows, evals = split_rows(job.metrics.read())
     new_rows = sum(1 for r in rows if r["step"] > job.resumed_from_step)
     last = rows[-1] if rows else None
     code = job.process.poll()
@@ -73,6 +79,7 @@ def training_status(ws: Workspace, jobs: JobManager) -> dict:
         "loss": last["loss"] if last else None,
         "lr": last["lr"] if last else None,
         "tokens_per_s": last["tokens_per_s"] if last else None,
+        "held_out_loss": evals[-1]["eval_loss"] if evals else None,
         "elapsed_s": time.time() - job.started_at,
         "eta_s": _eta(rows, new_rows) if code is None else None,
         "checkpoint": None,
@@ -126,6 +133,8 @@ def _progress_line(status: dict) -> str:
         f"lr {status['lr']:.2e}",
         f"{status['tokens_per_s']:,.0f} tokens/s",
     ]
+    if status.get("held_out_loss") is not None:
+        parts.insert(2, f"held-out loss {status['held_out_loss']:.4f}")
     if status["eta_s"] is not None:
         parts.append(f"ETA {format_seconds(status['eta_s'])}")
     return " · ".join(parts)

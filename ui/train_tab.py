@@ -17,7 +17,7 @@ import gradio as gr
 from hydra_edge.ui.datasets import store_upload, validate_data
 from hydra_edge.ui.handlers import AppContext, refreshed, user_errors
 from hydra_edge.ui.train_form import layout
-from hydra_edge.ui.train_status import format_seconds, metric_rows, plot_rows, training_status
+from hydra_edge.ui.train_status import format_seconds, metric_rows, plot_rows, split_rows, training_status
 from hydra_edge.ui.training import (
     TrainSettings,
     build_command,
@@ -169,6 +169,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         packing: bool,
         seed: float,
         save_every: float,
+        eval_every: float,
         run_name: str,
     ) -> dict:
         """Starts `hydra-edge finetune` with these settings (refused while a job runs); returns the status."""
@@ -208,8 +209,8 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
             key,
             _status_markdown(status),
             _progress_html(status),
-            _frame(rows, "loss"),
-            _frame(rows, "lr"),
+            _loss_frame(rows),
+            _frame(split_rows(rows)[0], "lr"),
             job.log_tail() if job is not None else "",
             gr.update(interactive=not running),
             gr.update(interactive=status["state"] == "running"),
@@ -318,12 +319,25 @@ def _progress_html(status: dict) -> str:
     )
 
 
-def _frame(rows: list[dict], column: str):
-    import pandas as pd
-
-    points = [
+def _points(rows: list[dict], column: str) -> list[tuple[int, float]]:
+    return [
         (r["step"], r[column])
         for r in plot_rows(rows)
         if isinstance(r.get(column), (int, float)) and math.isfinite(r[column])
     ]
-    return pd.DataFrame(points, columns=["step", column])
+
+
+def _frame(rows: list[dict], column: str):
+    import pandas as pd
+
+    return pd.DataFrame(_points(rows, column), columns=["step", column])
+
+
+def _loss_frame(rows: list[dict]):
+    """Training loss and, with --eval-every, held-out loss: one line each (the `series` column)."""
+    import pandas as pd
+
+    training, held_out = split_rows(rows)
+    points = [("training", step, loss) for step, loss in _points(training, "loss")]
+    points += [("held-out", step, loss) for step, loss in _points(held_out, "eval_loss")]
+    return pd.DataFrame(points, columns=["series", "step", "loss"])

@@ -51,6 +51,7 @@ class TrainSettings:
     packing: bool = False
     seed: int = _CONFIG_DEFAULTS.seed
     save_every: int = TINY_PRESET_DEFAULTS["save_every"]
+    eval_every: int = 50  # held-out loss on the plot every N steps (0: only at the end)
     run_name: str = ""  # "" = run-<date>-<time>
 
 
@@ -165,6 +166,7 @@ def build_command(
         "packing": bool(s.packing),
         "seed": _whole("seed", s.seed),
         "save_every": _whole("save every", s.save_every),
+        "eval_every": _whole("eval every", s.eval_every) if eval_data else 0,
         "out": ws.rel(out),
     }
     if s.length == "epochs":

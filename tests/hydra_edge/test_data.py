@@ -86,7 +86,8 @@ def test_dropped_rows_keep_every_other_row_with_its_cluster(tokenizer):
 def test_tokenizer_without_chat_template_gets_the_default(tmp_path, tiny_dir):
     import shutil
 
-    from hydra_edge.models import DEFAULT_CHAT_TEMPLATE, load_base
+    from hydra_edge.chat_templates import FALLBACK
+    from hydra_edge.models import load_base
 
     plain = tmp_path / "plain"
     shutil.copytree(tiny_dir, plain)
@@ -96,7 +97,7 @@ def test_tokenizer_without_chat_template_gets_the_default(tmp_path, tiny_dir):
     config.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(config))
     base = load_base(str(plain), quant="none", device="cpu")
-    assert base.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert base.tokenizer.chat_template == FALLBACK
     sample = tokenize_record(base.tokenizer, Record("t", messages=CONVERSATION), seq_len=512)
     learned = base.tokenizer.decode([t for t in sample.labels if t != IGNORE_INDEX])
     assert learned == "Hello there<|end|>Paris<|end|>"
@@ -109,3 +110,32 @@ def test_json_array_files(tmp_path):
     assert [r.source for r in records] == [f"{path}:row 1", f"{path}:row 2"]
     assert records[0].reference_answer == "Paris"
     assert records[0].prompt_text == "Be brief.\nHi\nCapital of France?"
+
+
+def test_hub_datasets_load_through_load_dataset_with_row_locations(tmp_path):
+    """hf:NAME[:SPLIT] goes through datasets.load_dataset; a local dataset folder takes the same
+    path offline, and every row is named hf:NAME:row N."""
+    from cli_helpers import assert_one_line_error, run_in_process
+
+    from hydra_edge.data import DataProblems, load_records
+
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    good = {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima"}]}
+    (folder / "train.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    other = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}
+    (folder / "test.jsonl").write_text(json.dumps(other) + "\n")
+    records = load_records([f"hf:{folder}"]).records
+    assert [r.source for r in records] == [f"hf:{folder}:row 1", f"hf:{folder}:row 2"]
+    assert records[0].messages == good["messages"]
+    (test_record,) = load_records([f"hf:{folder}:test"]).records
+    assert test_record.source == f"hf:{folder}:test:row 1" and test_record.messages[-1]["content"] == "hi"
+
+    (folder / "train.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({"messages": []}) + "\n")
+    with pytest.raises(DataProblems) as caught:
+        load_records([f"hf:{folder}"])
+    assert str(caught.value.problems[0]).startswith(f"hf:{folder}:row 2: empty field")
+    missing = run_in_process("data", "validate", "--data", "hf:no-such-org/no-such-dataset")
+    assert_one_line_error(missing, "hf:no-such-org/no-such-dataset", "cannot be loaded")
+    unknown_split = run_in_process("data", "validate", "--data", f"hf:{folder}:validation")
+    assert_one_line_error(unknown_split, "cannot be loaded")

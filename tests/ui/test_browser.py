@@ -74,7 +74,7 @@ def test_train_watch_reload_stop_then_chat_in_a_browser(ui_server, trained_run, 
 
             # Train: a run long enough to stop halfway, small enough to be quick per step.
             page.locator("#run-name").get_by_role("textbox").fill(run)
-            for elem_id, value in (("max-steps", "400"), ("seq-len", "64"), ("batch-size", "4")):
+            for elem_id, value in (("max-steps", "400"), ("seq-len", "64"), ("batch-size", "4"), ("eval-every", "5")):
                 _set_number(page, elem_id, value)
             page.wait_for_function("document.querySelector('#train-command').innerText.includes('max_steps: 400')")
             page.locator("#start-training").click()
@@ -83,6 +83,8 @@ def test_train_watch_reload_stop_then_chat_in_a_browser(ui_server, trained_run, 
             page.wait_for_function(f"document.querySelectorAll('#loss-plot .hover_marks path').length > {first}")
             assert _plot_points(page) > first >= 2
             page.wait_for_function("document.querySelectorAll('#loss-plot .hover_marks path').length >= 12")
+            # --eval-every 5: held-out loss joins the plot and the status line
+            page.wait_for_function("document.querySelector('#train-status').innerText.includes('held-out loss')")
             assert f"Training {run}: step" in page.locator("#train-status").inner_text()
             page.screenshot(path=str(SCREENSHOTS / "train.png"), full_page=True)
 

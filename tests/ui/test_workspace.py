@@ -199,6 +199,32 @@ def test_metrics_reader_follows_appends_partial_lines_and_rewrites(tmp_path):
     assert [r["step"] for r in reader.read()] == [1, 2, 3, 4, 5]
 
 
+def test_metrics_reader_keeps_eval_rows_beside_their_step_and_the_plot_shows_both(tmp_path):
+    from hydra_edge.ui.train_status import split_rows
+    from hydra_edge.ui.train_tab import _loss_frame
+
+    path = tmp_path / "metrics.jsonl"
+    reader = MetricsReader(path)
+    train = [{"step": i, "loss": 1.0 / i, "total_steps": 4} for i in range(1, 5)]
+    evals = [{"step": 2, "kind": "eval", "eval_loss": 0.9}, {"step": 4, "kind": "eval", "eval_loss": 0.7}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*train[:2], evals[0], *train[2:], evals[1]]))
+    rows = reader.read()
+    assert [(r["step"], r.get("kind")) for r in rows] == [(1, None), (2, None), (2, "eval"), (3, None), (4, None),
+                                                          (4, "eval")]  # fmt: skip
+    training, held_out = split_rows(rows)
+    assert [r["step"] for r in training] == [1, 2, 3, 4] and [r["eval_loss"] for r in held_out] == [0.9, 0.7]
+    frame = _loss_frame(rows)
+    assert list(frame[frame.series == "held-out"].itertuples(index=False, name=None)) == [
+        ("held-out", 2, 0.9),
+        ("held-out", 4, 0.7),
+    ]
+    assert len(frame[frame.series == "training"]) == 4
+    # a resume from step 2 rewrites the file: the eval row of step 2 stays, later ones go
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 0.3, "total_steps": 4}) + "\n")
+    assert [(r["step"], r.get("kind")) for r in reader.read()] == [(1, None), (2, None), (2, "eval"), (3, None)]
+
+
 def _outside_arrow_file(ws) -> str:
     import pyarrow as pa
 
