@@ -35,13 +35,22 @@ TRASH_PREFIX = ".old-step-"  # a checkpoint being replaced by a re-save of the s
 
 
 def _split_optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """({"<param index>.<name>": tensor}, {same keys: JSON values}). A nested mapping (bitsandbytes'
+    8-bit optimizers keep their quantization state in one) is flattened as "<name>/<key>"."""
     tensors, scalars = {}, {}
+
+    def put(key: str, value) -> None:
+        if isinstance(value, dict):
+            for sub, inner in value.items():
+                put(f"{key}/{sub}", inner)
+        elif torch.is_tensor(value):  # a copy: bitsandbytes shares its quantization maps between params
+            tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+        else:
+            scalars[key] = value
+
     for index, state in optimizer.state_dict()["state"].items():
         for name, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{name}"] = value
+            put(f"{index}.{name}", value)
     return tensors, scalars
 
 
@@ -199,7 +208,11 @@ def _restore(path: Path, model, optimizer, scheduler) -> dict:
     per_param: dict[int, dict] = {}
     for key, value in {**opt_tensors, **state["optimizer_scalars"]}.items():
         index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = value
+        *outer, last = name.split("/")
+        target = per_param.setdefault(int(index), {})
+        for part in outer:
+            target = target.setdefault(part, {})
+        target[last] = value
     optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
     scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     rng = load_file(str(path / RNG_FILE))
