@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class HeldOut:
         from hydra_edge.gates import router_health
         from hydra_edge.torch_engine import TorchEngine
 
+        started = time.perf_counter()
         try:
             engine = TorchEngine(model, self.tokenizer, self.clusters)
             scores = evaluate(engine, self.records, self.seq_len, self.max_new_tokens, em_rows=self.em_rows)
@@ -57,6 +59,7 @@ class HeldOut:
             "eval_em_rows": min(self.em_rows, scores["n"]),
             "eval_cluster_loss": {c: v["loss"] for c, v in scores["per_cluster"].items()},
             "router": health,
+            "eval_seconds": time.perf_counter() - started,
         }
 
 

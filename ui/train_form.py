@@ -162,8 +162,9 @@ def layout(ws: Workspace, s: TrainSettings, files: list[str], upload_mb: float) 
                 resume = gr.Button("Resume", scale=1, min_width=100, elem_id="resume-training")
             status_md = gr.Markdown(elem_id="train-status")
             progress = gr.HTML(elem_id="train-progress")
+            # A fixed color per series (see train_tab._loss_frame for why both are always present).
             loss_plot = _step_plot("loss", "Loss (training, and held-out with --eval-every)", "loss-plot", 260,
-                                   color="series")  # fmt: skip
+                                   color="series", color_map=LOSS_COLORS)  # fmt: skip
             lr_plot = _step_plot("lr", "Learning rate", "lr-plot", 170, y_axis_format=".1e")
             with gr.Accordion("Log", open=False):
                 log = gr.Textbox(
@@ -239,6 +240,9 @@ def layout(ws: Workspace, s: TrainSettings, files: list[str], upload_mb: float) 
         log=log,
         form=form,
     )
+
+
+LOSS_COLORS = {"training": "#2563eb", "held-out": "#f97316"}
 
 
 def _step_plot(column: str, title: str, elem_id: str, height: int, **extra) -> gr.LinePlot:

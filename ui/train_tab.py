@@ -340,4 +340,10 @@ def _loss_frame(rows: list[dict]):
     training, held_out = split_rows(rows)
     points = [("training", step, loss) for step, loss in _points(training, "loss")]
     points += [("held-out", step, loss) for step, loss in _points(held_out, "eval_loss")]
+    first_step = points[0][1] if points else 0
+    for series in ("training", "held-out"):
+        if not any(p[0] == series for p in points):
+            # A point that draws nothing: the chart keeps the series of its first drawing, so a
+            # held-out line that starts later would otherwise never be drawn.
+            points.append((series, first_step, math.nan))
     return pd.DataFrame(points, columns=["series", "step", "loss"])

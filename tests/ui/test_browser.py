@@ -46,9 +46,12 @@ def _browser_or_skip():
     return sync_playwright
 
 
-def _plot_points(page) -> int:
-    """Points drawn in the loss plot (Vega draws one hover symbol per data point)."""
-    return page.locator("#loss-plot .hover_marks path").count()
+def _plot_points(page, more_than: int = 0) -> int:
+    """Waits until the loss plot draws more than `more_than` points (Vega draws one hover symbol
+    per data point) and returns how many, read in one go in the page: the chart is redrawn from
+    scratch when a new series (held-out loss) joins, and a count taken mid-redraw is 0."""
+    count = "document.querySelectorAll('#loss-plot .hover_marks path').length"
+    return page.wait_for_function(f"() => {{ const n = {count}; return n > {more_than} ? n : false; }}").json_value()
 
 
 def _set_number(page, elem_id: str, value: str) -> None:
@@ -78,11 +81,9 @@ def test_train_watch_reload_stop_then_chat_in_a_browser(ui_server, trained_run, 
                 _set_number(page, elem_id, value)
             page.wait_for_function("document.querySelector('#train-command').innerText.includes('max_steps: 400')")
             page.locator("#start-training").click()
-            page.wait_for_function("document.querySelectorAll('#loss-plot .hover_marks path').length >= 2")
-            first = _plot_points(page)
-            page.wait_for_function(f"document.querySelectorAll('#loss-plot .hover_marks path').length > {first}")
-            assert _plot_points(page) > first >= 2
-            page.wait_for_function("document.querySelectorAll('#loss-plot .hover_marks path').length >= 12")
+            first = _plot_points(page, more_than=1)
+            assert _plot_points(page, more_than=first) > first >= 2
+            _plot_points(page, more_than=11)
             # --eval-every 5: held-out loss joins the plot and the status line
             page.wait_for_function("document.querySelector('#train-status').innerText.includes('held-out loss')")
             assert f"Training {run}: step" in page.locator("#train-status").inner_text()
@@ -91,7 +92,7 @@ def test_train_watch_reload_stop_then_chat_in_a_browser(ui_server, trained_run, 
             # A reload finds the running job again: status, progress and the curve so far.
             seen = _plot_points(page)
             page.reload()
-            page.wait_for_function(f"document.querySelectorAll('#loss-plot .hover_marks path').length >= {seen}")
+            assert _plot_points(page, more_than=seen - 1) >= seen
             assert run in page.locator("#train-status").inner_text()
 
             page.locator("#stop-training").click()

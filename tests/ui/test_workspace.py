@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -219,6 +220,10 @@ def test_metrics_reader_keeps_eval_rows_beside_their_step_and_the_plot_shows_bot
         ("held-out", 4, 0.7),
     ]
     assert len(frame[frame.series == "training"]) == 4
+    # before the first eval the held-out series is there, drawn as nothing (the chart keeps the
+    # series of its first drawing)
+    early = _loss_frame(rows[:2])
+    assert list(early.series) == ["training", "training", "held-out"] and math.isnan(early.loss.iloc[-1])
     # a resume from step 2 rewrites the file: the eval row of step 2 stays, later ones go
     with open(path, "a") as f:
         f.write(json.dumps({"step": 3, "loss": 0.3, "total_steps": 4}) + "\n")
