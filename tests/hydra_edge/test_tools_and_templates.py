@@ -208,3 +208,24 @@ def test_data_preview_renders_with_the_chosen_template(tmp_path):
     assert "[[<tool_call>" in shown.stdout and "<tool_response>\n18 C, sunny" in shown.stdout
     refused = run_in_process("data", "preview", "--data", str(data), "--chat-template", "gemma")
     assert_one_line_error(refused, "template cannot render")
+
+
+@pytest.mark.slow
+def test_tool_and_content_part_rows_train_end_to_end(tmp_path):
+    """`finetune` on OpenAI-format rows (tool calls, tool turns, content parts) with --chat-template
+    chatml: it trains, and the adapter keeps the template for eval and chat."""
+    from hydra_edge.adapter_config import AdapterConfig
+
+    data = tmp_path / "tools.jsonl"
+    plain = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Capital of Peru?"}]},
+                          {"role": "assistant", "content": "Lima"}]}  # fmt: skip
+    data.write_text("".join(json.dumps(row) + "\n" for row in [TOOL_ROW, plain] * 8))
+    out = tmp_path / "run"
+    run = run_in_process("finetune", "--data", str(data), "--chat-template", "chatml", "--heads", "1",
+                         "--max-steps", "3", "--seq-len", "512", "--batch-size", "4", "--out", str(out))  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert AdapterConfig.load(out).chat_template == TEMPLATES["chatml"]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 3 and all(row["loss"] > 0 for row in steps)
+    chat = run_in_process("chat", "--adapter", str(out), "--prompt", "Capital of Peru?", "--max-new-tokens", "4")
+    assert chat.returncode == 0, chat.stderr[-2000:]
