@@ -16,6 +16,10 @@ class TrainingDiverged(UserError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+class LayerCannotTrain(UserError):
+    """A base layer would pass wrong gradients (hydra_edge/quant.py); training stops, loudly."""
+
+
 class TrainingStopped(Exception):
     """SIGINT/SIGTERM arrived during training; a resumable checkpoint was saved."""
 

@@ -46,9 +46,17 @@ def contiguous_head_inputs(model) -> None:
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits of final hidden states, as the model's own forward would give them:
-    the head, then Gemma-style soft-capping where the config sets it. (..., H) -> (..., V)."""
+    the head, then Gemma-style soft-capping where the config sets it. (..., H) -> (..., V).
+
+    Outside autocast the states are cast to the head's dtype first: a forward wrapped for
+    mixed precision (accelerate's autocast plus outputs cast to float32, which the model keeps
+    while it trains, held-out passes included) hands back float32 states, and a bf16 head
+    refuses them."""
     inner = _unwrap(model)
-    logits = inner.get_output_embeddings()(hidden).float()
+    head = inner.get_output_embeddings()
+    if head.weight.dtype.is_floating_point and not torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(head.weight.dtype)
+    logits = head(hidden).float()
     cap = getattr(inner.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -27,6 +27,7 @@ from hydra_edge.files import atomic_write_text
 from hydra_edge.held_out import EarlyStopping, HeldOut, save_best, tracker_values
 from hydra_edge.lm_head import mean_label_loss
 from hydra_edge.optimizers import build_optimizer, build_scheduler
+from hydra_edge.quant import check_4bit_backprop, prepare_4bit_for_training
 from hydra_edge.switches import pooled_gates, router_targets
 from hydra_edge.tracking import PROJECT
 
@@ -183,11 +184,16 @@ def train_loop(
     try:
         return _train(accelerator, model, samples, settings, out_dir, pad_id, resume_from, run_state, on_step, held_out)
     finally:
+        # With mixed precision, accelerate.prepare wraps the model's forward in autocast and
+        # casts its outputs to float32. Left on, every later use (gate pass, eval, export)
+        # would run a different computation than a freshly loaded adapter: unwrap it.
+        accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         if trackers:
             accelerator.end_training()
 
 
 def _train(accelerator, model, samples, settings, out_dir, pad_id, resume_from, run_state, on_step, held_out) -> dict:
+    prepare_4bit_for_training(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, settings.optim, settings.lr, settings.weight_decay)
     scheduler = build_scheduler(
@@ -234,6 +240,8 @@ def _train(accelerator, model, samples, settings, out_dir, pad_id, resume_from, 
     with _StopFlag() as stop, open(metrics_path, "a", encoding="utf-8") as metrics:
         while step < settings.total_steps:
             model.train()
+            # After any inference forward (an eval pass, the LM-head probe): hydra_edge/quant.py.
+            check_4bit_backprop(accelerator.unwrap_model(model), f"before step {step + 1}")
             step_start = time.perf_counter()
             micro_batches = []
             for micro in range(settings.grad_accum):
