@@ -99,11 +99,8 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     import torch
     from accelerate import PartialState
 
-    from hydra_edge.evaluate import evaluate
-    from hydra_edge.gates import mean_gates_per_cluster, save_cluster_gates
     from hydra_edge.held_out import BEST_DIR, HeldOut, restore_best
     from hydra_edge.models import load_base, resolve_mixed_precision
-    from hydra_edge.torch_engine import TorchEngine
     from hydra_edge.train import LoopSettings, steps_for, train_loop
 
     process = PartialState(cpu=not torch.cuda.is_available())  # one per `accelerate launch` process
@@ -262,11 +259,27 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         training={k: summary[k] for k in ("steps", "final_loss", "skipped_steps", "stopped_early", "best_step")},
     )
     save_adapter(base.model, out, adapter_config)
+    try:
+        result = _gates_and_score(config, base, samples, clusters, eval_records, summary, out)
+    except Exception:  # the adapter is safe on disk: say so, and how to score it, above the cause
+        rescore = f"; score it with: hydra-edge eval --adapter {out} --data {eval_file}" if eval_records else ""
+        log(f"finetune: the trained adapter is saved in {out}{rescore}")
+        raise
+    result["total_time_s"] = time.perf_counter() - started
+    return result
+
+
+def _gates_and_score(config, base, samples, clusters, eval_records, summary, out) -> dict:
+    """Per-cluster mean gates (what export merges with) and the held-out score of the trained model."""
+    from hydra_edge.evaluate import evaluate
+    from hydra_edge.gates import mean_gates_per_cluster, save_cluster_gates
+    from hydra_edge.torch_engine import TorchEngine
+
     gate_rows = sum(min(n, config.gate_samples_per_cluster) for n in Counter(s.cluster for s in samples).values())
     gates, token_counts = mean_gates_per_cluster(
         base.model,
         samples,
-        num_heads,
+        clusters.k,
         base.tokenizer.pad_token_id,
         config.gate_samples_per_cluster,
         progress=PhaseProgress("gates", gate_rows),
@@ -280,5 +293,4 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
             scores = {**scores, "best_step": summary["best_step"], "stopped_early": summary["stopped_early"]}
         atomic_write_text(out / EVAL_RESULTS, json.dumps(scores, indent=2) + "\n")
         result["eval"] = scores
-    result["total_time_s"] = time.perf_counter() - started
     return result

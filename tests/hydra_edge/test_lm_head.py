@@ -151,3 +151,12 @@ def test_the_probe_ignores_a_pooled_step_in_progress():
     layer.pool_groups = (groups, groups >= 0)
     mean_label_loss(model, batch).backward()
     assert layer.pool_groups[0] is groups  # restored after the probe
+
+
+def test_a_bf16_head_takes_float32_states_outside_autocast():
+    """What a mixed-precision forward hands back while the model trains (a held-out pass)."""
+    model = _model("llama").to(torch.bfloat16)
+    hidden = torch.randn(5, 32)  # float32
+    logits = lm_head.head_logits(model, hidden)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, model.get_output_embeddings()(hidden.bfloat16()).float())

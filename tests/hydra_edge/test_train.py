@@ -232,3 +232,44 @@ def test_pooling_groups_per_sample_prompt_and_cluster():
     groups, sources = pooling_groups(batch, "cluster")
     assert groups.tolist() == [[2, 2, 2, -1], [0, 0, 2, 2]]  # cluster 2 spans both rows
     assert sources.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_an_error_after_training_says_where_the_adapter_is_and_how_to_score_it(tmp_path, monkeypatch, capsys):
+    import hydra_edge.evaluate
+
+    def broken_evaluate(*args, **kwargs):
+        raise RuntimeError("a bug in scoring")
+
+    monkeypatch.setattr(hydra_edge.evaluate, "evaluate", broken_evaluate)
+    out = tmp_path / "run"
+    config = build_config({}, {**FP32, "out": str(out), "max_steps": 2, "grad_accum": 1})
+    with pytest.raises(RuntimeError, match="a bug in scoring"):
+        run_finetune(config)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "cluster_gates.safetensors").is_file()
+    notice = capsys.readouterr().err.strip().splitlines()[-1]
+    assert notice.startswith(f"finetune: the trained adapter is saved in {out}; score it with: hydra-edge eval")
+
+
+def test_a_bf16_run_hands_back_the_model_as_loaded(tmp_path, tiny_dir):
+    """accelerate wraps the forward of a mixed-precision model (autocast, outputs cast to float32);
+    after training the wrapper is gone, so gates, eval and export compute what a freshly loaded
+    adapter computes (and the bf16 LM head is not handed float32 states outside autocast)."""
+    from hydra_edge.adapter import find_target_modules, inject_hydra_lora
+    from hydra_edge.data import read_records, tokenize_records
+    from hydra_edge.models import load_base
+    from hydra_edge.tiny import DEMO_TRAIN
+    from hydra_edge.train import LoopSettings, train_loop
+
+    base = load_base("tiny", quant="none", device="cpu", dtype="bf16")
+    inject_hydra_lora(base.model, find_target_modules(base.model, "mlp"), 4, 8, 2, 0.0, "zero")
+    records = read_records(DEMO_TRAIN)[:8]
+    samples = tokenize_records(base.tokenizer, records, 64, [0] * len(records), "truncate", False).samples
+    settings = LoopSettings(
+        total_steps=1, batch_size=4, grad_accum=1, lr=1e-3, weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0,
+        seed=0, save_every=0, max_bad_steps=3,
+    )  # fmt: skip
+    train_loop(base.model, samples, settings, tmp_path, base.tokenizer.pad_token_id, "bf16")
+    with torch.no_grad():
+        logits = base.model(input_ids=torch.tensor([samples[0].input_ids])).logits
+    assert logits.dtype == torch.bfloat16
+    assert "forward" not in vars(base.model) or not hasattr(vars(base.model)["forward"], "__wrapped__")
