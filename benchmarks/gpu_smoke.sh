@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# GPU smoke test: a few NF4 + bf16 + gradient-checkpointing training steps on CUDA, for the
-# tiny preset and a randomly initialised model with Qwen2.5-0.5B's shapes. Checks the loss
-# falls; prints step time, tokens/s and peak GPU memory; writes bench-out/gpu_smoke.json.
+# GPU smoke test, in one command, of the paths a CPU machine does not take by default:
+# 1. the 4-bit gradient check (benchmarks/backprop_check.py): adapter gradients before and after an
+#    eval-mode forward, NF4 + bf16 on CUDA, for the tiny preset and a randomly initialised model
+#    with Qwen2.5-0.5B's shapes;
+# 2. a few NF4 + bf16 + gradient-checkpointing training steps on both, with held-out passes
+#    (--eval-every) on the tiny one; checks the loss falls; prints step time, tokens/s and peak
+#    GPU memory;
+# 3. the bf16 adapter end to end: `eval --adapter` and `chat --adapter` after the run.
+# Writes bench-out/gpu_smoke.json (and bench-out/gpu_smoke/backprop-*.json).
 #
 #   bash benchmarks/gpu_smoke.sh                  # needs an NVIDIA GPU; about 2-3 minutes
 #   SMOKE_ALLOW_CPU=1 SMOKE_STEPS=4 bash benchmarks/gpu_smoke.sh   # dry run of the script on a CPU
@@ -23,14 +29,18 @@ fi
 
 rm -rf "$OUT"; mkdir -p "$OUT"
 "$PY" benchmarks/make_random_model.py --shape qwen2.5-0.5b --out "$OUT/qwen-shape"
+"$PY" benchmarks/backprop_check.py --model tiny --dtype bf16 --json "$OUT/backprop-tiny.json"
+"$PY" benchmarks/backprop_check.py --model "$OUT/qwen-shape" --dtype bf16 --json "$OUT/backprop-qwen.json"
 
 common=(--quant nf4 --mixed-precision bf16 --gradient-checkpointing --max-steps "$STEPS" --save-every 0
         --heads 4 --seq-len 128 --batch-size 8 --grad-accum 1 --warmup 2)
 start=$(date +%s)
 "$PY" -m hydra_edge finetune --model tiny "${common[@]}" --lr 3e-3 --out "$OUT/tiny" --eval-data hydra_edge/demo/eval.jsonl \
-  --data hydra_edge/demo/train.jsonl
+  --data hydra_edge/demo/train.jsonl --eval-every 10 --eval-em-rows 8
 "$PY" -m hydra_edge finetune --model "$OUT/qwen-shape" "${common[@]}" --lr 1e-3 --out "$OUT/qwen" \
   --data hydra_edge/demo/train.jsonl
+"$PY" -m hydra_edge eval --adapter "$OUT/tiny" --data hydra_edge/demo/eval.jsonl
+"$PY" -m hydra_edge chat --adapter "$OUT/tiny" --prompt "Is this review positive? I loved every minute."
 echo "---- summary ($(( $(date +%s) - start ))s of training runs) ----"
 "$PY" benchmarks/run_summary.py "$OUT/tiny" --label "tiny preset" --require-falling-loss --json "$OUT/tiny.json"
 "$PY" benchmarks/run_summary.py "$OUT/qwen" --label "Qwen2.5-0.5B shapes" --require-falling-loss --json "$OUT/qwen.json"

@@ -33,6 +33,7 @@ def main() -> None:
     from hydra_edge.adapter import find_target_modules, inject_hydra_lora
     from hydra_edge.data import collate, read_records, tokenize_record
     from hydra_edge.models import load_base, resolve_mixed_precision
+    from hydra_edge.quant import prepare_4bit_for_training
     from hydra_edge.tiny import DEMO_TRAIN
 
     precision = resolve_mixed_precision(args.mixed_precision)
@@ -40,6 +41,7 @@ def main() -> None:
         args.model, quant="nf4", gradient_checkpointing=True, dtype="fp32" if precision == "no" else "bf16"
     )
     inject_hydra_lora(base.model, find_target_modules(base.model, "mlp"), 8, 32.0, 3, 0.0)
+    prepare_4bit_for_training(base.model)  # the deferral probe is an eval forward (hydra_edge/quant.py)
     base.model.train()
     records = read_records(DEMO_TRAIN)
     samples = [tokenize_record(base.tokenizer, r, args.seq_len) for r in records]

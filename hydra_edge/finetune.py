@@ -100,7 +100,7 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     from accelerate import PartialState
 
     from hydra_edge.held_out import BEST_DIR, HeldOut, restore_best
-    from hydra_edge.models import load_base, resolve_mixed_precision
+    from hydra_edge.models import cpu_class, load_base, resolve_mixed_precision
     from hydra_edge.train import LoopSettings, steps_for, train_loop
 
     process = PartialState(cpu=not torch.cuda.is_available())  # one per `accelerate launch` process
@@ -158,7 +158,7 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     mixed_precision = resolve_mixed_precision(config.mixed_precision)
     if config.mixed_precision == "auto" and mixed_precision == "no":
         log(
-            "precision: float32 (this CPU has no native bf16, which would run ~100x slower; "
+            f"precision: float32 (this CPU, {cpu_class()}, has no native bf16, which would run ~100x slower; "
             "--mixed-precision bf16 forces it)"
         )
     dtype = "fp32" if mixed_precision == "no" else "bf16"

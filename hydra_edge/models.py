@@ -111,6 +111,20 @@ def has_fast_bf16(device: str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_class() -> str:
+    """The CPU's class as far as hydra-edge's numbers depend on it, for every number it prints:
+    "AVX512-BF16/AMX" (native bf16; bitsandbytes takes its packed 4-bit paths), "AVX512", "AVX2",
+    or torch's dispatch level where /proc/cpuinfo is missing."""
+    flags = _cpu_flags()
+    if flags is None:
+        import torch
+
+        return f"{torch.backends.cpu.get_cpu_capability()} (torch's dispatch level)"
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return "AVX512-BF16/AMX"
+    return "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "pre-AVX2"
+
+
 def _cpu_flags() -> set[str] | None:
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")

@@ -67,13 +67,19 @@ def test_yaml_types_and_keys(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flags, expected",
-    [({"avx2", "fma"}, "no"), ({"avx2", "avx512f", "avx512_bf16"}, "bf16"), ({"avx2", "amx_bf16", "amx_tile"}, "bf16")],
+    "flags, expected, cpu_class",
+    [
+        ({"avx2", "fma"}, "no", "AVX2"),
+        ({"avx2", "avx512f"}, "no", "AVX512"),
+        ({"avx2", "avx512f", "avx512_bf16"}, "bf16", "AVX512-BF16/AMX"),
+        ({"avx2", "amx_bf16", "amx_tile"}, "bf16", "AVX512-BF16/AMX"),
+    ],
 )
-def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, flags, expected):
+def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, flags, expected, cpu_class):
     from hydra_edge import models
 
     monkeypatch.setattr(models, "_cpu_flags", lambda: flags)
+    assert models.cpu_class() == cpu_class
     assert models.resolve_mixed_precision("auto", "cpu") == expected
     assert models.resolve_mixed_precision("bf16", "cpu") == "bf16"  # an explicit choice stands
     assert build_config({}, {}).mixed_precision == "auto"
