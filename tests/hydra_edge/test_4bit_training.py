@@ -145,6 +145,7 @@ def _finetune(out, on_step=None, **settings):
     return run_finetune(config, set(settings), on_step=on_step)
 
 
+@pytest.mark.slow
 def test_trainer_sequence_with_repacking_forced_equals_a_run_that_never_repacks(monkeypatch, tmp_path):
     """The real sequence on NF4: LM-head probe, steps, held-out evals every 3 steps, SIGTERM at
     step 5, resume (a new model, probed again), more steps and evals, on a CPU that repacks.
@@ -180,6 +181,7 @@ def test_trainer_sequence_with_repacking_forced_equals_a_run_that_never_repacks(
             torch.testing.assert_close(seen[step][name], weight, atol=1e-6, rtol=1e-5, msg=f"step {step} {name}")
 
 
+@pytest.mark.slow
 def test_a_layer_that_cannot_backpropagate_stops_the_run_with_its_name(avx512_bf16_host, monkeypatch, tmp_path):
     """A bitsandbytes that repacks by a rule hydra-edge does not know and cannot undo: the run
     stops before its second step (the LM-head probe ran in the first) with one line naming the
