@@ -24,28 +24,27 @@ def _ok(result):
 
 
 def test_bf16_finetune_resume_eval_chat_export_and_serve(tmp_path):
-    out = tmp_path / "run"
-    small = ["--heads", "2", "--seq-len", "64", "--batch-size", "4", "--eval-em-rows", "2", "--max-new-tokens", "8"]
-    _ok(
-        run_cli("finetune", "--mixed-precision", "bf16", "--max-steps", "4", "--eval-every", "2", *small,
-                "--out", str(out))
-    )  # fmt: skip
+    out, held_out = tmp_path / "run", tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(DEMO_EVAL.read_text().splitlines(keepends=True)[:12]))
+    small = ["--heads", "2", "--seq-len", "64", "--batch-size", "4", "--eval-data", str(held_out),
+             "--eval-em-rows", "2", "--max-new-tokens", "8", "--gate-samples-per-cluster", "8"]  # fmt: skip
+    _ok(run_cli("finetune", "--mixed-precision", "bf16", "--max-steps", "4", "--eval-every", "2", *small,
+                "--out", str(out)))  # fmt: skip
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["dtype"] == "bf16"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in metrics if row.get("kind") == "eval"] == [2, 4]
     first = json.loads((out / "eval_results.json").read_text())
-    assert first["n"] == 79 and first["loss"] is not None
+    assert first["n"] == 12 and first["loss"] is not None
 
     _ok(run_cli("finetune", "--out", str(out), "--resume", "--max-steps", "6"))
     resumed = json.loads((out / "eval_results.json").read_text())
     assert json.loads((out / "adapter_config.json").read_text())["training"]["steps"] == 6
     assert resumed["loss"] != first["loss"]
 
-    scored = _ok(run_cli("eval", "--adapter", str(out), "--data", str(DEMO_EVAL), "--json"))
+    # eval, and below serve, run the PyTorch engine that `chat --adapter` runs
+    scored = _ok(run_cli("eval", "--adapter", str(out), "--data", str(held_out), "--json"))
     assert json.loads(scored.stdout)["loss"] == pytest.approx(resumed["loss"], rel=1e-3)
-    answer = _ok(run_cli("chat", "--adapter", str(out), "--prompt", "Is this review positive? I loved it."))
-    assert answer.stdout.strip()
 
     export = tmp_path / "export"
     _ok(run_cli("export", "--adapter", str(out), "--out", str(export)))
