@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hydra_edge.adapter import find_target_modules, inject_hydra_lora
-from hydra_edge.data import read_records, tokenize_records
+from hydra_edge.data import collate, read_records, tokenize_records
 from hydra_edge.models import cpu_class, load_base, pick_device
 from hydra_edge.quant import backprop_problem, four_bit_layers, is_repacked_for_inference, prepare_4bit_for_training
 from hydra_edge.tiny import DEMO_TRAIN
@@ -37,17 +37,11 @@ def one_case(model_ref: str, device: str, dtype: str, prepared: bool) -> dict:
     model = base.model
     torch.manual_seed(0)
     inject_hydra_lora(model, find_target_modules(model, "all"), 8, 16, 3, 0.0, "random")
-    model.to(device)
     if prepared:
         prepare_4bit_for_training(model)
     records = read_records(DEMO_TRAIN)[:4]
     samples = tokenize_records(base.tokenizer, records, 64, [0] * len(records), "truncate", False).samples
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), base.tokenizer.pad_token_id)
-    for row, s in enumerate(samples):
-        ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
-    batch = {"input_ids": ids.to(device), "attention_mask": (ids != base.tokenizer.pad_token_id).long().to(device)}
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    batch = {k: v.to(device) for k, v in collate(samples, base.tokenizer.pad_token_id).items()}
     model.train()
     before = adapter_gradients(model, batch)
     model.eval()

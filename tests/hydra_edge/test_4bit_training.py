@@ -41,13 +41,14 @@ def report_avx512_bf16(monkeypatch, present: bool) -> None:
     import bitsandbytes.nn.modules as bnb_modules
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: present)
-    real_matmul = getattr(bitsandbytes.matmul_4bit, "real", bitsandbytes.matmul_4bit)
+    if not present:
+        return
+    real_matmul = bitsandbytes.matmul_4bit
 
     def fused_kernel_matmul(A, B, quant_state, out=None, bias=None):
         result = real_matmul(A, B, quant_state, out=out, bias=bias)
         return result.detach() if getattr(quant_state, "packing_format_for_cpu", False) else result
 
-    fused_kernel_matmul.real = real_matmul
     monkeypatch.setattr(bitsandbytes, "matmul_4bit", fused_kernel_matmul)
 
 
