@@ -204,8 +204,30 @@ def attach_adapter(model: nn.Module, config: AdapterConfig, weights: dict[str, t
     """A trained adapter on its loaded base: HydraLoRA layers where it was trained (no dropout:
     inference), then its weights."""
     source = str(Path(adapter_dir) / CONFIG_FILE)
+    _check_fits_base(model, config, weights, Path(adapter_dir) / WEIGHTS_FILE)
     inject_hydra_lora(model, config.target_modules, config.r, config.alpha, config.heads, 0.0, source=source)
     load_adapter_state_dict(model, weights, str(adapter_dir))
+
+
+def _check_fits_base(model: nn.Module, config: AdapterConfig, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Each module's A (r, in) and B (heads, out, r) match the base layer they wrap, checked
+    before any layer is built: the layers allocate what the config's r and heads say, so a
+    config whose shapes the base does not bear (r = 10^9 beside zero-size tensors) would
+    otherwise ask for terabytes. With these checks every allocation is one the file paid for."""
+    for name in config.target_modules:
+        try:
+            base_layer = model.get_submodule(name)
+        except AttributeError:
+            continue  # inject_hydra_lora names the missing module
+        a, b = weights.get(f"{name}.hydra_A"), weights.get(f"{name}.hydra_B")
+        wanted_a = [config.r, getattr(base_layer, "in_features", -1)]
+        wanted_b = [config.heads, getattr(base_layer, "out_features", -1), config.r]
+        if a is None or b is None or list(a.shape) != wanted_a or list(b.shape) != wanted_b:
+            raise UserError(
+                f"{path}: {name} has A {list(a.shape) if a is not None else None}, B "
+                f"{list(b.shape) if b is not None else None}; this base's layer needs A {wanted_a}, "
+                f"B {wanted_b}; load the adapter onto the base it was trained on, or restore the file"
+            )
 
 
 def save_adapter(model: nn.Module, out_dir: Path, config: AdapterConfig) -> None:

@@ -148,7 +148,8 @@ def _check_weight_shapes(config: AdapterConfig, weights_path: Path) -> None:
     for module in config.target_modules:
         a, b, router = (shapes[f"{module}.{k}"] for k in ADAPTER_KEYS)
         fits = (
-            len(a) == 2
+            all(size >= 1 for size in a + b + router)  # a zero-size tensor stores nothing yet claims r
+            and len(a) == 2
             and len(b) == 3
             and len(router) == 2
             and a[0] == r

@@ -183,6 +183,11 @@ class FinetuneConfig:
                 problems.append(f"--heads {self.heads}: use 'auto' or a whole number >= 1")
         if self.max_k < 2 and self.heads == "auto":
             problems.append(f"--max-k {self.max_k}: must be >= 2 with --heads auto")
+        if self.run_name is not None and not _is_plain_name(self.run_name):
+            problems.append(
+                f"--run-name {self.run_name}: a name, not a path (trackers write under <out>/runs/<name>); "
+                "leave out '/', '\\' and '..'"
+            )
         if self.early_stopping is not None and not self.eval_every:
             problems.append("--early-stopping: needs --eval-every N (held-out loss is what it watches)")
         if problems:
@@ -195,6 +200,11 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _is_plain_name(name: str) -> bool:
+    """A name that stays one folder below the folder it is joined to: no separator, no '..'."""
+    return bool(name.strip()) and not any(c in name for c in "/\\\x00") and name.strip() not in (".", "..")
 
 
 def literal_choices(hint) -> tuple:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from hydra_edge.engines import Engine, open_engine
 from hydra_edge.errors import UserError
+from hydra_edge.ui.training import adapter_base
 from hydra_edge.ui.workspace import Workspace
 
 KEEP_LOADED = 2
@@ -73,7 +74,10 @@ class ChatModels:
             if cached is not None and cached.stamp == stamp:
                 self._loaded.move_to_end(key)
                 return cached
-            engine = open_engine(None, folder) if backend == "onnx" else open_engine(folder, None)
+            if backend == "onnx":
+                engine = open_engine(None, folder)
+            else:
+                engine = open_engine(folder, None, model_override=adapter_base(self.ws, folder))
             loaded = LoadedModel(self.ws.rel(folder), engine, stamp)
             self._loaded[key] = loaded
             while len(self._loaded) > KEEP_LOADED:

@@ -10,6 +10,7 @@ from pathlib import Path
 from hydra_edge.errors import UserError
 from hydra_edge.exporters.manifest import MODES, PRECISIONS
 from hydra_edge.ui.jobs import Job, JobManager
+from hydra_edge.ui.training import adapter_base
 from hydra_edge.ui.workspace import EXPORTS_DIR, Workspace
 
 LOGS_DIR = "logs"
@@ -24,6 +25,7 @@ def build_command(ws: Workspace, adapter: str, name: str, mode: str, precision: 
     folder = ws.resolve(adapter, "adapter", kind="dir")
     if not (folder / "adapter_config.json").is_file():
         raise UserError(f"adapter {ws.rel(folder)}: not a finished run (adapter_config.json missing)")
+    adapter_base(ws, folder)  # the base export loads must be inside the workspace too
     if mode not in MODES:
         raise UserError(f"mode {mode!r}: use one of {', '.join(MODES)}")
     if precision not in PRECISIONS:

@@ -109,6 +109,20 @@ def resolve_model(ws: Workspace, text: str) -> str:
     return text
 
 
+def adapter_base(ws: Workspace, adapter_dir: Path) -> str:
+    """The base an adapter in the workspace loads onto, checked like the form's model box (a
+    preset, a Hub id, or a folder or .gguf file inside the workspace, made absolute): the
+    adapter's config names it, and that file may have been written by anyone."""
+    from hydra_edge.adapter_config import AdapterConfig
+
+    base = AdapterConfig.load(adapter_dir).base_model
+    try:
+        model = resolve_model(ws, base)
+    except UserError as exc:
+        raise UserError(f"{ws.rel(adapter_dir)}/adapter_config.json: base_model {base!r}: {exc}") from None
+    return model if model in PRESET_DEFAULTS or not (ws.root / model).exists() else str(ws.root / model)
+
+
 def _whole(name: str, value) -> int:
     number = _number(name, value)
     if number != int(number):
@@ -244,6 +258,7 @@ def resume_training(ws: Workspace, jobs: JobManager, run: str, max_steps: float 
     if not checkpoints:
         raise UserError(f"resume {ws.rel(out)}: no checkpoint was saved yet; start the run again")
     step = int(checkpoints[-1].name.split("-")[1])
+    check_saved_paths(ws, out)
     argv = ["finetune", "--out", ws.rel(out), "--resume"]
     if max_steps not in (None, "", 0):
         total = _whole("steps in total", max_steps)
@@ -255,6 +270,32 @@ def resume_training(ws: Workspace, jobs: JobManager, run: str, max_steps: float 
         argv += ["--max-steps", str(total)]
     job = jobs.start("train", out.name, out, argv, out / TRAIN_LOG, resumed_from_step=step)
     return job
+
+
+def check_saved_paths(ws: Workspace, out: Path) -> None:
+    """Every path a run folder's run_config.json names (data, held-out data, base model, chat
+    template file) lies inside the workspace, as the form's would: the file is in the workspace,
+    so anyone who can write there could otherwise point a resumed run at files outside it."""
+    from hydra_edge.chat_templates import TEMPLATES
+    from hydra_edge.config import check_settings
+    from hydra_edge.files import read_json_object
+
+    path = out / "run_config.json"
+    saved = check_settings(read_json_object(path, "the run's settings are damaged; start a new run"), str(path))
+    try:
+        FinetuneConfig(**saved)  # its own checks too (a run name that is a path, say)
+    except ValueError as exc:
+        raise UserError(f"resume {ws.rel(out)}: run_config.json: {exc}; start a new run") from None
+    where = f"resume {ws.rel(out)}: run_config.json names"
+    for data in saved.get("data") or []:
+        ws.data_source(data, f"{where} training data")
+    if saved.get("eval_data"):
+        ws.data_source(saved["eval_data"], f"{where} held-out data")
+    if saved.get("model"):
+        resolve_model(ws, saved["model"])
+    template = saved.get("chat_template")
+    if template and template not in TEMPLATES:
+        ws.resolve(template, f"{where} chat template", kind="file")
 
 
 def stop_training(jobs: JobManager, timeout: float = 60.0) -> Job:

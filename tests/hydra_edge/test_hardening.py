@@ -82,6 +82,43 @@ def test_adapter_weights_disagreeing_with_the_config_are_refused(adapter_copy, s
     assert_one_line_error(result, "adapter_model.safetensors", "heads=")
 
 
+def _rewrite_adapter(adapter: Path, config_change: dict, reshape) -> None:
+    """adapter_config.json updated by config_change and every module's (A, B, router) replaced
+    by reshape(A, B, router): a crafted adapter whose header agrees with its config."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update(config_change)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    crafted = {}
+    for module in config["target_modules"]:
+        keys = [f"{module}.{k}" for k in ("hydra_A", "hydra_B", "hydra_router")]
+        crafted.update(zip(keys, (t.contiguous() for t in reshape(*(weights[k] for k in keys)))))
+    save_file(crafted, str(adapter / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("command", ["chat", "eval", "export"])
+def test_zero_size_weights_with_a_huge_rank_are_refused(adapter_copy, small_eval, tmp_path, command):
+    r = 1_000_000_000  # with the base's real dims, the layers would allocate ~1 TB
+
+    def empty(a, b, router):
+        heads = b.shape[0]
+        return torch.zeros(r, 0), torch.zeros(heads, 0, r), torch.zeros(heads, 0)
+
+    _rewrite_adapter(adapter_copy, {"r": r}, empty)
+    result = run_in_process(*adapter_commands(adapter_copy, small_eval, tmp_path)[command])
+    assert_one_line_error(result, "adapter_model.safetensors", "damaged")
+
+
+@pytest.mark.parametrize("command", ["chat", "eval"])
+def test_weights_that_do_not_fit_the_base_layers_are_refused_before_building(
+    adapter_copy, small_eval, tmp_path, command
+):
+    # A (r, in - 1) and router (N, in - 1): consistent with each other and the config, not the base
+    _rewrite_adapter(adapter_copy, {}, lambda a, b, router: (a[:, 1:], b, router[:, 1:]))
+    result = run_in_process(*adapter_commands(adapter_copy, small_eval, tmp_path)[command])
+    assert_one_line_error(result, "adapter_model.safetensors", "this base's layer needs")
+
+
 # -- 6. damaged clusters, router, run config, manifest, target modules, model weights -------------
 
 
@@ -466,3 +503,12 @@ def test_hostile_yaml_config_is_one_line(tmp_path, content, needle):
     config = tmp_path / "run.yaml"
     config.write_bytes(content)
     assert_one_line_error(run_in_process("finetune", "--config", str(config)), str(config), needle)
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/elsewhere", "..", "a/b", "a\\b"])
+def test_run_name_that_is_a_path_is_refused(tmp_path, name):
+    result = run_in_process(
+        "finetune", "--out", str(tmp_path / "run"), "--report-to", "tensorboard", "--run-name", name, "--max-steps", "1"
+    )
+    assert_one_line_error(result, "--run-name", "not a path")
+    assert not (tmp_path / "run" / "runs").exists() and not (tmp_path / "x").exists()
