@@ -10,6 +10,7 @@ and the adapters are loaded once and shared (ONNX Runtime sessions run concurren
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
@@ -23,6 +24,22 @@ from hydra_edge.evaluate import rowwise_token_losses
 from hydra_edge.exporters.manifest import verify_export
 from hydra_edge.exporters.runtime import open_decoder, run_decoder
 from hydra_edge.request_router import RequestRouter
+
+
+@contextlib.contextmanager
+def damaged_export(path: Path):
+    """A library error while loading or running an export's files means they are damaged: the
+    manifest check proves only that they are the files that were signed. One line naming what
+    failed, instead of onnxruntime's, onnxruntime-genai's or tokenizers' traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # RuntimeError, OSError, ValueError, ...: each library has its own
+        first = (str(exc).strip().splitlines() or [""])[0][:240]
+        raise UserError(
+            f"{path}: cannot be used ({type(exc).__name__}: {first}); the export is damaged, export it again"
+        ) from exc
 
 
 class OnnxChat:
@@ -57,17 +74,29 @@ class OnnxChat:
         from transformers import AutoTokenizer
 
         model_dir = self.folder / "models" / key
-        model = og.Model(str(model_dir))
+        with damaged_export(model_dir):
+            model = og.Model(str(model_dir))
+            tokenizers = og.Tokenizer(model), AutoTokenizer.from_pretrained(model_dir)
         adapters = None
         if key == "base":
             adapters = og.Adapters(model)
             for c in self.manifest["clusters"]:
-                adapters.load(str(self.folder / "adapters" / f"cluster_{c}.onnx_adapter"), f"cluster_{c}")
-        return model, og.Tokenizer(model), AutoTokenizer.from_pretrained(model_dir), adapters
+                path = self.folder / "adapters" / f"cluster_{c}.onnx_adapter"
+                with damaged_export(path):
+                    adapters.load(str(path), f"cluster_{c}")
+        return model, *tokenizers, adapters
 
     @functools.cache  # noqa: B019 (one engine per export, kept for the process's life)
     def _genai_config(self, cluster: int) -> dict:
-        return json.loads((self.folder / "models" / self._key(cluster) / "genai_config.json").read_text())["model"]
+        path = self.folder / "models" / self._key(cluster) / "genai_config.json"
+        with damaged_export(path):
+            config = json.loads(path.read_text())["model"]
+            # the settings read below, checked once: the right types or a damaged file
+            window = config["decoder"].get("sliding_window") or {}
+            int(window.get("window_size", 0)), int(config["context_length"])
+            eos = config.get("eos_token_id")
+            [int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
+        return config
 
     def max_length(self, cluster: int, wanted: int) -> int:
         """The generator's max_length for `wanted` tokens in all: at least the sliding window,
@@ -113,30 +142,37 @@ class OnnxChat:
     def logits(self, cluster: int, input_ids: list[int]):
         """Teacher-forced logits of one sequence with this cluster's weights. (T, vocab) numpy"""
         key = self._key(cluster)
-        if key not in self._sessions:
-            self._sessions[key] = open_decoder(self.folder / "models" / key, self.manifest.get("device", "cpu"))
-        feeds = self._adapter_params(cluster) if key == "base" else None
-        return run_decoder(*self._sessions[key], input_ids, feeds)
+        with damaged_export(self.folder / "models" / key):
+            if key not in self._sessions:
+                self._sessions[key] = open_decoder(self.folder / "models" / key, self.manifest.get("device", "cpu"))
+            feeds = self._adapter_params(cluster) if key == "base" else None
+            return run_decoder(*self._sessions[key], input_ids, feeds)
 
     def _adapter_params(self, cluster: int) -> dict:
         if cluster not in self._adapter_feeds:
             import numpy as np
             import onnxruntime as ort
 
-            adapter = ort.AdapterFormat.read_adapter(str(self.folder / "adapters" / f"cluster_{cluster}.onnx_adapter"))
-            # copy: the arrays would otherwise point into the adapter object's memory
-            self._adapter_feeds[cluster] = {
-                k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()
-            }
+            path = self.folder / "adapters" / f"cluster_{cluster}.onnx_adapter"
+            with damaged_export(path):
+                adapter = ort.AdapterFormat.read_adapter(str(path))
+                # copy: the arrays would otherwise point into the adapter object's memory
+                self._adapter_feeds[cluster] = {
+                    k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()
+                }
         return self._adapter_feeds[cluster]
 
     def answer(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, on_text: OnText | None = None):
         return answer_by_streaming(self, messages, max_new_tokens, temperature, top_p, on_text)
 
     def stream(self, prompt_ids: list[int], cluster: int, serve_as: ServeAs, sampling: Sampling) -> Iterator[str]:
+        model, tokenizer, _, adapters = self._model(cluster)
+        with damaged_export(self.folder / "models" / self._key(cluster)):
+            yield from self._generate(model, tokenizer, adapters, prompt_ids, cluster, serve_as, sampling)
+
+    def _generate(self, model, tokenizer, adapters, prompt_ids, cluster, serve_as, sampling) -> Iterator[str]:
         import onnxruntime_genai as og
 
-        model, tokenizer, _, adapters = self._model(cluster)
         wanted = len(prompt_ids) + sampling.max_new_tokens
         options = {"max_length": self.max_length(cluster, wanted), "do_sample": False}
         if sampling.temperature > 0:

@@ -94,16 +94,15 @@ app.command("finetune")(finetune_command())
 
 
 def _print_scores(scores: dict) -> None:
-    def em(v):
-        return "   n/a" if v is None else f"{100 * v:5.1f}%"
+    """The scores table; n/a where a score has nothing to average (no answer tokens, say)."""
+
+    def shown(v, spec: str, scale: float = 1.0, unit: str = "") -> str:
+        return "n/a" if v is None else f"{scale * v:{spec}}{unit}"
 
     print(f"{'cluster':>8} {'n':>5} {'loss':>8} {'ppl':>9} {'exact':>7}")
-    for c, s in scores["per_cluster"].items():
-        print(f"{c:>8} {s['n']:>5} {s['loss']:>8.4f} {s['perplexity']:>9.2f} {em(s['exact_match']):>7}")
-    print(
-        f"{'all':>8} {scores['n']:>5} {scores['loss']:>8.4f} {scores['perplexity']:>9.2f} "
-        f"{em(scores['exact_match']):>7}"
-    )
+    for c, s in [*scores["per_cluster"].items(), ("all", scores)]:
+        loss, ppl = shown(s["loss"], ".4f"), shown(s["perplexity"], ".2f")
+        print(f"{c:>8} {s['n']:>5} {loss:>8} {ppl:>9} {shown(s['exact_match'], '5.1f', 100, '%'):>7}")
 
 
 @app.command("eval")

@@ -8,13 +8,14 @@ the tokenizer's EOS so the tuned model learns to stop.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args
 
 from hydra_edge.choices import OVERLONG_CHOICES, FormatChoice
-from hydra_edge.errors import UserError
+from hydra_edge.errors import TemplateOverBudget, UserError
 from hydra_edge.formats import RowProblem, detect_format, normalize, tools_of
 from hydra_edge.sources import read_rows
 
@@ -163,15 +164,38 @@ def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
     return load_records([str(path)], fmt).records
 
 
+# A template formats a conversation; it does not run for seconds or multiply it. Real templates
+# render in milliseconds and add a few hundred characters per turn.
+RENDER_SECONDS = 2.0
+RENDER_GROWTH, RENDER_SLACK_CHARS = 8, 1 << 20
+
+
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> str:
-    """The tokenizer's chat template applied to messages, or a UserError saying why it can't be."""
+    """The tokenizer's chat template applied to messages, or a UserError saying why it can't be.
+    Rendered within a time and an output budget (TemplateOverBudget), since a template is code
+    that came with the model or the adapter."""
+    from hydra_edge.budget import OverBudget, time_budget
+
     try:
-        return tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        with time_budget(RENDER_SECONDS):
+            text = tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+    except OverBudget:
+        raise TemplateOverBudget(
+            f"the chat template did not finish rendering a conversation within {RENDER_SECONDS:g} s "
+            "(a loop that never ends?); fix the template or pick another with --chat-template"
+        ) from None
     except Exception as exc:  # ValueError (no template) or jinja2 TemplateError (template refuses)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"the tokenizer's chat template cannot render this conversation ({first})") from exc
+    given = len(json.dumps([messages, tools], ensure_ascii=False, default=str))
+    if len(text) > RENDER_GROWTH * given + RENDER_SLACK_CHARS:
+        raise TemplateOverBudget(
+            f"the chat template turned a conversation of {given:,} characters into {len(text):,}; "
+            "fix the template or pick another with --chat-template"
+        )
+    return text
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -280,6 +304,8 @@ def tokenize_records(
     for record, cluster in zip(records, clusters or [0] * len(records)):
         try:
             sample = tokenize_record(tokenizer, record, seq_len)
+        except TemplateOverBudget:
+            raise  # the template's fault, not the row's: every row would wait out the budget
         except UserError as exc:
             problems.append(Problem(record.source, "template cannot render", str(exc)))
             continue

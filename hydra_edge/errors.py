@@ -12,6 +12,11 @@ class UserError(Exception):
     """
 
 
+class TemplateOverBudget(UserError):
+    """A chat template ran past its time or output budget: the template is at fault, not a row,
+    so it stops whatever is rendering instead of being reported once per row."""
+
+
 class TrainingDiverged(UserError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 

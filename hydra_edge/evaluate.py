@@ -48,7 +48,7 @@ def rowwise_token_losses(engine, samples: list, clusters: list[int], progress=No
     results = []
     for sample, cluster in zip(samples, clusters):
         logits = engine.logits(cluster, sample.input_ids)[:-1]  # (T-1, V)
-        labels = np.array(sample.labels[1:])
+        labels = np.array(sample.labels[1:], dtype=np.int64)  # int even when empty
         valid = labels != IGNORE_INDEX
         shifted = logits - logits.max(axis=-1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

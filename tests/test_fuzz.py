@@ -104,6 +104,8 @@ class Outcomes:
 
     def check(self, at_least: int) -> None:
         print(f"fuzz: {self.count} cases, {self.codes[0]} exit 0, {self.codes[2]} exit 2, {len(self.failures)} broken")
+        if os.environ.get("FUZZ_FAILURES"):  # every failure, not only the first ten, for debugging
+            Path(os.environ["FUZZ_FAILURES"]).write_text("\n\n".join(self.failures))
         assert not self.failures, "\n\n".join(self.failures[:10])
         assert self.count >= at_least
 
@@ -195,6 +197,46 @@ def test_fuzz_export_folder(adapter_export, small_eval, tmp_path):
             outcomes.run(case, "chat", "--onnx", str(folder), "--prompt", "Capital of Peru?", "--max-new-tokens", "2")
             outcomes.run(case, "eval", "--onnx", str(folder), "--data", str(small_eval), "--max-new-tokens", "2")
     outcomes.check(at_least=100)
+
+
+@pytest.fixture(scope="module", params=["adapters", "merged", "dynamic"])
+def any_export(request, trained_adapter, adapter_export, tmp_path_factory) -> Path:
+    """An fp32 export of trained_adapter in each mode."""
+    from hydra_edge.exporters.onnx_export import export
+
+    if request.param == "adapters":
+        return adapter_export
+    out = tmp_path_factory.mktemp(f"{request.param}-export") / "onnx"
+    export(trained_adapter, out, mode=request.param, log=lambda m: None)
+    return out
+
+
+def resigned_copy(source: Path, target: Path, rel: str, content: bytes) -> Path:
+    """spoiled_copy with the manifest's sha256 of the file updated to match: the damage gets past
+    the manifest check and reaches the loaders, as a file damaged before it was signed would."""
+    import hashlib
+
+    folder = spoiled_copy(source, target, rel, content)
+    manifest_path = folder / "export_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][rel] = hashlib.sha256(content).hexdigest()
+    manifest_path.unlink()  # a hard link to the original: replace, do not write through
+    manifest_path.write_text(json.dumps(manifest))
+    return folder
+
+
+def test_fuzz_every_export_file_behind_a_matching_manifest(any_export, small_eval, tmp_path):
+    outcomes = Outcomes()
+    manifest = json.loads((any_export / "export_manifest.json").read_text())
+    for rel in sorted(manifest["files"]):
+        original = (any_export / rel).read_bytes()
+        for label, content in damaged_versions(original, rel.endswith(".json"), rel).items():
+            folder = resigned_copy(any_export, tmp_path / "export", rel, content)
+            case = f"export {any_export.parent.name} {rel} ({label}, manifest updated)"
+            outcomes.run(case, "chat", "--onnx", str(folder), "--prompt", "Capital of Peru?", "--max-new-tokens", "2")
+            if label in STRUCTURAL:
+                outcomes.run(case, "eval", "--onnx", str(folder), "--data", str(small_eval), "--max-new-tokens", "2")
+    outcomes.check(at_least=60)
 
 
 HOSTILE_ROWS = [
