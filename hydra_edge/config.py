@@ -289,14 +289,17 @@ def _check_type(name: str, value, annotation: str, config_class: type[FinetuneCo
 
 
 def read_yaml_config(path: str | Path, config_class: type[FinetuneConfig] = FinetuneConfig) -> dict:
-    """The YAML file's settings, with unknown keys and wrong types rejected by name."""
+    """The YAML file's settings, with unknown keys and wrong types rejected by name (a number too
+    long for a setting too, at its line: files.parse_yaml)."""
     import yaml
+
+    from hydra_edge.files import parse_yaml
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--config {path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

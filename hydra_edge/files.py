@@ -1,20 +1,24 @@
 """Files that a user, a full disk or damage can change under hydra-edge's feet.
 
 One place for the rules every reader and writer follows: a JSON file is read as one object or
-refused in one line; a file name read from inside a folder must stay inside it; writes go to a
-temporary name and are renamed into place; and an output folder is probed for writing before
-any slow work starts, so a read-only or full disk costs seconds, not a model load.
+refused in one line; JSON and YAML text goes through `parse_json`/`parse_yaml`, which refuse a
+number too long to hold (Python's digit limit; 64 bits for a setting) by name; a file name read
+from inside a folder must stay inside it; writes go to a temporary name and are renamed into
+place; and an output folder is probed for writing before any slow work starts, so a read-only or
+full disk costs seconds, not a model load.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePath
 
@@ -24,10 +28,80 @@ from hydra_edge.errors import UserError
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+class NumberTooLong(ValueError):
+    """A JSON integer with more digits than Python converts from text (sys.get_int_max_str_digits(),
+    4,300 by default, a guard against quadratic-time conversion). json.loads raises a bare
+    ValueError for it that no caller tells from other damage; this one says what to fix."""
+
+    def __init__(self, digits: str, limit: int) -> None:
+        super().__init__(
+            f"a number with {len(digits.lstrip('-')):,} digits, more than the {limit:,} Python reads; "
+            "quote it as a string or shorten it"
+        )
+        self.digits = digits
+
+
+def _json_int(digits: str) -> int:
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()  # 0: no limit (Python < 3.11, or turned off)
+    if limit and len(digits.lstrip("-")) > limit:
+        raise NumberTooLong(digits, limit)
+    return int(digits)
+
+
+def parse_json(text: str | bytes):
+    """json.loads for text a user or a damaged file can supply: an integer too long for Python
+    raises NumberTooLong (a ValueError) instead of the bare ValueError json.loads gives, so every
+    reader reports it as "a number ... too long" at its file and line. Everything else is
+    json.loads' own behaviour: JSONDecodeError for bad syntax, RecursionError for deep nesting,
+    and a float out of range (1e999) read as inf, like any other JSON reader in Python."""
+    return json.loads(text, parse_int=_json_int)
+
+
+SETTING_INT_RANGE = (-(2**63), 2**63 - 1)  # what torch, numpy and the trainers take as a whole number
+
+
+def parse_yaml(text: str):
+    """yaml.safe_load for a settings file, refusing a whole number outside 64 bits with a
+    yaml.YAMLError at its line (read as any other YAML mistake): such a number is never a valid
+    setting, and letting it through fails far from the file (float() overflows, torch.manual_seed
+    overflows, json.dumps of run_config.json hits Python's digit limit), while YAML's hex, binary
+    and 60-based forms build any size of integer from a short text. Floats out of range (1.0e+999)
+    read as inf, as in parse_json."""
+    import yaml
+
+    return yaml.load(text, Loader=_settings_loader())  # a SafeLoader subclass: as safe as safe_load
+
+
+@functools.cache
+def _settings_loader():
+    import yaml
+
+    class SettingsLoader(yaml.SafeLoader):
+        pass
+
+    def construct_int(loader: yaml.SafeLoader, node) -> int:
+        text = loader.construct_scalar(node)
+        try:
+            # 70 characters hold any 64-bit number in every YAML spelling (0b + 64 binary digits);
+            # a longer one is refused before PyYAML's 60-based form multiplies out a huge integer.
+            value = yaml.SafeLoader.construct_yaml_int(loader, node) if len(text.replace("_", "")) <= 70 else None
+        except ValueError:  # Python's digit limit
+            value = None
+        low, high = SETTING_INT_RANGE
+        if value is None or not low <= value <= high:
+            shown = text if len(text) <= 24 else f"{text[:12]}...{text[-6:]} ({len(text):,} characters)"
+            problem = f"the number {shown} is too long: a setting takes whole numbers up to {high:,}"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
+        return value
+
+    SettingsLoader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    return SettingsLoader
+
+
 def read_json_object(path: Path, remedy: str) -> dict:
     """A JSON object from a file, or one UserError line naming the file and what to do."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        value = parse_json(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path}: not valid JSON ({first}); {remedy}") from exc

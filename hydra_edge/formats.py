@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 
+from hydra_edge.files import NumberTooLong, parse_json
+
 ROLES = ("system", "user", "assistant")
 MESSAGE_ROLES = (*ROLES, "tool")
 SHAREGPT_ROLES = {
@@ -178,9 +180,13 @@ def _tool_calls(m: dict, i: int) -> list[dict] | None:
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
+                arguments = parse_json(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as exc:
                 raise RowProblem("bad tool call", f"{where}[{j}].function.arguments is not JSON ({exc.msg})") from None
+            except NumberTooLong as exc:
+                raise RowProblem("bad tool call", f"{where}[{j}].function.arguments holds {exc}") from None
+            except RecursionError:
+                raise RowProblem("bad tool call", f"{where}[{j}].function.arguments is nested too deeply") from None
         if not isinstance(arguments, dict):
             raise RowProblem("bad tool call", f"{where}[{j}].function.arguments must be a JSON object")
         entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}

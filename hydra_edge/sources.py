@@ -6,6 +6,12 @@ Supported: `.jsonl`, `.json` (an array), `.csv`, `.parquet`, a folder written by
 dataset folder of data files), rows numbered `hf:ORG/NAME:row N`. Every row
 is yielded as `RawRow(location, value)`; a row that cannot even be decoded is yielded with a
 `problem` instead, so validation can report every bad row, not just the first.
+
+Parquet and Arrow files can expand without bound when decoded (a dictionary names one 10 MB
+string a thousand times in a 1 KB file; a run of nulls compresses to nothing), so their rows are
+measured before they become Python objects: a cell over MAX_CELL_CHARS is a row problem, and a
+file whose rows decode to more than its share of memory (decoded_limit) is refused in one line.
+Text files need no such bound: what they decode to is never larger than the file.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hydra_edge.errors import UserError
-from hydra_edge.files import path_inside
+from hydra_edge.files import NumberTooLong, parse_json, path_inside
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -27,6 +33,22 @@ LONE_SURROGATE = ("invalid text", "a \\uD800-\\uDFFF escape without its pair; it
 TOO_DEEP = "nested too deeply to read; a data row holds strings and lists of turns, not deep structures"
 # CSV cells are strings; these columns hold lists and arrive JSON-encoded.
 JSON_COLUMNS = ("messages", "conversations")
+# The longest cell a CSV, Parquet or Arrow row may hold: the csv module's own field limit (its
+# default), which CSV files have always had; Parquet and Arrow cells are held to the same, measured
+# before decoding. A .jsonl file has no such limit (its rows cannot be larger than the file).
+MAX_CELL_CHARS = 131_072
+# What a Parquet or Arrow file may decode to: its text plus ROW_COST for each row (about what the
+# Python objects of a small row take), at most 1 GiB, or DECODED_PER_FILE_BYTE times the file's
+# size for a big file. Real data compresses 3-10x (more with cells repeated through a dictionary,
+# such as one system prompt in every row); a file that expands further than this is damaged or
+# built to exhaust memory, and 1 GiB of rows is already a few GB of memory once read.
+MAX_DECODED_BYTES = 1 << 30
+DECODED_PER_FILE_BYTE = 32
+ROW_COST = 512
+SLICE_ROWS = 1024  # rows turned into Python objects at a time
+# Parquet logical types stored as BYTE_ARRAY that Arrow reads as text or binary (not decimals):
+# the columns read as dictionaries (_parquet).
+DICTIONARY_READABLE = ("NONE", "STRING", "JSON", "BSON", "ENUM")
 
 
 @dataclass
@@ -77,11 +99,13 @@ def _jsonl(path: Path) -> Iterator[RawRow]:
             yield RawRow(where, problem=("invalid UTF-8", f"byte {exc.start} of the line; re-save the file as UTF-8"))
             continue
         try:
-            value = json.loads(line)
+            value = parse_json(line)
             bad = SURROGATE_ESCAPE.search(line) is not None and _has_lone_surrogate(value)
             yield RawRow(where, problem=LONE_SURROGATE) if bad else RawRow(where, value)
         except json.JSONDecodeError as exc:
             yield RawRow(where, problem=("malformed JSON", f"{exc.msg} at column {exc.colno}"))
+        except NumberTooLong as exc:
+            yield RawRow(where, problem=("malformed JSON", str(exc)))
         except RecursionError:
             yield RawRow(where, problem=("malformed JSON", TOO_DEEP))
     if not any_row:
@@ -117,9 +141,13 @@ def _json_array(path: Path) -> Iterator[RawRow]:
         yield RawRow(f"{path}:1", problem=("empty file", "the file has no rows"))
         return
     try:
-        rows = json.loads(text)
+        rows = parse_json(text)
     except json.JSONDecodeError as exc:
         yield RawRow(f"{path}:{exc.lineno}", problem=("malformed JSON", f"{exc.msg} at column {exc.colno}"))
+        return
+    except NumberTooLong as exc:  # json gives no position; the number's digits lead to its line
+        line = text.count("\n", 0, max(text.find(exc.digits), 0)) + 1
+        yield RawRow(f"{path}:{line}", problem=("malformed JSON", str(exc)))
         return
     except RecursionError:
         yield RawRow(f"{path}:{_deepest_line(text)}", problem=("malformed JSON", TOO_DEEP))
@@ -180,13 +208,14 @@ def _csv(path: Path) -> Iterator[RawRow]:
     if bad:
         yield bad
         return
+    csv.field_size_limit(MAX_CELL_CHARS)  # its default; set so the one limit holds whoever changed it
     reader = csv.DictReader(io.StringIO(text, newline=""))
     any_row = False
     for i, row in enumerate(_csv_rows(reader), start=1):
         any_row = True
         where = f"{path}:row {i}"
         if isinstance(row, csv.Error):
-            too_long = f"a cell is longer than {csv.field_size_limit():,} characters; put long texts in a .jsonl file"
+            too_long = f"a cell is longer than {MAX_CELL_CHARS:,} characters; put long texts in a .jsonl file"
             yield RawRow(where, problem=("malformed CSV", too_long if "field limit" in str(row) else str(row)))
             continue
         if None in row:
@@ -196,9 +225,12 @@ def _csv(path: Path) -> Iterator[RawRow]:
         for key, value in row.items():
             if key in JSON_COLUMNS and value is not None and value.strip():
                 try:
-                    value = json.loads(value)
+                    value = parse_json(value)
                 except json.JSONDecodeError as exc:
                     problem = ("malformed JSON", f"column '{key}': {exc.msg}")
+                    break
+                except NumberTooLong as exc:
+                    problem = ("malformed JSON", f"column '{key}': {exc}")
                     break
                 except RecursionError:
                     problem = ("malformed JSON", f"column '{key}': {TOO_DEEP}")
@@ -210,24 +242,43 @@ def _csv(path: Path) -> Iterator[RawRow]:
 
 
 def _parquet(path: Path) -> Iterator[RawRow]:
+    """Rows one row group at a time, every text and binary column read as a dictionary: Arrow
+    then keeps a dictionary-encoded column as it is stored (one 10 MB string and a thousand
+    indices) instead of copying the string into each row, and _arrow_batches measures the rows
+    before any is decoded. Whole row groups, not iter_batches: over batches Arrow rebuilds a
+    growing dictionary for each batch, quadratic in the row group. The metadata is checked first
+    (uncompressed sizes, values, rows): a file that declares more than decoded_limit is refused
+    before a page is read."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(str(path))
+        metadata = pq.read_metadata(str(path))
+        columns = [metadata.schema.column(i) for i in range(len(metadata.schema))]
+        text_columns = [
+            c.path for c in columns if c.physical_type == "BYTE_ARRAY" and c.logical_type.type in DICTIONARY_READABLE
+        ]
+        reader = pq.ParquetFile(str(path), metadata=metadata, read_dictionary=text_columns)
+        groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+        declared = ROW_COST * metadata.num_rows + sum(
+            group.total_byte_size + sum(group.column(j).num_values for j in range(group.num_columns))
+            for group in groups
+        )
     except (OSError, pa.ArrowException) as exc:  # ArrowInvalid and friends for damaged files
         raise UserError(f"{path}: not a readable Parquet file ({exc})") from exc
-    yield from _arrow_batches(path, table.iter_batches(batch_size=4096), table.metadata.num_rows)
+    on_disk = path.stat().st_size
+    if declared > decoded_limit(on_disk):
+        raise _too_big(path, on_disk, "by its metadata")
+    yield from _arrow_batches(path, (reader.read_row_group(i) for i in range(len(groups))), on_disk)
 
 
 def _read_json_file(path: Path, what: str):
     """A small JSON file written by a library (datasets' state.json, dataset_dict.json)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise UserError(
-            f"{path}: not a readable {what} ({type(exc).__name__}); re-save the dataset with save_to_disk"
-        ) from exc
+        detail = str(exc).splitlines()[0] if isinstance(exc, NumberTooLong) else type(exc).__name__
+        raise UserError(f"{path}: not a readable {what} ({detail}); re-save the dataset with save_to_disk") from exc
 
 
 def _hub_dataset(reference: str) -> Iterator[RawRow]:
@@ -285,20 +336,165 @@ def _datasets_folder(folder: Path) -> Iterator[RawRow]:
             with pa.memory_map(str(file)) as source:
                 yield from pa.ipc.open_stream(source)
 
-    yield from _arrow_batches(folder, batches(), None)
+    yield from _arrow_batches(folder, batches(), sum(f.stat().st_size for f in files if f.is_file()))
 
 
-def _arrow_batches(path: Path, batches, expected_rows: int | None) -> Iterator[RawRow]:
+def decoded_limit(on_disk: int) -> int:
+    """The most a Parquet or Arrow file of `on_disk` bytes may decode to (see MAX_DECODED_BYTES)."""
+    return max(MAX_DECODED_BYTES, DECODED_PER_FILE_BYTE * on_disk)
+
+
+def _too_big(path: Path, on_disk: int, how: str) -> UserError:
+    return UserError(
+        f"{path}: its rows decode to more than {decoded_limit(on_disk):,} bytes ({how}), the most read from a "
+        f"{on_disk:,}-byte file ({MAX_DECODED_BYTES:,} bytes, or {DECODED_PER_FILE_BYTE} times the file's size if "
+        "more); a file that expands this much is damaged or built to exhaust memory: split real data into smaller files"
+    )
+
+
+def _arrow_batches(path: Path, parts, on_disk: int) -> Iterator[RawRow]:
+    """Rows out of Arrow tables (Parquet row groups) or record batches (Arrow streams), each part
+    measured before any of its rows becomes Python objects (_cell_sizes): a row with a cell over
+    MAX_CELL_CHARS is a row problem and is never decoded, and once the rows so far decode to more
+    than decoded_limit the file is refused. Rows are then decoded SLICE_ROWS at a time."""
+    import numpy as np
     import pyarrow as pa
 
-    index = 0
+    index = decoded = 0
+    limit = decoded_limit(on_disk)
+    dictionaries = _DictionarySizes()
     try:
-        for batch in batches:
-            for row in batch.to_pylist():
+        for part in parts:
+            dictionaries.next_part()
+            sizes = [_column_sizes(column, dictionaries) for column in part.columns]
+            decoded += ROW_COST * part.num_rows + sum(int(s.sum()) for s in sizes)
+            if decoded > limit:
+                raise _too_big(path, on_disk, f"read up to row {index + part.num_rows:,}")
+            too_long = np.zeros(part.num_rows, dtype=bool)
+            for s in sizes:
+                too_long |= s > MAX_CELL_CHARS
+            rows = _python_rows(part, np.flatnonzero(~too_long))
+            for i in range(part.num_rows):
                 index += 1
-                yield RawRow(f"{path}:row {index}", row)
+                if not too_long[i]:
+                    yield RawRow(f"{path}:row {index}", next(rows))
+                    continue
+                name, size = next((n, s[i]) for n, s in zip(part.schema.names, sizes) if s[i] > MAX_CELL_CHARS)
+                detail = (
+                    f"column '{name}' holds {size:,} characters once decoded, more than the {MAX_CELL_CHARS:,} "
+                    "a cell may hold; put long texts in a .jsonl file"
+                )
+                yield RawRow(f"{path}:row {index}", problem=("cell too long", detail))
     except (OSError, pa.ArrowException) as exc:  # a damaged Parquet or Arrow file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: unreadable after row {index} ({first}); the file is damaged, re-save it") from exc
     if index == 0:
         yield RawRow(f"{path}:1", problem=("empty file", "no rows"))
+
+
+def _python_rows(part, keep) -> Iterator[dict]:
+    """The rows numbered `keep` of a measured part as Python dicts, SLICE_ROWS at a time: taken
+    (a compact copy, dictionaries still shared), then cast to the types without dictionaries, so
+    that only those rows are decoded. A slice would not do: to_pylist or a cast of a slice
+    converts a list column's whole child array, or a whole dictionary, every time."""
+    import pyarrow as pa
+
+    plain = pa.schema([field.with_type(_without_dictionaries(field.type)) for field in part.schema])
+    for start in range(0, len(keep), SLICE_ROWS):
+        piece = part.take(pa.array(keep[start : start + SLICE_ROWS]))
+        yield from (piece.cast(plain) if plain != part.schema else piece).to_pylist()
+
+
+def _without_dictionaries(t):
+    """The type `t` with every dictionary replaced by its value type (what to_pylist gives)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        return _without_dictionaries(t.value_type)
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_without_dictionaries(f.type)) for f in t])
+    if pa.types.is_map(t):
+        return pa.map_(_without_dictionaries(t.key_type), _without_dictionaries(t.item_type))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        field = t.value_field.with_type(_without_dictionaries(t.value_type))
+        if pa.types.is_fixed_size_list(t):
+            return pa.list_(field, t.list_size)
+        return pa.large_list(field) if pa.types.is_large_list(t) else pa.list_(field)
+    return t
+
+
+class _DictionarySizes:
+    """The sizes of the dictionaries the last part (record batch) and this one use, so that a
+    dictionary an Arrow stream's batches share is measured once, not once a batch. Each entry
+    holds its dictionary, so that the buffers' addresses it is found by stay its own."""
+
+    def __init__(self) -> None:
+        self.last: dict = {}
+        self.now: dict = {}
+
+    def next_part(self) -> None:
+        self.last, self.now = self.now, {}
+
+    def of(self, dictionary):
+        key = (dictionary.offset, len(dictionary), *(b.address if b is not None else 0 for b in dictionary.buffers()))
+        entry = self.now.get(key) or self.last.get(key) or (dictionary, _cell_sizes(dictionary, self))
+        self.now[key] = entry
+        return entry[1]
+
+
+def _column_sizes(column, dictionaries: _DictionarySizes):
+    """_cell_sizes of an Array or a ChunkedArray (a Parquet row group's column)."""
+    import numpy as np
+
+    chunks = getattr(column, "chunks", [column])
+    return np.concatenate([_cell_sizes(c, dictionaries) for c in chunks] or [np.zeros(0, dtype=np.int64)])
+
+
+def _cell_sizes(array, dictionaries: _DictionarySizes | None = None):
+    """Each value's size once decoded, as a numpy array: characters of text, bytes of binary and
+    fixed-width values, summed through structs, and through lists with one more for each element
+    (as its JSON text would have a comma: a list of a million empty strings is not small). A
+    dictionary's values are measured once and looked up by index, never expanded: that is what
+    keeps a dictionary bomb small here. A type with no rule here (unions, run-end encoded, list
+    views: none is training data) counts its whole array for every row, an upper bound."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dictionaries = dictionaries or _DictionarySizes()
+    t, n = array.type, len(array)
+    if isinstance(array, pa.ExtensionArray):
+        return _cell_sizes(array.storage, dictionaries)
+    valid = array.is_valid().to_numpy(zero_copy_only=False) if array.null_count else np.ones(n, dtype=bool)
+    if pa.types.is_dictionary(t):
+        values = dictionaries.of(array.dictionary)
+        indices = pc.fill_null(array.indices, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        if n and (indices.min() < 0 or indices.max() >= max(len(values), 1)):
+            raise pa.ArrowInvalid("a dictionary index is out of range")
+        return np.where(valid, values[indices] if len(values) else 0, 0)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pc.fill_null(pc.utf8_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return pc.fill_null(pc.binary_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_struct(t):
+        total = np.zeros(n, dtype=np.int64)
+        for child in array.flatten():
+            total += _cell_sizes(child, dictionaries)
+        return total
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_map(t):
+        offsets = array.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+        running = np.concatenate([[0], np.cumsum(_cell_sizes(array.values, dictionaries) + 1)])
+        if offsets.min() < 0 or offsets.max() >= len(running):
+            raise pa.ArrowInvalid("list offsets out of range")
+        return np.where(valid, running[offsets[1:]] - running[offsets[:-1]], 0)
+    if pa.types.is_fixed_size_list(t):
+        size = t.list_size
+        values = _cell_sizes(array.values, dictionaries)[array.offset * size : (array.offset + n) * size] + 1
+        return np.where(valid, values.reshape(n, size).sum(axis=1) if size else 0, 0)
+    if pa.types.is_null(t):
+        return np.zeros(n, dtype=np.int64)
+    try:
+        width = max(t.bit_width // 8, 1)  # numbers, dates, booleans, fixed-size binary
+    except ValueError:  # not fixed-width
+        width = array.nbytes
+    return np.full(n, width, dtype=np.int64)

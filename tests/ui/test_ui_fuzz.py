@@ -1,0 +1,134 @@
+"""Crafted run folders and adapters in the workspace, driven through the UI's API: every one is
+refused with a message naming what is wrong, before any process starts or any file outside the
+workspace is read, and the UI keeps answering. The cases are generated from a fixed seed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import torch
+from damage import damaged_versions
+from gradio_client.exceptions import AppError
+from safetensors.torch import load_file, save_file
+
+from hydra_edge.tiny import DEMO_TRAIN
+
+
+class Refusals:
+    """Runs API calls that must be refused; keeps every one that was not, reported at the end."""
+
+    def __init__(self, ui_server, client) -> None:
+        self.ui_server, self.client = ui_server, client
+        self.count, self.failures = 0, []
+        self.spawned = ui_server.ctx.jobs.spawned
+
+    def expect(self, case: str, api_name: str, **arguments) -> None:
+        self.count += 1
+        try:
+            self.client.predict(**arguments, api_name=api_name)
+            self.failures.append(f"{case}: {api_name} accepted it")
+        except AppError as exc:
+            message = str(exc)
+            if "Traceback" in message or len(message) < 20:
+                self.failures.append(f"{case}: {api_name}: unhelpful message {message!r}")
+        health = httpx.get(self.ui_server.url, timeout=5)
+        if health.status_code != 200:
+            self.failures.append(f"{case}: the UI answered {health.status_code} afterwards")
+
+    def check(self, at_least: int) -> None:
+        print(f"fuzz ui: {self.count} cases, {len(self.failures)} broken")
+        assert not self.failures, "\n".join(self.failures[:10])
+        assert self.ui_server.ctx.jobs.spawned == self.spawned, "a crafted folder started a process"
+        assert self.count >= at_least
+
+
+def _crafted_run(workspace: Path, name: str, config: dict | bytes) -> str:
+    """runs/<name>: a stopped run (one checkpoint) whose run_config.json is `config`."""
+    run = workspace / "runs" / name
+    shutil.rmtree(run, ignore_errors=True)
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{}")
+    (run / "run_config.json").write_bytes(config if isinstance(config, bytes) else json.dumps(config).encode())
+    return name
+
+
+def test_fuzz_crafted_run_folders_and_adapters_through_the_ui(ui_server, client, trained_run, tmp_path):
+    workspace = ui_server.workspace
+    refusals = Refusals(ui_server, client)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text(DEMO_TRAIN.read_text().splitlines()[0] + "\n")
+    (outside / "config.json").write_text("{}")
+    (outside / "t.jinja").write_text("{{ messages }}")
+    (workspace / "data" / "escape").unlink(missing_ok=True)
+    (workspace / "data" / "escape").symlink_to(outside)
+    saved = json.loads((workspace / trained_run / "run_config.json").read_text())
+
+    # -- a stopped run whose run_config.json names paths outside the workspace -> /resume_training
+    hostile_settings = [
+        {"data": [str(outside / "secret.jsonl")]},
+        {"data": ["data/escape/secret.jsonl"]},
+        {"data": ["../secret.jsonl"]},
+        {"data": ["data/demo/train.jsonl", "/etc/passwd"]},
+        {"eval_data": str(outside / "secret.jsonl")},
+        {"eval_data": "data/escape/secret.jsonl"},
+        {"model": str(outside)},
+        {"model": "../../outside"},
+        {"chat_template": str(outside / "t.jinja")},
+        {"chat_template": "data/escape/t.jinja"},
+        {"report_to": "tensorboard", "run_name": str(outside / "events")},
+        {"report_to": "tensorboard", "run_name": "../../events"},
+        {"run_name": "a/b"},
+        {"out": str(outside)},  # ignored by resume (the folder is the run), with the rest crafted
+    ]
+    for i, change in enumerate(hostile_settings):
+        if "out" in change:
+            change = {**change, "data": [str(outside / "secret.jsonl")]}
+        run = _crafted_run(workspace, f"crafted-{i}", {**saved, **change})
+        refusals.expect(f"run_config {change}", "/resume_training", run=run, max_steps=0)
+    original = json.dumps(saved).encode()
+    for label, content in damaged_versions(original, True, "run_config.json").items():
+        run = _crafted_run(workspace, "damaged", content)
+        refusals.expect(f"run_config ({label})", "/resume_training", run=run, max_steps=0)
+
+    # -- adapters: a base outside the workspace, shapes that would allocate terabytes, damage -> /chat, /export
+    weights = load_file(str(workspace / trained_run / "adapter_model.safetensors"))
+    config = json.loads((workspace / trained_run / "adapter_config.json").read_text())
+
+    def zero_size(tensors: dict) -> dict:
+        return {
+            k: torch.zeros(1_000_000_000, 0)
+            if k.endswith("hydra_A")
+            else torch.zeros(v.shape[0], 0, 1_000_000_000)
+            if k.endswith("hydra_B")
+            else torch.zeros(v.shape[0], 0)
+            for k, v in tensors.items()
+        }
+
+    hostile_adapters = [
+        ("base outside", {"base_model": str(outside)}, None),
+        ("base through a link", {"base_model": "data/escape"}, None),
+        ("base with ..", {"base_model": "../outside"}, None),
+        ("base /etc", {"base_model": "/etc"}, None),
+        ("r = 10^9 with zero-size weights", {"r": 1_000_000_000}, zero_size),
+        ("heads = 10^6", {"heads": 1_000_000}, None),
+    ]
+    cases = [(label, json.dumps({**config, **change}).encode(), reshape) for label, change, reshape in hostile_adapters]
+    cases += [
+        (f"adapter_config.json ({label})", content, None)
+        for label, content in damaged_versions(json.dumps(config).encode(), True, "adapter_config.json").items()
+    ]
+    for label, config_bytes, reshape in cases:
+        adapter = workspace / "runs" / "crafted-adapter"
+        shutil.rmtree(adapter, ignore_errors=True)
+        shutil.copytree(workspace / trained_run, adapter, ignore=shutil.ignore_patterns("checkpoints"))
+        (adapter / "adapter_config.json").write_bytes(config_bytes)
+        if reshape is not None:
+            save_file(reshape(weights), str(adapter / "adapter_model.safetensors"))
+        source = "runs/crafted-adapter"
+        refusals.expect(label, "/chat", message="hi", history=[], base_history=[], source=source, system_prompt="")
+        refusals.expect(label, "/export", adapter=source, mode="adapters", precision="fp32", name=f"x{refusals.count}")
+    refusals.check(at_least=70)
