@@ -30,6 +30,7 @@ from hydra_edge.choices import (
     Router,
 )
 from hydra_edge.errors import UserError
+from hydra_edge.files import SETTING_INT_RANGE
 
 
 def _f(default, help: str, **bounds):
@@ -135,7 +136,7 @@ class FinetuneConfig:
     max_steps: int | None = _f(None, "Optimizer steps to run; overrides --epochs.", ge=1)
     warmup: float = _f(0.03, "Warmup: a fraction of the steps if < 1, else a number of steps.", ge=0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", ge=0)
-    seed: int = _f(42, "Seed for initialisation, data order and dropout.")
+    seed: int = _f(42, "Seed for initialisation, data order and dropout.", ge=0, le=2**32 - 1)
     out: str = _f("hydra-out", "Output folder for the adapter, clusters, metrics and checkpoints.")
     save_every: int = _f(200, "Write a resumable checkpoint every N steps (0: only at the end or on a stop).", ge=0)
     resume: bool = _f(False, "Continue the run saved in --out from its latest checkpoint.")
@@ -269,6 +270,9 @@ def _check_type(name: str, value, annotation: str, config_class: type[FinetuneCo
     allowed = typing.get_args(hint) if is_union else (hint,)
     if value is None and type(None) in allowed:
         return value
+    low, high = SETTING_INT_RANGE  # a run_config.json can hold any integer; YAML is refused earlier
+    if isinstance(value, int) and not isinstance(value, bool) and not low <= value <= high:
+        raise UserError(f"config key '{name}': a number too long (a setting takes whole numbers up to {high:,})")
     for t in allowed:
         origin = typing.get_origin(t) or t
         if origin is Literal and isinstance(value, str):  # the choice itself is checked once, by the config

@@ -149,3 +149,18 @@ def test_the_number_limits_and_out_of_range_floats(tmp_path):
     data.write_text('{"text": 1e999}\n')
     result = run_in_process("data", "validate", "--data", str(data))
     assert f"{data}:1: wrong type ('text' must be a string, got float)" in result.stdout
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1", str(2**32)])
+def test_a_seed_out_of_range_is_one_line(tmp_path, seed):
+    result = run_in_process("finetune", "--seed", seed, "--out", str(tmp_path / "run"), "--max-steps", "1")
+    assert_one_line_error(result, "--seed")
+
+
+@pytest.mark.parametrize("change", [{"lr": 10**400}, {"seed": 2**70}, {"rank": -(10**30)}])
+def test_a_run_config_with_numbers_too_long_is_one_line_on_resume(tmp_path, change):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run / "run_config.json").write_text(json.dumps({"model": "tiny", **change}))
+    result = run_in_process("finetune", "--out", str(run), "--resume")
+    assert_one_line_error(result, "run_config.json", "too long")
