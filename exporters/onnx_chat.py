@@ -11,7 +11,6 @@ and the adapters are loaded once and shared (ONNX Runtime sessions run concurren
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import threading
 from collections.abc import Iterator
@@ -54,6 +53,7 @@ class OnnxChat:
         self._models: dict[str, tuple] = {}
         self._sessions: dict[str, object] = {}
         self._adapter_feeds: dict[int, dict] = {}
+        self._genai_configs: dict[str, dict] = {}
         self._loading = threading.Lock()  # two first requests must not load a model twice
 
     def _key(self, cluster: int) -> str:
@@ -86,9 +86,17 @@ class OnnxChat:
                     adapters.load(str(path), f"cluster_{c}")
         return model, *tokenizers, adapters
 
-    @functools.cache  # noqa: B019 (one engine per export, kept for the process's life)
     def _genai_config(self, cluster: int) -> dict:
-        path = self.folder / "models" / self._key(cluster) / "genai_config.json"
+        """The model's genai_config.json "model" section, read once per model folder (kept on the
+        engine: a cache outside it would keep every engine ever opened alive, and the web UI
+        opens and drops them)."""
+        key = self._key(cluster)
+        if key not in self._genai_configs:
+            self._genai_configs[key] = self._read_genai_config(self.folder / "models" / key / "genai_config.json")
+        return self._genai_configs[key]
+
+    @staticmethod
+    def _read_genai_config(path: Path) -> dict:
         with damaged_export(path):
             config = json.loads(path.read_text())["model"]
             # the settings read below, checked once: the right types or a damaged file

@@ -6,6 +6,7 @@ start per case); the cases are generated from a fixed seed, so a failure reprodu
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -301,6 +302,71 @@ RAW_FILES = {
 }
 
 
+HUGE_INT = b"9" * 5000  # past Python's 4,300-digit limit for reading an integer
+RAW_FILES.update(
+    {
+        "huge-int.jsonl": b'{"text": "ok"}\n{"text": "x", "n": ' + HUGE_INT + b"}\n",
+        "huge-int.json": b'[{"text": "ok"},\n{"text": "x", "n": ' + HUGE_INT + b"}]",
+        "huge-int.csv": b'messages\n"[{""role"": ""user"", ""content"": ' + HUGE_INT + b'}]"\n',
+        "huge-int-tool-arguments.jsonl": json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Call f"},
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [{"function": {"name": "f", "arguments": '{"n": ' + "9" * 5000 + "}"}}],
+                    },
+                    {"role": "tool", "content": "1"},
+                    {"role": "assistant", "content": "Done"},
+                ]
+            }
+        ).encode()
+        + b"\n",
+        "huge-float.jsonl": b'{"text": "ok"}\n{"text": 1e999}\n',
+        "bomb.jsonl.gz": gzip.compress(b'{"text": "' + b"x" * 10_000_000 + b'"}\n'),  # .gz is not read: refused
+    }
+)
+
+# `finetune --config FILE`: numbers no setting can hold, in every YAML spelling of an integer
+HOSTILE_CONFIGS = {
+    "huge-int.yaml": b"seed: " + HUGE_INT + b"\n",
+    "hex.yaml": b"seed: 0x" + b"f" * 40 + b"\n",
+    "binary.yaml": b"seed: -0b" + b"1" * 4000 + b"\n",
+    "sexagesimal.yaml": b"seed: " + b"1:" * 2000 + b"1\n",
+    "int-past-float.yaml": b"lr: 1" + b"0" * 400 + b"\n",
+    "seed-2-63.yaml": b"seed: 9223372036854775808\n",
+    "huge-rank.yaml": b"rank: 1" + b"0" * 30 + b"\n",
+}
+
+
+def write_bombs(folder: Path) -> list[Path]:
+    """Decompression bombs: each a few KB on disk, gigabytes once decoded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ten_mb = pa.array(["x" * 10_000_000])
+    bomb = pa.table({"text": pa.DictionaryArray.from_arrays(pa.array([0] * 1000, pa.int32()), ten_mb)})
+    pq.write_table(bomb, folder / "bomb.parquet", compression="zstd")
+    pq.write_table(bomb, folder / "bomb-no-arrow-schema.parquet", compression="zstd", store_schema=False)
+    nulls = pa.table({"text": pa.nulls(3_000_000, pa.string())})
+    pq.write_table(nulls, folder / "null-rows.parquet", compression="zstd")
+    refs = pa.DictionaryArray.from_arrays(pa.array([0] * 100_000, pa.int32()), pa.array(["y" * 1000]))
+    nested = pa.ListArray.from_arrays(pa.array([0, 100_000], pa.int32()), refs)
+    pq.write_table(pa.table({"text": nested}), folder / "nested-bomb.parquet", compression="zstd")
+    ds = folder / "bomb-ds"
+    ds.mkdir()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with (
+        pa.OSFile(str(ds / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, bomb.schema, options=options) as writer,
+    ):
+        writer.write_table(bomb)
+    (ds / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    names = ("bomb.parquet", "bomb-no-arrow-schema.parquet", "null-rows.parquet", "nested-bomb.parquet", "bomb-ds")
+    return [folder / name for name in names]
+
+
 @pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end
 def test_fuzz_data_files(tmp_path):
     outcomes = Outcomes()
@@ -318,6 +384,10 @@ def test_fuzz_data_files(tmp_path):
     broken_ds.mkdir()
     (broken_ds / "dataset_dict.json").write_text('{"splits": "train"}')
     files.append(broken_ds)
+    files += write_bombs(folder)
+    for name, content in HOSTILE_CONFIGS.items():
+        (folder / name).write_bytes(content)
+        outcomes.run(f"config {name}", "finetune", "--config", str(folder / name), "--out", str(tmp_path / "cfg"))
     for i, path in enumerate(files):
         outcomes.run(f"data {path.name}", "data", "validate", "--data", str(path))
         out = tmp_path / f"run{i}"

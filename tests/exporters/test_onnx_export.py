@@ -415,3 +415,19 @@ def test_validation_prompts_are_the_rows_the_run_was_scored_on(tmp_path, run_con
     assert (prompts == demo) == (expected == "demo")
     if expected == "demo":  # whole conversations: the answer positions are validated too
         assert all(p[-1]["role"] == "assistant" for p in prompts)
+
+
+def test_an_engine_that_is_dropped_is_freed(adapter_export):
+    """The web UI opens engines and drops all but the latest two: nothing may keep them alive."""
+    import gc
+    import weakref
+
+    from hydra_edge.exporters.onnx_chat import OnnxChat
+
+    engine = OnnxChat(adapter_export)
+    assert engine.max_length(engine.route([{"role": "user", "content": "hi"}]), 8) >= 8
+    engine.answer([{"role": "user", "content": "hi"}], max_new_tokens=2)
+    alive = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert alive() is None
