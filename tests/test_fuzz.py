@@ -185,7 +185,8 @@ def resigned_copy(source: Path, target: Path, rel: str, content: bytes) -> Path:
 def test_fuzz_every_export_file_behind_a_matching_manifest(any_export, small_eval, tmp_path):
     outcomes = Outcomes()
     manifest = json.loads((any_export / "export_manifest.json").read_text())
-    for rel in sorted(manifest["files"]):
+    # every file chat and eval read (peft/ and serve-vllm.sh are vLLM's, which hydra-edge never opens)
+    for rel in sorted(f for f in manifest["files"] if f.split("/")[0] in ("models", "adapters", "router")):
         original = (any_export / rel).read_bytes()
         for label, content in damaged_versions(original, rel.endswith(".json"), rel).items():
             folder = resigned_copy(any_export, tmp_path / "export", rel, content)

@@ -27,7 +27,7 @@ KEEP_LOADED = 2
 class LoadedModel:
     source: str  # workspace-relative folder
     engine: Engine  # a run's adapter (PyTorch) or an ONNX export
-    stamp: float  # mtime of the weights/manifest when loaded: a changed folder is reloaded
+    stamp: tuple  # what was loaded (_stamp): a changed folder is reloaded
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -39,12 +39,28 @@ class LoadedModel:
         return self.engine.describe()
 
 
-def _marker(folder: Path) -> tuple[str, Path] | None:
+def _marker(folder: Path) -> tuple[str, list[Path]] | None:
+    """(backend, the files whose change means the folder must be loaded again)."""
     if (folder / "export_manifest.json").is_file():
-        return "onnx", folder / "export_manifest.json"
+        return "onnx", [folder / "export_manifest.json"]
     if (folder / "adapter_config.json").is_file():
-        return "pytorch", folder / "adapter_model.safetensors"
+        return "pytorch", [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
     return None
+
+
+def _stamp(files: list[Path]) -> tuple:
+    """What identifies the loaded content: the JSON files' bytes (small: a config, or a manifest
+    that holds every file's sha256) and the weights' size and modification time."""
+    import hashlib
+
+    return tuple(
+        None
+        if not p.exists()
+        else hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.suffix == ".json"
+        else (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in files
+    )
 
 
 class ChatModels:
@@ -67,8 +83,8 @@ class ChatModels:
                 f"{self.ws.rel(folder)}: neither a finished run (adapter_config.json) nor an ONNX export "
                 "(export_manifest.json); pick one from the list"
             )
-        backend, marker = found
-        key, stamp = str(folder), marker.stat().st_mtime
+        backend, markers = found
+        key, stamp = str(folder), _stamp(markers)
         with self._lock:
             cached = self._loaded.get(key)
             if cached is not None and cached.stamp == stamp:

@@ -25,11 +25,14 @@ class Refusals:
         self.count, self.failures = 0, []
         self.spawned = ui_server.ctx.jobs.spawned
 
-    def expect(self, case: str, api_name: str, **arguments) -> None:
+    def expect(self, case: str, api_name: str, refused: bool = True, **arguments) -> None:
+        """refused: the case must be refused; otherwise (a damaged file that may still be valid)
+        it may also succeed, but never fail without a message."""
         self.count += 1
         try:
             self.client.predict(**arguments, api_name=api_name)
-            self.failures.append(f"{case}: {api_name} accepted it")
+            if refused:
+                self.failures.append(f"{case}: {api_name} accepted it")
         except AppError as exc:
             message = str(exc)
             if "Traceback" in message or len(message) < 20:
@@ -53,6 +56,15 @@ def _crafted_run(workspace: Path, name: str, config: dict | bytes) -> str:
     (run / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{}")
     (run / "run_config.json").write_bytes(config if isinstance(config, bytes) else json.dumps(config).encode())
     return name
+
+
+def _adapter_copy(workspace: Path, trained_run: str, name: str, config: bytes) -> str:
+    """runs/<name>: the trained run's adapter with adapter_config.json replaced by `config`."""
+    adapter = workspace / "runs" / name
+    shutil.rmtree(adapter, ignore_errors=True)
+    shutil.copytree(workspace / trained_run, adapter, ignore=shutil.ignore_patterns("checkpoints"))
+    (adapter / "adapter_config.json").write_bytes(config)
+    return f"runs/{name}"
 
 
 def test_fuzz_crafted_run_folders_and_adapters_through_the_ui(ui_server, client, trained_run, tmp_path):
@@ -90,8 +102,9 @@ def test_fuzz_crafted_run_folders_and_adapters_through_the_ui(ui_server, client,
         run = _crafted_run(workspace, f"crafted-{i}", {**saved, **change})
         refusals.expect(f"run_config {change}", "/resume_training", run=run, max_steps=0)
     original = json.dumps(saved).encode()
-    for label, content in damaged_versions(original, True, "run_config.json").items():
-        run = _crafted_run(workspace, "damaged", content)
+    for i, (label, content) in enumerate(damaged_versions(original, True, "run_config.json").items()):
+        # with data outside the workspace: whatever the damage leaves, nothing may start
+        run = _crafted_run(workspace, f"damaged-{i}", content.replace(b"data/demo/", str(outside).encode() + b"/"))
         refusals.expect(f"run_config ({label})", "/resume_training", run=run, max_steps=0)
 
     # -- adapters: a base outside the workspace, shapes that would allocate terabytes, damage -> /chat, /export
@@ -116,19 +129,25 @@ def test_fuzz_crafted_run_folders_and_adapters_through_the_ui(ui_server, client,
         ("r = 10^9 with zero-size weights", {"r": 1_000_000_000}, zero_size),
         ("heads = 10^6", {"heads": 1_000_000}, None),
     ]
-    cases = [(label, json.dumps({**config, **change}).encode(), reshape) for label, change, reshape in hostile_adapters]
-    cases += [
-        (f"adapter_config.json ({label})", content, None)
-        for label, content in damaged_versions(json.dumps(config).encode(), True, "adapter_config.json").items()
-    ]
-    for label, config_bytes, reshape in cases:
-        adapter = workspace / "runs" / "crafted-adapter"
-        shutil.rmtree(adapter, ignore_errors=True)
-        shutil.copytree(workspace / trained_run, adapter, ignore=shutil.ignore_patterns("checkpoints"))
-        (adapter / "adapter_config.json").write_bytes(config_bytes)
+    for i, (label, change, reshape) in enumerate(hostile_adapters):
+        crafted = json.dumps({**config, **change}).encode()
+        source = _adapter_copy(workspace, trained_run, f"crafted-adapter-{i}", crafted)
         if reshape is not None:
-            save_file(reshape(weights), str(adapter / "adapter_model.safetensors"))
-        source = "runs/crafted-adapter"
+            save_file(reshape(weights), str(workspace / source / "adapter_model.safetensors"))
         refusals.expect(label, "/chat", message="hi", history=[], base_history=[], source=source, system_prompt="")
-        refusals.expect(label, "/export", adapter=source, mode="adapters", precision="fp32", name=f"x{refusals.count}")
-    refusals.check(at_least=70)
+        refusals.expect(label, "/export", adapter=source, mode="adapters", precision="fp32", name=f"x{i}")
+    damaged = damaged_versions(json.dumps(config).encode(), True, "adapter_config.json")
+    for i, (label, content) in enumerate(damaged.items()):
+        source = _adapter_copy(workspace, trained_run, f"damaged-adapter-{i}", content)
+        refusals.expect(
+            f"adapter_config.json ({label})",
+            "/chat",
+            refused=False,
+            message="hi",
+            history=[],
+            base_history=[],
+            source=source,
+            system_prompt="",
+            max_tokens=2,
+        )
+    refusals.check(at_least=50)

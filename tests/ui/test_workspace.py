@@ -386,3 +386,21 @@ def test_an_adapter_on_a_workspace_model_loads_that_folder(ws):
     assert adapter_base(ws, ws.root / "runs" / "a") == str(ws.root / "models" / "local")
     _adapter_naming_base(ws.root / "runs" / "b", "tiny")
     assert adapter_base(ws, ws.root / "runs" / "b") == "tiny"
+
+
+def test_chat_reloads_an_adapter_whose_config_changed_even_with_its_times_kept(ws, monkeypatch):
+    from hydra_edge.ui import chatting
+
+    loads = []
+    monkeypatch.setattr(chatting, "open_engine", lambda *args, **kwargs: loads.append(args) or object())
+    _adapter_naming_base(ws.root / "runs" / "a", "tiny")
+    models = chatting.ChatModels(ws)
+    models.get("runs/a")
+    models.get("runs/a")
+    assert len(loads) == 1
+    config_file = ws.root / "runs" / "a" / "adapter_config.json"
+    times = config_file.stat()
+    config_file.write_text(config_file.read_text().replace('"alpha": 4.0', '"alpha": 8.0'))
+    os.utime(config_file, ns=(times.st_atime_ns, times.st_mtime_ns))  # as `cp -p` would leave it
+    models.get("runs/a")
+    assert len(loads) == 2
