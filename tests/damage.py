@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import shutil
+from pathlib import Path
 
 SEED = 20261129
 DEEP = b"[" * 200_000 + b"]" * 200_000
@@ -48,3 +52,25 @@ def damaged_versions(data: bytes, is_json: bool, name: str) -> dict[str, bytes]:
             ).encode()
             versions["keys dropped"] = json.dumps(dict(list(original.items())[: len(original) // 2])).encode()
     return versions
+
+
+def spoiled_copy(source: Path, target: Path, rel: str, content: bytes) -> Path:
+    """A copy of `source` (hard links: cheap) with one file replaced by `content`."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, copy_function=os.link)
+    victim = target / rel
+    victim.unlink()
+    victim.write_bytes(content)
+    return target
+
+
+def resigned_copy(source: Path, target: Path, rel: str, content: bytes) -> Path:
+    """spoiled_copy with the manifest's sha256 of the file updated to match: the damage gets past
+    the manifest check and reaches the loaders, as a file damaged before it was signed would."""
+    folder = spoiled_copy(source, target, rel, content)
+    manifest_path = folder / "export_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][rel] = hashlib.sha256(content).hexdigest()
+    manifest_path.unlink()  # a hard link to the original: replace, do not write through
+    manifest_path.write_text(json.dumps(manifest))
+    return folder

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import run_in_process
-from damage import DEEP, SEED, damaged_versions
+from damage import DEEP, SEED, damaged_versions, resigned_copy, spoiled_copy
 
 # Damage that leaves no valid file (export would otherwise run a full build for a mutation that
 # happens to be harmless, such as a flipped bit inside a chat template string).
@@ -65,16 +65,6 @@ class Outcomes:
             Path(os.environ["FUZZ_FAILURES"]).write_text("\n\n".join(self.failures))
         assert not self.failures, "\n\n".join(self.failures[:10])
         assert self.count >= at_least
-
-
-def spoiled_copy(source: Path, target: Path, rel: str, content: bytes) -> Path:
-    """A copy of `source` (hard links: cheap) with one file replaced by `content`."""
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(source, target, copy_function=os.link)
-    victim = target / rel
-    victim.unlink()
-    victim.write_bytes(content)
-    return target
 
 
 ADAPTER_FILES = {  # file -> the commands that read it
@@ -166,20 +156,6 @@ def any_export(request, trained_adapter, adapter_export, tmp_path_factory) -> Pa
     out = tmp_path_factory.mktemp(f"{request.param}-export") / "onnx"
     export(trained_adapter, out, mode=request.param, log=lambda m: None)
     return out
-
-
-def resigned_copy(source: Path, target: Path, rel: str, content: bytes) -> Path:
-    """spoiled_copy with the manifest's sha256 of the file updated to match: the damage gets past
-    the manifest check and reaches the loaders, as a file damaged before it was signed would."""
-    import hashlib
-
-    folder = spoiled_copy(source, target, rel, content)
-    manifest_path = folder / "export_manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"][rel] = hashlib.sha256(content).hexdigest()
-    manifest_path.unlink()  # a hard link to the original: replace, do not write through
-    manifest_path.write_text(json.dumps(manifest))
-    return folder
 
 
 def test_fuzz_every_export_file_behind_a_matching_manifest(any_export, small_eval, tmp_path):

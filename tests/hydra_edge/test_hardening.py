@@ -512,3 +512,20 @@ def test_run_name_that_is_a_path_is_refused(tmp_path, name):
     )
     assert_one_line_error(result, "--run-name", "not a path")
     assert not (tmp_path / "run" / "runs").exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "rel, content",
+    [
+        ("models/base/tokenizer.json", b'{"version": "1.0", "model": null}'),
+        ("models/base/tokenizer_config.json", b"[1, 2]"),
+        ("adapters/cluster_0.onnx_adapter", b"not a lora parameter file"),
+        ("models/base/genai_config.json", b'{"model": {"decoder": []}}'),
+    ],
+)
+def test_export_files_damaged_before_signing_are_one_line_naming_them(adapter_export, tmp_path, rel, content):
+    from damage import resigned_copy
+
+    folder = resigned_copy(adapter_export, tmp_path / "export", rel, content)
+    result = run_in_process("chat", "--onnx", str(folder), "--prompt", "Capital of Peru?", "--max-new-tokens", "2")
+    assert_one_line_error(result, "the export is damaged", str(Path(rel).parent if "models" in rel else rel))
