@@ -27,15 +27,17 @@ class Admission:
 
 
 class Ticket:
-    """One admitted request. It holds a slot from take_slot() until free_slot(): the generation's
-    worker thread frees it when it ends (a disconnect ends it after the current token); a proxied
-    request frees it when its response is closed."""
+    """One admitted request. It holds a slot from take_slot(), taken before the request is prepared
+    (routed, rendered, tokenized), until free_slot(): the generation's worker thread frees it when
+    it ends (a disconnect ends it after the current token); a proxied request frees it when its
+    response is closed."""
 
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
         self.has_slot = self.closed = self.worker_owns_slot = False
 
-    async def take_slot(self) -> None:
+    async def take_slot(self) -> bool:
+        """True once the slot is held (the request waits in the queue until then)."""
         self.admission.waiting += 1
         try:
             await self.admission._free.acquire()
@@ -43,6 +45,7 @@ class Ticket:
             self.admission.waiting -= 1
         self.has_slot = True
         self.admission.running += 1
+        return True
 
     def free_slot(self) -> None:
         if self.has_slot:

@@ -10,8 +10,11 @@ format, over a backend that either generates (local.LocalBackend) or forwards (p
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import threading
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -19,11 +22,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from hydra_edge.errors import UserError
 from hydra_edge.server.admission import Admission
-from hydra_edge.server.errors import ApiError
-from hydra_edge.server.local import TicketedStream
+from hydra_edge.server.errors import ApiError, client_left
+from hydra_edge.server.local import TicketedStream, unknown_model, until_disconnected
 from hydra_edge.server.metrics import MetricsMiddleware, ServerMetrics
-from hydra_edge.server.requests import ChatRequest, CompletionRequest, parse, read_json
+from hydra_edge.server.requests import ChatRequest, CompletionRequest, GenerationRequest, parse_body, read_body
 
 log = logging.getLogger("hydra_edge.server")
 
@@ -35,6 +39,26 @@ class ServeSettings:
     max_queue: int = 16
     max_tokens_cap: int = 2048
     max_body_bytes: int = 4 * 1024 * 1024
+    client_timeout: float = 10.0  # seconds to send a request's headers, and then its body
+
+
+class DaemonThreads(Executor):
+    """Each call on a daemon thread of its own. Preparing a request cannot be interrupted (a
+    second or more per megabyte of prompt) and a SIGTERM must not wait for it; the request's
+    slot already bounds how many run at once."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+        threading.Thread(target=run, name="hydra-prepare", daemon=True).start()
+        return future
 
 
 def create_app(make_backend, settings: ServeSettings) -> FastAPI:
@@ -42,7 +66,9 @@ def create_app(make_backend, settings: ServeSettings) -> FastAPI:
     admission = Admission(settings.max_concurrency, settings.max_queue)
     metrics = ServerMetrics(admission)
     backend = make_backend(metrics)
-    app = FastAPI(title="hydra-edge", docs_url=None, redoc_url=None, openapi_url=None)
+    preparers = DaemonThreads()
+    # No redirect from /v1/models/ to /v1/models: an API answers 404 naming the path, not a 307.
+    app = FastAPI(title="hydra-edge", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.backend, app.state.admission, app.state.metrics = backend, admission, metrics
 
     def check_key(request: Request) -> None:
@@ -57,12 +83,24 @@ def create_app(make_backend, settings: ServeSettings) -> FastAPI:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    async def prepare(kind: str, parsed: GenerationRequest):
+        """The backend's prepare() (routing, rendering, tokenizing: CPU work that grows with the
+        prompt) off the event loop, in the request's slot: it counts as running, and the slot is
+        held until it ends, even if the client has left."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(preparers, backend.prepare, kind, parsed)
+        except UserError as exc:  # the chat template refuses the conversation (or takes too long)
+            raise ApiError(400, str(exc), param="messages" if kind == "chat" else "prompt") from None
+
     async def generate(request: Request, kind: str) -> Response:
         check_key(request)
-        body = await read_json(request, settings.max_body_bytes)
-        parsed = parse(ChatRequest if kind == "chat" else CompletionRequest, body)
-        request.state.model_label = parsed.model if parsed.model in backend.model_ids() else "unknown"
-        prepared = backend.prepare(kind, parsed, body)
+        raw = await read_body(request, settings.max_body_bytes, settings.client_timeout)
+        # Decoding and checking a 4 MB body takes a fifth of a second: off the event loop too.
+        parsed = await asyncio.to_thread(parse_body, ChatRequest if kind == "chat" else CompletionRequest, raw)
+        known = backend.model_ids()
+        request.state.model_label = parsed.model if parsed.model in known else "unknown"
+        if parsed.model not in known:
+            raise unknown_model(parsed.model, known)
         ticket = admission.admit()
         if ticket is None:
             raise ApiError(
@@ -73,6 +111,10 @@ def create_app(make_backend, settings: ServeSettings) -> FastAPI:
                 headers={"Retry-After": "1"},
             )
         try:
+            if not await until_disconnected(request, ticket.take_slot()):  # it left while queued
+                ticket.close()
+                return client_left()
+            prepared = await prepare(kind, parsed)
             response = await backend.respond(prepared, ticket, request)
         except BaseException:
             ticket.close()

@@ -87,6 +87,20 @@ def serve_command(
     max_queue: int = typer.Option(16, "--max-queue", help="Requests waiting for a slot; more get 429."),
     max_tokens_cap: int = typer.Option(2048, "--max-tokens-cap", help="Largest max_tokens a request may ask for."),
     max_body_mb: float = typer.Option(4, "--max-body-mb", help="Largest request body, in MB."),
+    client_timeout: float = typer.Option(
+        10,
+        "--client-timeout",
+        help="Seconds a client has to send a request's headers, and then its body; slower connections are "
+        "closed (the body: 408), so half-open ones cannot pile up.",
+    ),
+    upstream_connect_timeout: float = typer.Option(
+        10, "--upstream-connect-timeout", help="With --upstream: seconds to connect to it before a 504."
+    ),
+    upstream_read_timeout: float = typer.Option(
+        300,
+        "--upstream-read-timeout",
+        help="With --upstream: seconds it may stay silent (before its answer, or between chunks) before a 504.",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug."),
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) that
@@ -96,6 +110,9 @@ def serve_command(
         "--max-queue": max_queue,
         "--max-tokens-cap": max_tokens_cap,
         "--max-body-mb": max_body_mb,
+        "--client-timeout": client_timeout,
+        "--upstream-connect-timeout": upstream_connect_timeout,
+        "--upstream-read-timeout": upstream_read_timeout,
     }
     check_options(host, port, api_key, numbers)
     if bool(onnx) == bool(adapter):
@@ -106,6 +123,7 @@ def serve_command(
         import uvicorn
 
         from hydra_edge.server.app import ServeSettings, create_app
+        from hydra_edge.server.connections import with_header_deadline
     except ImportError as exc:
         raise UserError(
             f"serve needs FastAPI, uvicorn and prometheus-client ({exc}); pip install 'hydra-edge[serve]'"
@@ -117,8 +135,13 @@ def serve_command(
         print(f"hydra-edge serve: --adapter generates one request at a time; --max-concurrency {max_concurrency} "
               "becomes 1 running and the rest queued", file=sys.stderr, flush=True)  # fmt: skip
         max_concurrency, max_queue = 1, max_queue + max_concurrency - 1
-    settings = ServeSettings(api_key, max_concurrency, max_queue, max_tokens_cap, int(max_body_mb * 1024 * 1024))
-    app = create_app(backend_factory(onnx, adapter, model, upstream, upstream_api_key, settings), settings)
+    settings = ServeSettings(
+        api_key, max_concurrency, max_queue, max_tokens_cap, int(max_body_mb * 1024 * 1024), client_timeout
+    )
+    upstream_timeouts = (upstream_connect_timeout, upstream_read_timeout)
+    app = create_app(
+        backend_factory(onnx, adapter, model, upstream, upstream_api_key, upstream_timeouts, settings), settings
+    )
     backend = app.state.backend
     backend.warm_up()
     bound_host, bound_port = sock.getsockname()[:2]
@@ -129,8 +152,16 @@ def serve_command(
         flush=True,
     )
     config = uvicorn.Config(
-        app, log_level=log_level, log_config=log_config(), timeout_graceful_shutdown=5, lifespan="off"
+        app,
+        http=with_header_deadline(client_timeout),
+        log_level=log_level,
+        log_config=log_config(),
+        timeout_graceful_shutdown=3,  # with the exit that follows, a SIGTERM stops it within 5 s
+        lifespan="off",
     )
+    # The event loop shares Python's lock with the threads that route and render long prompts: a
+    # 1 ms switch interval (Python's default is 5 ms) keeps /health quick while they run.
+    sys.setswitchinterval(0.001)
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -147,7 +178,7 @@ def log_config() -> dict:
     return config
 
 
-def backend_factory(onnx, adapter, model, upstream, upstream_api_key, settings):
+def backend_factory(onnx, adapter, model, upstream, upstream_api_key, upstream_timeouts, settings):
     """make_backend(metrics) for create_app: the engine loads here, after the checks."""
     if upstream:
         from hydra_edge.request_router import RequestRouter
@@ -157,7 +188,7 @@ def backend_factory(onnx, adapter, model, upstream, upstream_api_key, settings):
             router = RequestRouter.from_dir(router_folder(onnx, adapter))
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             raise UserError(f"{onnx or adapter}: the request router cannot be read ({exc})") from exc
-        return lambda metrics: UpstreamBackend(upstream, upstream_api_key, router, metrics)
+        return lambda metrics: UpstreamBackend(upstream, upstream_api_key, router, metrics, *upstream_timeouts)
 
     from hydra_edge.engines import open_engine
     from hydra_edge.server.local import LocalBackend

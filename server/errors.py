@@ -11,10 +11,12 @@ ERROR_TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     502: "upstream_error",
+    504: "upstream_error",
 }
 
 
@@ -39,3 +41,8 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def client_left() -> JSONResponse:
+    """What a request whose client disconnected ends with (nobody reads it; the log and metrics do)."""
+    return ApiError(499, "client disconnected").response()

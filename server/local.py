@@ -3,7 +3,9 @@ is resolved to a cluster (auto: the request router's), the prompt is rendered wi
 chat template, and the answer is generated on a worker thread while the event loop streams it.
 
 One worker thread per slot (--max-concurrency): the engines release Python's lock while they
-compute, so the loop keeps answering /health and new requests during generation.
+compute, so the loop keeps answering /health and new requests during generation. Preparing a
+request (routing, rendering, tokenizing: a second per megabyte of prompt) runs off the loop too,
+in the same slot (see app.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -22,9 +24,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from hydra_edge.data import prompt_ids, text_prompt_ids
 from hydra_edge.engines import Engine, Sampling, ServeAs
-from hydra_edge.errors import UserError
 from hydra_edge.server.admission import Ticket
-from hydra_edge.server.errors import ApiError
+from hydra_edge.server.errors import ApiError, client_left
 from hydra_edge.server.metrics import ServerMetrics
 from hydra_edge.server.replies import Kind, Replies, sse
 from hydra_edge.server.requests import GenerationRequest
@@ -74,6 +75,9 @@ class LocalBackend:
     def __init__(self, engine: Engine, max_tokens_cap: int, slots: int, metrics: ServerMetrics) -> None:
         self.engine, self.max_tokens_cap, self.metrics = engine, max_tokens_cap, metrics
         self.executor = ThreadPoolExecutor(slots, thread_name_prefix="hydra-generate")
+        # One routing at a time: the router holds Python's lock for long stretches (counting the
+        # n-grams of a 1 MB prompt is one 0.2 s call), so the event loop waits behind one at most.
+        self.routing = threading.Lock()
 
     def model_ids(self) -> list[str]:
         return model_ids(self.engine.forceable_clusters(), self.engine.serves_base())
@@ -86,14 +90,13 @@ class LocalBackend:
         first request."""
         self.engine.tokenizer(self.engine.route([{"role": "user", "content": ""}]))
 
-    def prepare(self, kind: Kind, request: GenerationRequest, body: dict) -> Plan:
+    def prepare(self, kind: Kind, request: GenerationRequest) -> Plan:
+        """Runs on a worker thread, holding a slot: the request routed, rendered and tokenized. A
+        UserError (the chat template refuses the conversation or runs out of time) is a 400."""
         turns = request.turns()
         cluster, serve_as = self._resolve(request.model, turns)
         tokenizer = self.engine.tokenizer(cluster)
-        try:
-            ids = prompt_ids(tokenizer, turns) if kind == "chat" else text_prompt_ids(tokenizer, request.prompt)
-        except UserError as exc:  # the chat template refuses this conversation
-            raise ApiError(400, str(exc), param="messages") from None
+        ids = prompt_ids(tokenizer, turns) if kind == "chat" else text_prompt_ids(tokenizer, request.prompt)
         context = self.engine.context_length(cluster)
         if len(ids) >= context:
             raise ApiError(
@@ -126,13 +129,9 @@ class LocalBackend:
         )
 
     def _resolve(self, model: str, turns: list[dict]) -> tuple[int, ServeAs]:
-        known = self.model_ids()
-        if model not in known:
-            raise unknown_model(model, known)
-        if model == "auto":
-            return self.engine.route(turns), "routed"
-        if model == "base":
-            return self.engine.route(turns), "base"
+        if model in ("auto", "base"):
+            with self.routing:
+                return self.engine.route(turns), "routed" if model == "auto" else "base"
         return int(model.removeprefix("cluster_")), "cluster"
 
     async def respond(self, plan: Plan, ticket: Ticket, request: Request):
@@ -146,7 +145,7 @@ class LocalBackend:
             )
         text = await generation.collect(request)
         if text is None:  # the client left; nobody reads this
-            return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+            return client_left()
         body = replies.whole(text, generation.finish_reason, len(plan.prompt_ids), generation.completion_tokens)
         return JSONResponse(body, headers=headers)
 
@@ -181,10 +180,9 @@ class Generation:
         self.finish_reason, self.completion_tokens = "stop", 0
 
     async def pieces(self) -> AsyncIterator[str]:
-        """The answer's text as it comes; waits for a slot first. Leaving the loop early (the
-        client disconnected) cancels the generation, which then frees its slot."""
+        """The answer's text as it comes, in the slot the request was prepared in. Leaving the loop
+        early (the client disconnected) cancels the generation, which then frees its slot."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        await self.ticket.take_slot()
         self.ticket.worker_owns_slot = True
         loop.run_in_executor(self.backend.executor, self._work, loop, queue)
         try:
@@ -232,22 +230,28 @@ class Generation:
 
     async def collect(self, request: Request) -> str | None:
         """The whole answer, or None if the client disconnects first (generation is cancelled)."""
-        parts: list[str] = []
 
-        async def gather() -> None:
+        async def gather() -> str:
             async with aclosing(self.pieces()) as pieces:
-                async for text in pieces:
-                    parts.append(text)
+                return "".join([text async for text in pieces])
 
-        task = asyncio.ensure_future(gather())
+        return await until_disconnected(request, gather())
+
+
+async def until_disconnected(request: Request, work: Awaitable):
+    """work's result, or None as soon as the client disconnects (work is then cancelled): a
+    client that hangs up while queued or answered frees its place at once."""
+    task = asyncio.ensure_future(work)
+    try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.5)
             if done:
-                task.result()  # raises what the generation raised
-                return "".join(parts)
+                return task.result()  # raises what work raised
             if await request.is_disconnected():
                 task.cancel()
                 return None
+    finally:
+        task.cancel()  # this request was cancelled itself (server shutdown): so is its work
 
 
 async def stream_events(generation: Generation, replies: Replies, plan: Plan) -> AsyncIterator[str]:

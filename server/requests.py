@@ -8,6 +8,7 @@ metadata, ...) are accepted and ignored, as vLLM does, so client libraries that 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Literal
 
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hydra_edge.server.errors import ApiError
 
 _STRICT = ConfigDict(strict=True, extra="allow")
+# ONNX Runtime GenAI's random_seed is a 32-bit int (-1: random), so the range every engine honours.
+SEED_MAX = 2**31 - 1
 # Part names pydantic adds to an error's location inside a union ("str", "list[TextPart]").
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
@@ -70,6 +73,13 @@ class GenerationRequest(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return stops
 
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value):
+        if value is not None and not 0 <= value <= SEED_MAX:
+            raise ValueError(f"out of range; use 0 to {SEED_MAX}")
+        return value
+
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
@@ -84,11 +94,12 @@ class GenerationRequest(BaseModel):
         raise NotImplementedError
 
 
-# Fields that would change the answer, and the values that leave it unchanged.
+# Fields that would change the answer, and the values that leave it unchanged (types included:
+# `"n": true` is not 1).
 _UNSUPPORTED = {
     "n": (None, 1),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
@@ -133,7 +144,8 @@ def parse(model_class: type[GenerationRequest], body: object) -> GenerationReque
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     for field, harmless in _UNSUPPORTED.items():
-        if body.get(field) not in harmless:
+        value = body.get(field)
+        if not any(value == h and type(value) is type(h) for h in harmless):
             raise ApiError(400, f"`{field}` is not supported by this server; leave it out", param=field)
     try:
         return model_class.model_validate(body)
@@ -146,19 +158,78 @@ def parse(model_class: type[GenerationRequest], body: object) -> GenerationReque
         raise ApiError(400, f"`{where}`: {message}", param=where or None) from None
 
 
-async def read_json(request: Request, limit_bytes: int) -> object:
-    """The body as JSON, refused (413) as soon as it passes the limit, without reading the rest."""
+async def read_body(request: Request, limit_bytes: int, timeout: float) -> bytes:
+    """The raw body, refused (413) as soon as it passes the limit, without reading the rest, and
+    (408) when it has not all arrived within `timeout` seconds, so a trickling client cannot hold
+    its connection open."""
     declared = request.headers.get("content-length", "")
     too_big = ApiError(413, f"the request body is larger than this server accepts ({limit_bytes} bytes)")
     if declared.isdigit() and int(declared) > limit_bytes:
         raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit_bytes:
-            raise too_big
-        chunks.append(chunk)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     try:
-        return json.loads(b"".join(chunks))
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--client-timeout)") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def decode_json(raw: bytes) -> object:
+    """The body as JSON: strict JSON (no NaN), nesting the parser can follow, and text that is
+    UTF-8 throughout (no lone surrogate such as "\\ud800", which no tokenizer or reply can encode)."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON (the body nests too deep)") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON (the body nests too deep)") from None
+    except UnicodeEncodeError:
+        where = _not_text(body) or "body"
+        raise ApiError(400, f"`{where}` is not valid UTF-8 text (it holds a lone surrogate)", param=where) from None
+    return body
+
+
+def _not_text(body: object) -> str:
+    """The path (messages.0.content) of a string or key in body that UTF-8 cannot encode; a loop,
+    not recursion, since the body may nest as deep as the parser allowed."""
+    stack = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and not _is_text(value):
+            return path
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            here = f"{path}.{key}" if path else str(key)
+            if not _is_text(here):  # the key itself: named with its surrogate escaped
+                return here.encode("utf-8", "backslashreplace").decode()
+            stack.append((here, item))
+    return ""
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_body(model_class: type[GenerationRequest], raw: bytes) -> GenerationRequest:
+    """decode_json then parse: the CPU-bound half of reading a request, run off the event loop."""
+    return parse(model_class, decode_json(raw))

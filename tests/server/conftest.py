@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from serverhelpers import API_KEY, launch
+from serverhelpers import API_KEY, FakeUpstream, launch, write_router
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +39,16 @@ def torch_server(trained_adapter, tmp_path_factory):
     server = launch(tmp_path_factory.mktemp("torch"), *args)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def router_dir(tmp_path_factory):
+    """A request router alone (no model): what a proxy needs."""
+    return write_router(tmp_path_factory.mktemp("router"))
+
+
+@pytest.fixture(scope="module")
+def fake_upstream():
+    upstream = FakeUpstream()
+    yield upstream
+    upstream.close()

@@ -149,3 +149,87 @@ def test_the_proxy_answers_502_when_its_upstream_is_down():
         assert reply.status_code == 502
         assert reply.json()["error"]["type"] == "upstream_error" and dead in reply.json()["error"]["message"]
         assert client.get("/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+
+
+@pytest.mark.parametrize(
+    "fields, param, words",
+    [
+        ({"seed": 2**64}, "seed", "use 0 to 2147483647"),
+        ({"seed": 2**31}, "seed", "use 0 to 2147483647"),  # ONNX Runtime GenAI's seed is 32-bit
+        ({"seed": -1}, "seed", "use 0 to 2147483647"),  # -1 is GenAI's "random": not reproducible
+        ({"n": True}, "n", "`n` is not supported"),  # a bool is not the integer 1
+        ({"n": 1.0}, "n", "`n` is not supported"),
+        ({"logprobs": 0}, "logprobs", "`logprobs` is not supported"),
+        ({"echo": None, "presence_penalty": False}, "presence_penalty", "`presence_penalty` is not supported"),
+    ],
+)
+def test_parse_is_strict_about_numbers_and_types(fields, param, words):
+    with pytest.raises(ApiError) as caught:
+        parse(ChatRequest, {"model": "auto", "messages": [{"role": "user", "content": "x"}], **fields})
+    assert caught.value.status == 400 and caught.value.param == param and words in caught.value.message
+
+
+def test_parse_accepts_the_edges_of_the_ranges():
+    hello = {"model": "auto", "messages": [{"role": "user", "content": "x"}]}
+    assert parse(ChatRequest, {**hello, "seed": 2**31 - 1}).seed == 2**31 - 1
+    assert parse(ChatRequest, {**hello, "seed": 0, "n": 1, "presence_penalty": 0.0, "frequency_penalty": 0}).seed == 0
+
+
+@pytest.mark.parametrize(
+    "raw, param, words",
+    [
+        (b"[" * 100_000, None, "the body nests too deep"),
+        (b'{"a": ' * 50_000, None, "the body nests too deep"),
+        (b'{"model": "auto", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content",
+         "`messages.0.content` is not valid UTF-8 text"),
+        ('{"model": "auto", "messages": [{"role": "user", "content": "a\ud800"}]}'.encode("utf-8", "surrogatepass"),
+         "messages.0.content", "not valid UTF-8 text"),  # the surrogate as raw bytes, not an escape
+        (b'{"model": "auto", "stop": ["\\udfff"]}', "stop.0", "`stop.0` is not valid UTF-8"),
+        (b'{"model": "auto", "metadata": {"\\ud800": 1}}', "metadata.\\ud800", "not valid UTF-8"),
+        (b'{"temperature": NaN}', None, "NaN is not a JSON number"),
+        (b'{"seed": -Infinity}', None, "-Infinity is not a JSON number"),
+        (b'{"seed": ' + b"9" * 5000 + b"}", None, "not valid JSON"),  # past Python's int-digits limit
+        (b"\xff\xfe{}", None, "not valid JSON"),
+    ],
+)  # fmt: skip
+def test_decode_json_refuses_what_would_crash_later_with_a_400(raw, param, words):
+    from hydra_edge.server.requests import decode_json
+
+    with pytest.raises(ApiError) as caught:
+        decode_json(raw)
+    assert caught.value.status == 400 and caught.value.param == param and words in caught.value.message
+
+
+def test_request_preparation_runs_on_a_worker_thread_and_a_user_error_is_a_400():
+    """A chat template that refuses a conversation (or runs out of its time budget) raises a
+    UserError while the request is prepared: a 400 naming the field, raised off the event loop."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from hydra_edge.errors import UserError
+    from hydra_edge.server.app import ServeSettings, create_app
+
+    class TemplateTimeout(UserError):
+        pass
+
+    threads = []
+
+    class Refusing:
+        def model_ids(self):
+            return ["auto"]
+
+        def prepare(self, kind, request):
+            threads.append(threading.current_thread().name)
+            raise TemplateTimeout("the chat template took longer than 5 s to render this conversation")
+
+    app = create_app(lambda metrics: Refusing(), ServeSettings())
+    with TestClient(app) as client:
+        hello = {"model": "auto", "messages": [{"role": "user", "content": "x"}]}
+        chat = client.post("/v1/chat/completions", json=hello)
+        completion = client.post("/v1/completions", json={"model": "auto", "prompt": "x"})
+        assert client.get("/health").json() == {"status": "ok", "running": 0, "waiting": 0}  # slots freed
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+    assert "longer than 5 s" in chat.json()["error"]["message"]
+    assert completion.status_code == 400 and completion.json()["error"]["param"] == "prompt"
+    assert threads and all(name.startswith("hydra-prepare") for name in threads), threads
