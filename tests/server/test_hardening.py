@@ -299,3 +299,47 @@ def test_a_seed_at_the_top_of_the_range_generates(api_server):
         reply = chat(api_server, "hello", max_tokens=4, temperature=1.0, seed=seed)
         assert reply.status_code == 200, reply.text
     assert json.loads(chat(api_server, "hello", seed=2**31).text)["error"]["param"] == "seed"
+
+
+# --- a chat template that never finishes (slow: serves the tiny adapter) ---
+
+NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}"
+
+
+@pytest.fixture
+def hanging_template_server(trained_adapter, tmp_path_factory):
+    import shutil
+
+    adapter = tmp_path_factory.mktemp("hang") / "adapter"
+    shutil.copytree(trained_adapter, adapter, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "chat_template": NESTED_LOOPS}))
+    server = launch(tmp_path_factory.mktemp("hang-serve"), "--adapter", str(adapter), "--api-key", API_KEY)
+    yield server
+    server.stop()
+
+
+def test_a_template_that_never_finishes_is_a_400_and_health_answers_meanwhile(hanging_template_server):
+    server = hanging_template_server
+    with ThreadPoolExecutor(3) as pool:
+        replies = [pool.submit(chat, server, "Capital of Peru?") for _ in range(3)]
+        polls = []
+        while not all(r.done() for r in replies):
+            polls.append(health_seconds(server))
+            time.sleep(0.05)
+    for reply in replies:
+        answer = reply.result()
+        assert answer.status_code == 400, answer.text
+        assert "chat template did not finish" in answer.json()["error"]["message"]
+    assert polls and max(polls) < 1.0, f"/health took {max(polls):.2f} s while templates rendered"
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_sigterm_stops_serve_within_5_s_while_a_template_renders(hanging_template_server):
+    server = hanging_template_server
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            pool.submit(chat, server, "Capital of Peru?")
+        time.sleep(0.5)  # the renders are under way
+        assert httpx.get(f"{server.root}/health").json()["running"] > 0
+        assert stop_seconds(server) < 5
