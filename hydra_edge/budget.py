@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import heapq
 import itertools
+import queue
 import threading
 import time
-from collections.abc import Iterator
 
 
 class OverBudget(BaseException):
@@ -27,62 +28,65 @@ class OverBudget(BaseException):
 
 
 class _Watchdog:
+    """Deadlines arrive on a queue; at each one the watchdog takes that render's guard (a lock
+    nobody releases) and, if it got it, raises OverBudget in the rendering thread. A render that
+    ends takes the guard first, so the watchdog can no longer fire for it. The rendering thread
+    never holds a lock the watchdog needs: an exception landing anywhere in it can leave nothing
+    locked (a shared lock taken there could be left held for good)."""
+
     def __init__(self) -> None:
-        self._lock = threading.Condition()
-        self._active: dict[int, tuple[float, int]] = {}  # token -> (deadline, thread id)
-        self._fired: dict[int, int] = {}  # token -> thread id, budget ran out
-        self._tokens = itertools.count()
+        self._deadlines: queue.SimpleQueue = queue.SimpleQueue()  # (deadline, thread id, guard)
+        self._started = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def watch(self, seconds: float) -> int:
-        with self._lock:
-            token = next(self._tokens)
-            self._active[token] = (time.monotonic() + seconds, threading.get_ident())
+    def watch(self, seconds: float) -> threading.Lock:
+        with self._started:  # taken before this deadline exists: no OverBudget can land here
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="hydra-budget")
                 self._thread.start()
-            self._lock.notify()
-            return token
-
-    def unwatch(self, token: int) -> bool:
-        """True if the budget ran out; an OverBudget not yet delivered is withdrawn, so it
-        cannot land in the caller's later code."""
-        with self._lock:
-            self._active.pop(token, None)
-            thread_id = self._fired.pop(token, None)
-            if thread_id is not None:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
-            return thread_id is not None
+        guard = threading.Lock()
+        self._deadlines.put((time.monotonic() + seconds, threading.get_ident(), guard))
+        return guard
 
     def _run(self) -> None:
-        with self._lock:
-            while True:
-                now = time.monotonic()
-                for token, (deadline, thread_id) in list(self._active.items()):
-                    if deadline <= now:
-                        del self._active[token]
-                        self._fired[token] = thread_id
-                        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                            ctypes.c_ulong(thread_id), ctypes.py_object(OverBudget)
-                        )
-                pending = [deadline for deadline, _ in self._active.values()]
-                self._lock.wait(timeout=max(0.0, min(pending) - now) if pending else None)
+        pending: list[tuple[float, int, int, threading.Lock]] = []  # a heap by deadline
+        order = itertools.count()
+        while True:
+            timeout = max(0.0, pending[0][0] - time.monotonic()) if pending else None
+            try:
+                deadline, thread_id, guard = self._deadlines.get(timeout=timeout)
+                heapq.heappush(pending, (deadline, next(order), thread_id, guard))
+            except queue.Empty:
+                pass
+            while pending and pending[0][0] <= time.monotonic():
+                _, _, thread_id, guard = heapq.heappop(pending)
+                if guard.acquire(blocking=False):  # the render has not ended: stop it
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(OverBudget))
 
 
 _WATCHDOG = _Watchdog()
 
 
-@contextlib.contextmanager
-def time_budget(seconds: float) -> Iterator[None]:
-    """Runs the block for at most `seconds` (plus the time to reach the next bytecode);
-    raises OverBudget when it ran out."""
-    token = _WATCHDOG.watch(seconds)
-    ran_out = False
-    try:
-        yield
-    except OverBudget:
-        ran_out = True
-    finally:
-        ran_out = _WATCHDOG.unwatch(token) or ran_out
-    if ran_out:
+class time_budget:  # noqa: N801 - used like a function: `with time_budget(2.0):`
+    """Runs the block for at most `seconds` (plus the time to reach the next bytecode); raises
+    OverBudget when it ran out, and never lets an OverBudget land after the block's `with`
+    statement. A class, not a generator: an exception landing in contextlib's frames would
+    leave a generator suspended, to raise again when it is collected."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        self.guard = _WATCHDOG.watch(self.seconds)
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        if kind is not None and issubclass(kind, OverBudget):
+            return False  # it landed in the block: let it through
+        if self.guard.acquire(blocking=False):
+            return False  # ended in time: the watchdog can no longer fire for it
+        # The watchdog took the guard: its OverBudget is on its way. Take it here, not in the
+        # caller's later code.
+        with contextlib.suppress(OverBudget):
+            for _ in range(1000):
+                time.sleep(0.001)
         raise OverBudget
