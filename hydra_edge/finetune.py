@@ -61,9 +61,7 @@ def resolve_resume(config: FinetuneConfig, explicit: set[str]) -> tuple[Finetune
     if not (out / RUN_CONFIG).is_file():
         raise UserError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} missing); check --out")
     run_config = out / RUN_CONFIG
-    saved = check_settings(
-        read_json_object(run_config, "the run's settings are damaged; start a new run"), str(run_config)
-    )
+    saved = read_run_config(out)
     for key in RESUMABLE_OVERRIDES:
         if key in explicit:
             saved[key] = getattr(config, key)
@@ -74,6 +72,15 @@ def resolve_resume(config: FinetuneConfig, explicit: set[str]) -> tuple[Finetune
     except ValueError as exc:
         raise UserError(f"{run_config}: {exc}; the run's settings are damaged, start a new run") from exc
     return resumed, _intact_checkpoint(out)
+
+
+def read_run_config(out: Path) -> dict:
+    """A run folder's saved settings, each key and type checked (values are checked when a
+    FinetuneConfig is built from them); one line naming the file otherwise."""
+    run_config = Path(out) / RUN_CONFIG
+    return check_settings(
+        read_json_object(run_config, "the run's settings are damaged; start a new run"), str(run_config)
+    )
 
 
 def _intact_checkpoint(out: Path) -> Path:

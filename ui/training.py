@@ -277,11 +277,9 @@ def check_saved_paths(ws: Workspace, out: Path) -> None:
     template file) lies inside the workspace, as the form's would: the file is in the workspace,
     so anyone who can write there could otherwise point a resumed run at files outside it."""
     from hydra_edge.chat_templates import TEMPLATES
-    from hydra_edge.config import check_settings
-    from hydra_edge.files import read_json_object
+    from hydra_edge.finetune import read_run_config
 
-    path = out / "run_config.json"
-    saved = check_settings(read_json_object(path, "the run's settings are damaged; start a new run"), str(path))
+    saved = read_run_config(out)
     try:
         FinetuneConfig(**saved)  # its own checks too (a run name that is a path, say)
     except ValueError as exc:

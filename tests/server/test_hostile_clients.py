@@ -103,6 +103,23 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
 # --- the routing proxy (fast) ---
 
 
+def assert_half_open_closed(server, count: int, within: float, threads: int) -> None:
+    """`count` connections that send part of their headers: /health answers under 1 s beside
+    them, and the server closes every one within `within` seconds."""
+    sockets = open_half_requests(server, count)
+    try:
+        started = time.monotonic()
+        slowest = max(health_seconds(server) for _ in range(5))
+        assert slowest < 1.0, f"/health took {slowest:.2f} s beside {count:,} half-open connections"
+        with ThreadPoolExecutor(threads) as pool:
+            closed = list(pool.map(lambda s: closed_by_server(s, within), sockets))
+        assert all(closed), f"{closed.count(False)} of {count:,} half-open connections still open"
+        assert time.monotonic() - started < within
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 @pytest.fixture(scope="module")
 def quick_proxy(tmp_path_factory, router_dir, fake_upstream):
     """Headers and bodies must arrive within 2 s; the upstream may stay silent 6 s; one slot and
@@ -179,14 +196,7 @@ def test_an_upstream_that_never_answers_is_a_504(quick_proxy, fake_upstream):
 
 
 def test_half_open_connections_are_closed_and_health_answers_meanwhile(quick_proxy):
-    sockets = open_half_requests(quick_proxy, 300)
-    started = time.monotonic()
-    slowest = max(health_seconds(quick_proxy) for _ in range(5))
-    assert slowest < 1.0, f"/health took {slowest:.2f} s beside 300 half-open connections"
-    with ThreadPoolExecutor(32) as pool:
-        closed = list(pool.map(lambda s: closed_by_server(s, 8), sockets))
-    assert all(closed), f"{closed.count(False)} of 300 half-open connections still open"
-    assert time.monotonic() - started < 8  # --client-timeout 2, not uvicorn's never
+    assert_half_open_closed(quick_proxy, 300, within=8, threads=32)  # --client-timeout 2, not uvicorn's never
     # Complete headers, then a body that never comes: a 408 after --client-timeout.
     sock = socket.create_connection(address(quick_proxy), timeout=10)
     sock.sendall(
@@ -241,18 +251,11 @@ def test_sigterm_stops_the_proxy_within_5_s_with_hundreds_of_half_open_connectio
 
 @pytest.mark.slow
 def test_3000_half_open_connections(tmp_path_factory, router_dir, fake_upstream):
-    """The issue's numbers: 3,000 connections that send part of their headers. /health answers
+    """3,000 connections that send part of their headers: /health answers
     beside them, the server closes them after --client-timeout, and SIGTERM still stops it."""
     server, sockets = proxy(tmp_path_factory, router_dir, fake_upstream, "--client-timeout", "10"), []
     try:
-        sockets = open_half_requests(server, 3000)
-        started = time.monotonic()
-        slowest = max(health_seconds(server) for _ in range(5))
-        assert slowest < 1.0, f"/health took {slowest:.2f} s beside 3,000 half-open connections"
-        with ThreadPoolExecutor(64) as pool:
-            closed = list(pool.map(lambda s: closed_by_server(s, 20), sockets))
-        assert all(closed), f"{closed.count(False)} of 3,000 half-open connections still open"
-        assert time.monotonic() - started < 20
+        assert_half_open_closed(server, 3000, within=20, threads=64)
         sockets = open_half_requests(server, 3000)
         assert stop_seconds(server) < 5
     finally:
