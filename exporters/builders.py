@@ -143,7 +143,8 @@ def build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: AdapterCon
     """One ONNX model that runs the router and all heads per token, exactly as in training.
 
     The builder's LoRA branch per module, MatMul(x, Aᵀ) -> MatMul(h, B_scaledᵀ), is rewritten to
-        g = Softmax(MatMul(x, W_routerᵀ))                  (B, T, N)
+        g = Softmax(MatMul(x, W_routerᵀ / T))              (B, T, N)
+        g = ScatterElements(0·g, idx, v / Σv)  with v, idx = TopK(g, k)   (only with --router-top-k)
         gh = Reshape(Unsqueeze(g, -1) * Unsqueeze(h, -2))    (B, T, N·r)
         delta = MatMul(gh, B_cat)                           B_cat: (N·r, out), scaled by alpha/r
     i.e. the layer's own flattened computation (hydra_edge/layers.py)."""
@@ -170,6 +171,7 @@ def build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: AdapterCon
         "-1": numpy_helper.from_array(np.array([-1], dtype=np.int64), "hydra_axes_last"),
         "-2": numpy_helper.from_array(np.array([-2], dtype=np.int64), "hydra_axes_second_last"),
         "shape": numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), "hydra_shape_flatten_heads"),
+        "k": numpy_helper.from_array(np.array([config.router_top_k], dtype=np.int64), "hydra_top_k"),
     }
     graph.initializer.extend(axes.values())
     for node in graph.node:
@@ -185,7 +187,7 @@ def build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: AdapterCon
         b_cat = (scaling * heads.permute(0, 2, 1).reshape(n_heads * rank, out_features)).numpy()  # (N·r, out)
         prefix = f"/hydra/{module}"
         router_name, b_name = f"{module}.hydra_router_T", f"{module}.hydra_B_cat"
-        router_t = weights[f"{module}.hydra_router"].float().numpy().T  # (in, N)
+        router_t = weights[f"{module}.hydra_router"].float().numpy().T / config.router_temperature  # (in, N)
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(router_t, dtype=dtype), router_name))
         initializers[node.input[1]].CopyFrom(numpy_helper.from_array(b_cat.astype(dtype), node.input[1]))
         initializers[a_node.input[1]].CopyFrom(
@@ -193,11 +195,12 @@ def build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: AdapterCon
                 np.ascontiguousarray(weights[f"{module}.hydra_A"].float().numpy().T, dtype=dtype), a_node.input[1]
             )
         )
+        top_k = 0 < config.router_top_k < config.heads
+        softmax_out = f"{prefix}/soft" if top_k else f"{prefix}/gates"
         gate_nodes = [
             helper.make_node("MatMul", [x, router_name], [f"{prefix}/router_logits"], name=f"{prefix}/router/MatMul"),
-            helper.make_node(
-                "Softmax", [f"{prefix}/router_logits"], [f"{prefix}/gates"], name=f"{prefix}/Softmax", axis=-1
-            ),
+            helper.make_node("Softmax", [f"{prefix}/router_logits"], [softmax_out], name=f"{prefix}/Softmax", axis=-1),
+            *(_top_k_nodes(prefix) if top_k else []),
             helper.make_node(
                 "Unsqueeze", [f"{prefix}/gates", "hydra_axes_last"], [f"{prefix}/gates_u"], name=f"{prefix}/UnsqueezeG"
             ),
@@ -223,6 +226,27 @@ def build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: AdapterCon
     graph.node.extend(new_nodes)
     _save_over(graph_model, model_dir)
     return {}
+
+
+def _top_k_nodes(prefix: str) -> list:
+    """f"{prefix}/gates" (B, T, N) from the softmax's f"{prefix}/soft": its k largest entries
+    renormalised, the rest zero (layers.top_k_gates)."""
+    from onnx import helper
+
+    p = prefix
+    return [
+        helper.make_node("TopK", [f"{p}/soft", "hydra_top_k"], [f"{p}/top_v", f"{p}/top_i"], name=f"{p}/TopK", axis=-1),
+        helper.make_node("ReduceSum", [f"{p}/top_v", "hydra_axes_last"], [f"{p}/top_sum"], name=f"{p}/TopK/Sum"),
+        helper.make_node("Div", [f"{p}/top_v", f"{p}/top_sum"], [f"{p}/top_norm"], name=f"{p}/TopK/Div"),
+        helper.make_node("Sub", [f"{p}/soft", f"{p}/soft"], [f"{p}/zeros"], name=f"{p}/TopK/Zeros"),
+        helper.make_node(
+            "ScatterElements",
+            [f"{p}/zeros", f"{p}/top_i", f"{p}/top_norm"],
+            [f"{p}/gates"],
+            name=f"{p}/TopK/Scatter",
+            axis=-1,
+        ),
+    ]
 
 
 def _save_over(graph_model, model_dir: Path) -> None:

@@ -67,9 +67,11 @@ def inject_hydra_lora(
     dropout: float,
     head_init: str = "zero",
     source: str = "--targets",
+    **router_options,
 ) -> dict[str, HydraLoRALinear]:
     """Wraps each named linear layer; freezes everything else. Returns {name: layer}.
-    source names where the module names came from, for the error when one is not there."""
+    source names where the module names came from, for the error when one is not there;
+    router_options (head_dropout, router_temperature, router_top_k) go to every layer."""
     for name in module_names:
         try:
             found = model.get_submodule(name)
@@ -88,7 +90,7 @@ def inject_hydra_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         base_layer = getattr(parent, child)
         ref = base_layer.weight
-        layer = HydraLoRALinear(base_layer, rank, alpha, num_heads, dropout, head_init)
+        layer = HydraLoRALinear(base_layer, rank, alpha, num_heads, dropout, head_init, **router_options)
         layer.to(device=ref.device)
         setattr(parent, child, layer)
         layers[name] = layer
@@ -205,7 +207,17 @@ def attach_adapter(model: nn.Module, config: AdapterConfig, weights: dict[str, t
     inference), then its weights."""
     source = str(Path(adapter_dir) / CONFIG_FILE)
     _check_fits_base(model, config, weights, Path(adapter_dir) / WEIGHTS_FILE)
-    inject_hydra_lora(model, config.target_modules, config.r, config.alpha, config.heads, 0.0, source=source)
+    inject_hydra_lora(
+        model,
+        config.target_modules,
+        config.r,
+        config.alpha,
+        config.heads,
+        0.0,
+        source=source,
+        router_temperature=config.router_temperature,
+        router_top_k=config.router_top_k,
+    )
     load_adapter_state_dict(model, weights, str(adapter_dir))
 
 

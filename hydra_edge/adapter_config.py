@@ -44,6 +44,9 @@ class AdapterConfig:
     dropout: float = 0.0
     head_init: str = "zero"
     router: str = "learned"
+    head_dropout: float = 0.0
+    router_temperature: float = 1.0  # the router's logits are divided by it (inference too)
+    router_top_k: int = 0  # 0: every head; else each token's k largest gates, renormalised
     targets: str | None = None  # the --targets that chose target_modules
     tokenizer: str | None = None
     chat_template: str | None = None
@@ -113,6 +116,8 @@ _RULES = {
 _OPTIONAL_RULES = {
     "dtype": (lambda v: v in _choice(Dtype), " or ".join(_choice(Dtype))),
     "training": (lambda v: isinstance(v, dict), "a mapping"),
+    "router_temperature": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "router_top_k": (lambda v: _is_whole(v, least=0), "a whole number >= 0"),
 }
 
 
@@ -138,6 +143,11 @@ def _check_weight_shapes(config: AdapterConfig, weights_path: Path) -> None:
     except Exception as exc:  # SafetensorError and friends: damaged or truncated file
         raise UserError(f"{weights_path}: cannot read adapter weights ({exc}); the file is damaged") from exc
     r, heads = config.r, config.heads
+    if config.router_top_k > heads:
+        raise UserError(
+            f"{weights_path.parent / CONFIG_FILE}: router_top_k {config.router_top_k} exceeds heads={heads}; "
+            "the adapter folder is damaged"
+        )
     expected = {f"{m}.{k}" for m in config.target_modules for k in ADAPTER_KEYS}
     if set(shapes) != expected:
         odd = sorted(set(shapes) ^ expected)[0]

@@ -17,6 +17,7 @@ Overlong = Literal["truncate", "drop"]
 MixedPrecision = Literal["auto", "bf16", "no"]
 PoolOver = Literal["cluster", "sample", "prompt"]
 Router = Literal["learned", "uniform"]
+RouterLossSchedule = Literal["constant", "linear"]
 Dtype = Literal["bf16", "fp32"]  # what a base computed in during training
 LrScheduler = Literal["cosine", "linear", "constant", "cosine_with_min_lr"]
 Optim = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]

@@ -28,6 +28,7 @@ from hydra_edge.choices import (
     Quant,
     ReportTo,
     Router,
+    RouterLossSchedule,
 )
 from hydra_edge.errors import UserError
 from hydra_edge.files import SETTING_INT_RANGE
@@ -76,13 +77,30 @@ class FinetuneConfig:
     rank: int = _f(8, "LoRA rank r of the shared A.", ge=1)
     alpha: float = _f(32.0, "LoRA alpha; the branch is scaled by alpha / rank.", gt=0)
     dropout: float = _f(0.05, "Dropout on the A path.", ge=0, lt=1)
-    head_init: HeadInit = _f("zero", "Head init: 'zero' (reference, starts equal to the base) or 'random' (R-LoRA).")
+    head_init: HeadInit = _f(
+        "zero",
+        "Head init: 'zero' (reference: heads zero) or 'random' (R-LoRA: distinct heads summing to zero, router "
+        "at zero; both start exactly at the base).",
+    )
+    head_dropout: float = _f(0.0, "Dropout on A·x with an independent mask per head (R-LoRA).", ge=0, lt=1)
+    router_temperature: float = _f(1.0, "The router's softmax temperature (below 1: sharper gates).", gt=0)
+    router_top_k: int = _f(
+        0, "Route each token to its k largest gates, renormalised (straight-through gradient); 0 = every head.", ge=0
+    )
+    router_balance: float = _f(
+        0.0,
+        "Weight of the balance-and-certainty loss: each token's gates decisive, all heads used (HMoRA); 0 = off.",
+        ge=0,
+    )
     router_loss: float = _f(
         0.0,
         "Weight of the router-supervision loss: cross-entropy pulling every token's gates toward "
         "its data cluster's head. Keeps routing consistent within a cluster, so the per-cluster "
         "exports (adapters/merged) match the per-token model; 0 = unsupervised router.",
         ge=0,
+    )
+    router_loss_schedule: RouterLossSchedule = _f(
+        "constant", "--router-loss and --router-balance weights: constant, or linear (annealed to 0 by the last step)."
     )
     pooled_steps: float = _f(
         0.5,
@@ -189,6 +207,8 @@ class FinetuneConfig:
                 f"--run-name {self.run_name}: a name, not a path (trackers write under <out>/runs/<name>); "
                 "leave out '/', '\\' and '..'"
             )
+        if self.heads != "auto" and self.heads.isdigit() and self.router_top_k > int(self.heads):
+            problems.append(f"--router-top-k {self.router_top_k}: at most --heads {self.heads}")
         if self.early_stopping is not None and not self.eval_every:
             problems.append("--early-stopping: needs --eval-every N (held-out loss is what it watches)")
         if problems:

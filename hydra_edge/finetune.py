@@ -179,7 +179,19 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     fingerprint = base_fingerprint(base.resolved, base.model)
     modules = find_target_modules(base.model, config.targets)
     torch.manual_seed(config.seed)
-    inject_hydra_lora(base.model, modules, config.rank, config.alpha, num_heads, config.dropout, config.head_init)
+    top_k = config.router_top_k if config.router_top_k < num_heads else 0  # k >= N: every head anyway
+    inject_hydra_lora(
+        base.model,
+        modules,
+        config.rank,
+        config.alpha,
+        num_heads,
+        config.dropout,
+        config.head_init,
+        head_dropout=config.head_dropout,
+        router_temperature=config.router_temperature,
+        router_top_k=top_k,
+    )
     if config.router == "uniform":
         freeze_uniform_router(base.model)
     trainable = sum(p.numel() for p in base.model.parameters() if p.requires_grad)
@@ -215,7 +227,7 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
     same_name = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoopSettings) if hasattr(config, f.name)}
     settings = LoopSettings(**same_name, total_steps=total_steps, warmup_steps=warmup)
     if num_heads == 1:
-        settings.router_loss = settings.pooled_steps = 0.0
+        settings.router_loss = settings.pooled_steps = settings.router_balance = 0.0
     held_out = None
     if config.eval_every:
         held_out = HeldOut(
@@ -258,6 +270,9 @@ def run_finetune(config: FinetuneConfig, explicit: set[str] = frozenset(), on_st
         dropout=config.dropout,
         head_init=config.head_init,
         router=config.router,
+        head_dropout=config.head_dropout,
+        router_temperature=config.router_temperature,
+        router_top_k=top_k,
         targets=config.targets,
         target_modules=modules,
         tokenizer=base.resolved,

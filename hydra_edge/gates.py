@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from hydra_edge.adapter import hydra_layers
 from hydra_edge.data import Sample, collate
@@ -80,31 +81,108 @@ def mean_gates_per_cluster(
 
 
 def router_health(model, samples: list[Sample], pad_id: int, batch_size: int = 16) -> dict[str, dict]:
-    """{module: {"gate_entropy", "head_share"}} over every real token of `samples`: the gates'
-    entropy as a share of its maximum log N (0: one head takes every token, 1: all weigh the
-    same), and the share of tokens each head wins (its gate is the largest). A router that
-    collapsed onto one head, or never left uniform, shows here."""
-    entropy: dict[str, float] = {}
-    wins: dict[str, torch.Tensor] = {}
-    tokens = 0
+    """{module: {"gate_entropy", "head_share", "head_cosine", "routing_spread"}} over every real
+    token of `samples` (unpacked: the gate pass reads their attention mask). A router that
+    collapsed onto one head, or never left uniform, shows in the first two; heads that trained
+    alike (HydraLoRA then costs N LoRAs and works as one) in the last two:
+
+    gate_entropy    the gates' entropy as a share of its maximum log N (0: one head takes every
+                    token, 1: all weigh the same);
+    head_share      the share of tokens each head wins (its gate is the largest);
+    head_cosine     the mean pairwise cosine similarity of the B heads (1: one head N times);
+                    None with one head;
+    routing_spread  how differently the samples' data clusters (Sample.cluster) are routed: the
+                    mean over clusters of the total variation between the cluster's mean gates
+                    and the mean of all clusters' means (0: every cluster gets the same mix);
+                    None with fewer than two clusters."""
+    clusters = torch.tensor([s.cluster for s in samples], dtype=torch.long)  # (S,)
+    num_clusters = int(clusters.max()) + 1 if len(samples) else 0
+    tallies: dict[str, _GateTally] = {}
+    cluster_tokens = torch.zeros(num_clusters)  # (C,)
+    offset = 0
     for mask, gates_by_module in _gates_by_batch(model, samples, pad_id, batch_size, None):
-        real = mask.bool()  # (B, T)
-        tokens += int(real.sum())
+        real = mask.bool().cpu()  # (B, T)
+        rows = clusters[offset : offset + real.shape[0]]  # (B,)
+        offset += real.shape[0]
+        members = F.one_hot(rows.unsqueeze(1).expand_as(real)[real], num_clusters).float()  # (n, C)
+        cluster_tokens += members.sum(dim=0)
         for name, gates in gates_by_module.items():
-            g = gates[real].float()  # (n, N)
-            per_token = -(g * g.clamp_min(1e-12).log()).sum(dim=-1)  # (n,)
-            entropy[name] = entropy.get(name, 0.0) + float(per_token.sum())
-            won = torch.bincount(g.argmax(dim=-1), minlength=g.shape[-1]).cpu()
-            wins[name] = wins.get(name, 0) + won
-    health = {}
-    for name, won in wins.items():
-        heads = len(won)
-        top = math.log(heads) if heads > 1 else 1.0
-        health[name] = {
-            "gate_entropy": entropy[name] / max(tokens, 1) / top,
-            "head_share": [float(w) / max(tokens, 1) for w in won],
+            tallies.setdefault(name, _GateTally()).add(gates.cpu()[real].float(), members)  # (n, N), (n, C)
+    layers = hydra_layers(model)
+    return {name: tally.health(layers[name].hydra_B, cluster_tokens) for name, tally in tallies.items()}
+
+
+class _GateTally:
+    """One module's running sums over the gate pass's batches."""
+
+    def __init__(self) -> None:
+        self.entropy = 0.0  # summed per-token entropy
+        self.wins: torch.Tensor | float = 0  # (N,) tokens each head wins
+        self.by_cluster: torch.Tensor | float = 0  # (C, N) summed gates of each cluster's tokens
+
+    def add(self, gates: torch.Tensor, members: torch.Tensor) -> None:
+        """gates (n, N) of n real tokens, members (n, C) their one-hot clusters."""
+        self.entropy += float(-(gates * gates.clamp_min(1e-12).log()).sum())
+        self.wins = self.wins + torch.bincount(gates.argmax(dim=-1), minlength=gates.shape[-1])
+        self.by_cluster = self.by_cluster + members.T @ gates  # (C, N)
+
+    def health(self, heads: torch.Tensor, cluster_tokens: torch.Tensor) -> dict:
+        """router_health's entry for this module. heads (N, out, r), cluster_tokens (C,)."""
+        tokens = max(float(cluster_tokens.sum()), 1.0)
+        n = len(self.wins)
+        seen = cluster_tokens > 0  # (C,): clusters with a real token among the samples
+        return {
+            "gate_entropy": self.entropy / tokens / (math.log(n) if n > 1 else 1.0),
+            "head_share": [float(w) / tokens for w in self.wins],
+            "head_cosine": head_cosine(heads),
+            "routing_spread": routing_spread(self.by_cluster[seen] / cluster_tokens[seen].unsqueeze(-1)),
         }
-    return health
+
+
+@torch.no_grad()
+def head_cosine(heads: torch.Tensor) -> float | None:
+    """The mean pairwise cosine similarity of the B heads, each flattened: near 1 when training
+    moved them together (the symmetry layers.py describes), None with one head. A zero head
+    (head_init zero, before any step) counts as unlike every other. heads (N, out, r)."""
+    n = heads.shape[0]
+    if n < 2:
+        return None
+    flat = F.normalize(heads.detach().float().flatten(1), dim=1)  # (N, out·r)
+    similarity = flat @ flat.T  # (N, N)
+    pairs = torch.triu_indices(n, n, offset=1)  # (2, N(N-1)/2)
+    return float(similarity[pairs[0], pairs[1]].mean())
+
+
+def routing_spread(cluster_means: torch.Tensor) -> float | None:
+    """The mean over clusters of the total variation 0.5·Σ|g_c - ḡ| between each cluster's mean
+    gates g_c and their mean ḡ: 0 when the router gives every cluster the same mix (it then
+    routes nothing the data's clusters tell apart); 1 - 1/C when each cluster has a head of its own.
+    None with fewer than two clusters. cluster_means (C, N)."""
+    if cluster_means.shape[0] < 2:
+        return None
+    overall = cluster_means.mean(dim=0, keepdim=True)  # (1, N)
+    return float(0.5 * (cluster_means - overall).abs().sum(dim=-1).mean())
+
+
+def router_summary(health: dict[str, dict]) -> dict:
+    """router_health averaged over modules, what a person watching the run reads: routing_spread
+    and head_cosine (each over the modules that have one; None if none has), max_head_share (each
+    module's largest head share: near 1 when one head takes every token) and head_share (head i's
+    share in every module, averaged: a rough picture, as head i of one module need not serve the
+    tokens head i of another does)."""
+
+    def mean(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    modules = list(health.values())
+    shares = [m["head_share"] for m in modules]
+    return {
+        "routing_spread": mean([m.get("routing_spread") for m in modules]),
+        "head_cosine": mean([m.get("head_cosine") for m in modules]),
+        "max_head_share": mean([max(s) if s else None for s in shares]),
+        "head_share": [mean(list(per_head)) for per_head in zip(*shares)] if shares else [],
+    }
 
 
 def save_cluster_gates(out_dir: Path, gates: dict[str, torch.Tensor], token_counts: list[int]) -> None:

@@ -2,8 +2,10 @@
 
 Every N steps the model in training is scored as `hydra-edge eval` scores a finished adapter:
 loss and per-cluster loss on every held-out row, exact-match on the first --eval-em-rows, plus
-the router's health per module (hydra_edge/gates.py). Early stopping watches the held-out loss
-and keeps the best step's adapter weights in <out>/best/, which become the run's result.
+the router's health per module and its summary over modules (hydra_edge/gates.py), from which
+the loop tells whether the heads have collapsed (heads_collapsed). Early stopping watches the
+held-out loss and keeps the best step's adapter weights in <out>/best/, which become the run's
+result.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from hydra_edge.data import Record, tokenize_record
 from hydra_edge.files import atomic_write_text, save_tensors
 
 BEST_DIR = "best"
+# A mean pairwise head cosine above this, past warmup, is reported as collapsed heads.
+COLLAPSED_HEAD_COSINE = 0.9
+# router_summary entries the trackers get as router/<name> (head_share is a list).
+SUMMARY_TRACKED = ("routing_spread", "head_cosine", "max_head_share")
 
 
 @dataclass
@@ -38,16 +44,17 @@ class HeldOut:
 
     def score(self, model) -> dict:
         """The eval row for metrics.jsonl (without its step): loss, perplexity, exact-match,
-        per-cluster loss and the router's health. Leaves the model in training mode."""
+        per-cluster loss, the router's health per module and its summary over modules. Leaves
+        the model in training mode."""
         from hydra_edge.evaluate import evaluate
-        from hydra_edge.gates import router_health
+        from hydra_edge.gates import router_health, router_summary
         from hydra_edge.torch_engine import TorchEngine
 
         started = time.perf_counter()
         try:
             engine = TorchEngine(model, self.tokenizer, self.clusters)
             scores = evaluate(engine, self.records, self.seq_len, self.max_new_tokens, em_rows=self.em_rows)
-            samples = [tokenize_record(self.tokenizer, r, self.seq_len) for r in self.records]
+            samples = self._routed_samples()
             health = router_health(model, samples, self.tokenizer.pad_token_id)
         finally:
             model.train()
@@ -59,17 +66,39 @@ class HeldOut:
             "eval_em_rows": min(self.em_rows, scores["n"]),
             "eval_cluster_loss": {c: v["loss"] for c, v in scores["per_cluster"].items()},
             "router": health,
+            "router_summary": router_summary(health),
             "eval_seconds": time.perf_counter() - started,
         }
 
+    def _routed_samples(self) -> list:
+        """The rows tokenized, each with the cluster serving routes it to (what the routing
+        spread compares), as evaluate() routes them."""
+        clusters = self.clusters.assign([r.prompt_text for r in self.records]) if self.records else []
+        samples = [tokenize_record(self.tokenizer, r, self.seq_len) for r in self.records]
+        for sample, cluster in zip(samples, clusters):
+            sample.cluster = int(cluster)
+        return samples
+
+
+def heads_collapsed(row: dict, warmup_steps: int) -> bool:
+    """Whether an eval row (with its step) shows heads that trained alike: past warmup (zero
+    heads move together at first), a mean head cosine above COLLAPSED_HEAD_COSINE. HydraLoRA
+    then trains as one LoRA at N times the cost; one head has no cosine and never collapses."""
+    cosine = (row.get("router_summary") or {}).get("head_cosine")
+    return cosine is not None and cosine > COLLAPSED_HEAD_COSINE and row["step"] > warmup_steps
+
 
 def tracker_values(row: dict) -> dict:
-    """An eval row as flat tracker metrics: eval/loss, eval/loss_cluster_<c>,
-    router/<module>/gate_entropy, router/<module>/head_<i>_share."""
+    """An eval row as flat tracker metrics: eval/loss, eval/loss_cluster_<c>, the summary as
+    router/routing_spread, router/head_cosine, router/max_head_share, and per module
+    router/<module>/{gate_entropy, head_cosine, routing_spread, head_<i>_share}. None is left out."""
     values = {f"eval/{k.removeprefix('eval_')}": row[k] for k in ("eval_loss", "eval_perplexity", "eval_exact_match")}
     values.update({f"eval/loss_cluster_{c}": loss for c, loss in row["eval_cluster_loss"].items()})
+    summary = row.get("router_summary") or {}
+    values.update({f"router/{k}": summary.get(k) for k in SUMMARY_TRACKED})
     for module, health in row["router"].items():
-        values[f"router/{module}/gate_entropy"] = health["gate_entropy"]
+        for key in ("gate_entropy", "head_cosine", "routing_spread"):
+            values[f"router/{module}/{key}"] = health.get(key)
         values.update({f"router/{module}/head_{i}_share": s for i, s in enumerate(health["head_share"])})
     return {k: v for k, v in values.items() if v is not None}
 

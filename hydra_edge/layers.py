@@ -1,6 +1,17 @@
 """The HydraLoRA layer: one shared A, N stacked B heads and a per-token router.
 
-    y = W0·x + (alpha / r) · Σ_i g_i(x) · B_i · A · dropout(x)      g(x) = softmax(W_router · x)
+    y = W0·x + (alpha / r) · Σ_i g_i(x) · B_i · A · dropout(x)      g(x) = softmax(W_router · x / T)
+
+Symmetry breaking (why the heads can differ at all): with zero heads and near-uniform gates every
+head gets the same gradient, Adam turns that into the same update, and identical heads give the
+router no gradient, so the heads stay alike and HydraLoRA is a LoRA with N times the cost. Three
+levers, all options (config.py): `head_init random` starts every head distinct (R-LoRA's scale)
+and centred, `Σ_i B_i = 0`, with the router at zero, so the gates start uniform and the adapted
+model starts exactly at the base with no offset to store or export; `head_dropout` drops A·x with
+an independent mask per head, so even equal heads get different gradients; and the router's
+temperature T, top-k (a straight-through estimator: the forward uses the k largest gates
+renormalised, the backward the softmax's gradient) and the balance-and-certainty loss
+(`switches.router_balance`) shape how decisively tokens pick heads.
 
 Like PEFT's LoRA layer, it *wraps* the base layer (`self.base_layer`) instead of copying its
 weight, so the same code serves `nn.Linear` and bitsandbytes `Linear4bit` (see `quant.py`).
@@ -32,12 +43,17 @@ class HydraLoRALinear(nn.Module):
         num_heads: int,
         dropout: float = 0.0,
         head_init: str = "zero",
+        head_dropout: float = 0.0,
+        router_temperature: float = 1.0,
+        router_top_k: int = 0,
     ) -> None:
         super().__init__()
         if rank < 1 or num_heads < 1:
             raise ValueError(f"rank and num_heads must be >= 1, got {rank} and {num_heads}")
         if head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+        if router_temperature <= 0 or not 0 <= router_top_k <= num_heads:
+            raise ValueError(f"router_temperature must be > 0 and router_top_k in 0..{num_heads}")
         self.base_layer = base_layer
         self.in_features = int(base_layer.in_features)
         self.out_features = int(base_layer.out_features)
@@ -47,6 +63,10 @@ class HydraLoRALinear(nn.Module):
         self.scaling = self.alpha / rank
         self.head_init = head_init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Per-head dropout on A·x: one independent mask per head (R-LoRA).
+        self.head_dropout = nn.Dropout(head_dropout) if head_dropout > 0 else nn.Identity()
+        self.router_temperature = float(router_temperature)
+        self.router_top_k = int(router_top_k)  # 0 or N: every head
         # Adapter weights live in float32 (master copy); autocast runs the matmuls in bf16.
         self.hydra_A = nn.Parameter(torch.empty(rank, self.in_features))  # (r, in)
         self.hydra_B = nn.Parameter(torch.empty(num_heads, self.out_features, rank))  # (N, out, r)
@@ -62,6 +82,11 @@ class HydraLoRALinear(nn.Module):
         # count of tokens it covers. See train.router_supervision.
         self.router_targets: torch.Tensor | None = None
         self.router_losses: list[tuple[torch.Tensor, int]] = []
+        # Balance-and-certainty loss (training only): when set ((B, T) bool, the real tokens),
+        # forward() appends this layer's (mean token gate entropy - entropy of the mean gates)
+        # / log N to balance_losses. See switches.router_balance.
+        self.balance_tokens: torch.Tensor | None = None
+        self.balance_losses: list[torch.Tensor] = []
         # Pooled gates (training only): when set, a pair of (B, T) tensors: each token's group
         # (ids unique across the batch, -1 on padding) and whether its gates count toward its
         # group's mean. Every token then gets its group's mean gates: the constant gating a
@@ -73,30 +98,57 @@ class HydraLoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_adapter_parameters(self) -> None:
-        """Reference init: A and router kaiming-uniform(a=√5), heads zero (or random, R-LoRA)."""
+        """zero: the reference init (A and router kaiming-uniform(a=√5), heads zero).
+        random: A kaiming, every head normal at R-LoRA's stable scale (std r^¼ / (8·√out), its
+        "unit" init times (r^¼/√γ) with γ = 64), then centred so Σ_i B_i = 0, and the router zero.
+        Uniform gates then mix the heads to exactly zero, so the adapted model starts at the base
+        (R-LoRA subtracts the heads' mean product from W instead; on a 4-bit base W cannot take
+        it, and a stored offset would have to ride along into every export). One head cannot be
+        centred and starts at zero, as LoRA's B does."""
         nn.init.kaiming_uniform_(self.hydra_A, a=math.sqrt(5))
-        nn.init.kaiming_uniform_(self.hydra_router, a=math.sqrt(5))
         if self.head_init == "zero":
+            nn.init.kaiming_uniform_(self.hydra_router, a=math.sqrt(5))
             nn.init.zeros_(self.hydra_B)
-        else:
-            # R-LoRA: distinct random heads so they do not start identical; small enough that
-            # the adapted model starts close to the base.
-            bound = 1.0 / math.sqrt(self.rank) * 1e-2
-            nn.init.uniform_(self.hydra_B, -bound, bound)
+            return
+        nn.init.zeros_(self.hydra_router)
+        std = self.rank**0.25 / (8.0 * math.sqrt(self.out_features))
+        nn.init.normal_(self.hydra_B, std=std)  # (N, out, r)
+        self.hydra_B.sub_(self.hydra_B.mean(dim=0, keepdim=True))
+        if self.num_heads > 1:  # centring shrank each head by √((N-1)/N)
+            self.hydra_B.mul_(math.sqrt(self.num_heads / (self.num_heads - 1)))
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token head weights, computed in float32 on the raw input. (..., in) -> (..., N)."""
         if self.fixed_gates is not None:
             return self.fixed_gates.to(x.device, torch.float32).expand(*x.shape[:-1], self.num_heads)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.hydra_router.float())  # (B, T, N)
+            logits = F.linear(x.float(), self.hydra_router.float()) / self.router_temperature  # (B, T, N)
             if self.router_targets is not None:
                 self._supervise_router(logits)
             gates = torch.softmax(logits, dim=-1)  # (B, T, N)
+            if self.balance_tokens is not None:
+                self._balance_router(gates)
+            if 0 < self.router_top_k < self.num_heads:
+                gates = top_k_gates(gates, self.router_top_k)
             if self.pool_groups is not None:
                 groups, sources = (t.to(gates.device) for t in self.pool_groups)
                 gates = _pool_by_group(gates, groups, sources)
             return gates
+
+    def _balance_router(self, gates: torch.Tensor) -> None:
+        """HMoRA's balance-and-certainty objective over the real tokens, in units of log N: the
+        mean entropy of a token's gates (low: each token picks heads decisively) minus the entropy
+        of the gates averaged over the tokens (high: every head gets used). Minimising it is
+        maximising the information the router carries about which head a token needs.
+        gates (B, T, N) float32."""
+        real = self.balance_tokens.to(gates.device)  # (B, T) bool
+        g = gates[real]  # (n, N)
+        if g.shape[0] == 0 or self.num_heads < 2:
+            return
+        per_token = -(g * g.clamp_min(1e-12).log()).sum(-1).mean()
+        mean = g.mean(0)  # (N,)
+        overall = -(mean * mean.clamp_min(1e-12).log()).sum()
+        self.balance_losses.append((per_token - overall) / math.log(self.num_heads))
 
     def _supervise_router(self, logits: torch.Tensor) -> None:
         """Cross-entropy of the router against each token's data cluster. (B, T, N) logits."""
@@ -112,6 +164,7 @@ class HydraLoRALinear(nn.Module):
         compute_dtype = _compute_dtype(x, self.hydra_A)
         h = F.linear(self.dropout(x).to(compute_dtype), self.hydra_A.to(compute_dtype))  # (B, T, r)
         gated = (gates.to(compute_dtype).unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # (B, T, N·r)
+        gated = self.head_dropout(gated)  # an independent mask for each head's copy of A·x
         # (N, out, r) -> (N, r, out) -> (N·r, out): row n·r + j of B_cat is head n, column j.
         heads_cat = self.hydra_B.to(compute_dtype).transpose(1, 2).reshape(-1, self.out_features)
         return (gated @ heads_cat) * self.scaling  # (B, T, out)
@@ -123,8 +176,19 @@ class HydraLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.rank}, "
-            f"heads={self.num_heads}, alpha={self.alpha:g}, head_init={self.head_init}"
+            f"heads={self.num_heads}, alpha={self.alpha:g}, head_init={self.head_init}, "
+            f"router_temperature={self.router_temperature:g}, router_top_k={self.router_top_k}"
         )
+
+
+def top_k_gates(gates: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest gates of each token renormalised to sum to 1, the rest zero, with the
+    softmax's gradient (straight-through): the forward routes hard, the backward still tells
+    every head's router row how it would have done. (..., N) -> (..., N)."""
+    top = gates.topk(k, dim=-1).indices  # (..., k)
+    kept = torch.zeros_like(gates).scatter(-1, top, 1.0) * gates  # (..., N)
+    hard = kept / kept.sum(dim=-1, keepdim=True)
+    return gates + (hard - gates).detach()
 
 
 def _pool_by_group(gates: torch.Tensor, groups: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:

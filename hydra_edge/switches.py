@@ -1,13 +1,14 @@
 """Switches on every HydraLoRA layer of a model, as context managers that always restore.
 
-A HydraLoRALinear (layers.py) has four runtime switches that change what its forward computes:
+A HydraLoRALinear (layers.py) has five runtime switches that change what its forward computes:
 `fixed_gates` (constant gates instead of the router's: a cluster's export, or zeros for the base
 alone), `gate_sink` (collect the gates it computed), `router_targets` (add the router-supervision
-loss) and `pool_groups` (pooled gates). Setting them by hand on every layer and resetting them on
-every path out, errors included, was repeated across the package; these managers do it once.
+loss), `balance_tokens` (add the balance-and-certainty loss) and `pool_groups` (pooled gates).
+Setting them by hand on every layer and resetting them on every path out, errors included, was
+repeated across the package; these managers do it once.
 
-The two training switches (`router_targets`, `pooled_gates`) must enclose the backward pass, not
-only the forward: gradient checkpointing replays the forward during backward, and the replay has
+The training switches (`router_targets`, `router_balance`, `pooled_gates`) must enclose the
+backward pass, not only the forward: gradient checkpointing replays the forward during backward, and the replay has
 to compute what the first pass computed.
 """
 
@@ -85,6 +86,17 @@ def router_targets(model: nn.Module, cluster_ids: torch.Tensor | None) -> Iterat
 
 
 @contextmanager
+def router_balance(model: nn.Module, real_tokens: torch.Tensor | None) -> Iterator[list[torch.Tensor]]:
+    """The balance-and-certainty loss over the real tokens ((B, T) bool; None: off). Yields the
+    list every layer appends its loss to; keep the block open through backward, like
+    router_targets."""
+    collected: list[torch.Tensor] = []
+    with _switched(model, "balance_losses", lambda name, layer: collected):
+        with _switched(model, "balance_tokens", lambda name, layer: real_tokens):
+            yield collected
+
+
+@contextmanager
 def pooled_gates(model: nn.Module, groups: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
     """Every token gets the mean gates of its group (train.pooling_groups; None: off). Keep the
     block open through backward, like router_targets."""
@@ -99,6 +111,7 @@ def training_switches_paused(model: nn.Module) -> Iterator[None]:
     with (
         _switched(model, "pool_groups", lambda name, layer: None),
         _switched(model, "router_targets", lambda name, layer: None),
+        _switched(model, "balance_tokens", lambda name, layer: None),
         _switched(model, "gate_sink", lambda name, layer: None),
     ):
         yield

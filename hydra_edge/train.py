@@ -24,16 +24,33 @@ from hydra_edge.checkpoint import load_checkpoint, save_checkpoint
 from hydra_edge.data import IGNORE_INDEX, Sample, collate
 from hydra_edge.errors import TrainingDiverged, TrainingStopped
 from hydra_edge.files import atomic_write_text
-from hydra_edge.held_out import EarlyStopping, HeldOut, save_best, tracker_values
+from hydra_edge.held_out import (
+    COLLAPSED_HEAD_COSINE,
+    EarlyStopping,
+    HeldOut,
+    heads_collapsed,
+    save_best,
+    tracker_values,
+)
 from hydra_edge.lm_head import mean_label_loss
 from hydra_edge.optimizers import build_optimizer, build_scheduler
 from hydra_edge.quant import check_4bit_backprop, prepare_4bit_for_training
-from hydra_edge.switches import pooled_gates, router_targets
+from hydra_edge.switches import pooled_gates, router_balance, router_targets
 from hydra_edge.tracking import PROJECT
 
 METRICS_FILE = "metrics.jsonl"
 # Training-row fields the trackers get (as train/<name>).
-TRACKED = ("loss", "router_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "epoch", "peak_gpu_mem_gb")
+TRACKED = (
+    "loss",
+    "router_loss",
+    "router_balance",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "step_time_s",
+    "epoch",
+    "peak_gpu_mem_gb",
+)
 
 
 @dataclass
@@ -49,6 +66,8 @@ class LoopSettings:
     save_every: int
     max_bad_steps: int
     router_loss: float = 0.0
+    router_balance: float = 0.0
+    router_loss_schedule: str = "constant"
     pooled_steps: float = 0.0
     pool_over: str = "cluster"
     lr_scheduler: str = "cosine"
@@ -98,36 +117,56 @@ def pooling_groups(batch: dict, pool_over: str) -> tuple[torch.Tensor, torch.Ten
     return groups, sources
 
 
+def router_weight_factor(step: int, total_steps: int, schedule: str) -> float:
+    """What the router losses' weights are multiplied by at optimizer step `step` (0-based):
+    constant 1, or linear from 1 at the first step to 0 at the last (the router is steered
+    early and left to the LM loss by the end)."""
+    if schedule == "linear":
+        return max(0.0, 1.0 - step / max(1, total_steps))
+    return 1.0
+
+
 @contextmanager
 def micro_batch_switches(
-    model, batch: dict, pooled: bool, pool_over: str, router_weight: float
-) -> Iterator[list[tuple[torch.Tensor, int]]]:
+    model, batch: dict, pooled: bool, pool_over: str, router_weight: float, balance_weight: float = 0.0
+) -> Iterator[tuple[list[tuple[torch.Tensor, int]], list[torch.Tensor]]]:
     """The HydraLoRA switches of one micro-batch: pooled gates on a pooled step, router targets
-    when the router loss is on. Takes the batch's cluster and segment ids out (the model does not
-    read them) and yields the list the router losses collect in. Keep it open through backward:
-    gradient checkpointing replays the forward there (hydra_edge/switches.py)."""
+    when the router loss is on, the balance loss when it is on. Takes the batch's cluster and
+    segment ids out (the model does not read them) and yields the two lists the router losses
+    collect in. Keep it open through backward: gradient checkpointing replays the forward there
+    (hydra_edge/switches.py)."""
     groups = pooling_groups(batch, pool_over) if pooled else None
     cluster_ids = batch.pop("cluster_ids", None)
-    batch.pop("segment_ids", None)
-    with pooled_gates(model, groups), router_targets(model, cluster_ids if router_weight > 0 else None) as collected:
-        yield collected
+    segments = batch.pop("segment_ids", None)
+    real = segments >= 0 if balance_weight > 0 and segments is not None else None
+    with (
+        pooled_gates(model, groups),
+        router_targets(model, cluster_ids if router_weight > 0 else None) as supervised,
+        router_balance(model, real) as balance,
+    ):
+        yield supervised, balance
 
 
 def compute_loss(
-    model, batch: dict, router_losses: list[tuple[torch.Tensor, int]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LM loss, router loss) of one micro-batch, inside its micro_batch_switches.
+    model, batch: dict, collected: tuple[list[tuple[torch.Tensor, int]], list[torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(LM loss, router loss, balance loss) of one micro-batch, inside its micro_batch_switches.
 
     The LM loss is the mean cross-entropy over the label tokens (HF shifts the labels). The
     router loss is the mean, over every HydraLoRA layer and real token, of -log(gate of the
-    token's cluster head), from what the layers appended to router_losses; zero when the router
-    loss is off or the batch has no cluster_ids.
+    token's cluster head), from what the layers appended; zero when the router loss is off or
+    the batch has no cluster_ids. The balance loss is the mean over layers of what each
+    appended (layers.HydraLoRALinear._balance_router), in [-1, 1]; zero when off.
     """
+    router_losses, balance_losses = collected
     loss = mean_label_loss(model, batch)
-    if not router_losses:
-        return loss, torch.zeros((), device=loss.device)
-    nll = sum(n for n, _ in router_losses)
-    return loss, nll / max(1, sum(c for _, c in router_losses))
+    zero = torch.zeros((), device=loss.device)
+    router_loss = zero
+    if router_losses:
+        nll = sum(n for n, _ in router_losses)
+        router_loss = nll / max(1, sum(c for _, c in router_losses))
+    balance = torch.stack(balance_losses).mean() if balance_losses else zero
+    return loss, router_loss, balance
 
 
 class _StopFlag:
@@ -258,23 +297,30 @@ def _train(accelerator, model, samples, settings, out_dir, pad_id, resume_from, 
             total_targets = max(1, sum(targets))
             step_loss = torch.zeros((), device=device)
             step_router_loss = torch.zeros((), device=device)
+            step_balance = torch.zeros((), device=device)
+            factor = router_weight_factor(step, settings.total_steps, settings.router_loss_schedule)
+            router_weight, balance_weight = settings.router_loss * factor, settings.router_balance * factor
             for micro, (batch, n_targets) in enumerate(zip(micro_batches, targets)):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync = micro == settings.grad_accum - 1
                 share = n_targets / total_targets
                 pooled = is_pooled_step(step, settings.pooled_steps)
                 with (
-                    micro_batch_switches(model, batch, pooled, settings.pool_over, settings.router_loss) as collected,
+                    micro_batch_switches(
+                        model, batch, pooled, settings.pool_over, router_weight, balance_weight
+                    ) as collected,
                     accelerator.autocast(),
                     accelerator.no_sync(model) if not sync and world > 1 else _null(),
                 ):
-                    lm_loss, router_loss = compute_loss(model, batch, collected)
-                    accelerator.backward((lm_loss + settings.router_loss * router_loss) * share)
+                    lm_loss, router_loss, balance = compute_loss(model, batch, collected)
+                    accelerator.backward((lm_loss + router_weight * router_loss + balance_weight * balance) * share)
                 step_loss = step_loss + lm_loss.detach().float() * share
                 step_router_loss = step_router_loss + router_loss.detach().float() * share
+                step_balance = step_balance + balance.detach().float() * share
             if world > 1:  # every process must see the same loss, so all skip a bad step together
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
                 step_router_loss = accelerator.reduce(step_router_loss, reduction="mean")
+                step_balance = accelerator.reduce(step_balance, reduction="mean")
                 tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum"))
             loss_value = float(step_loss)
             router_loss_value = float(step_router_loss)
@@ -300,6 +346,7 @@ def _train(accelerator, model, samples, settings, out_dir, pad_id, resume_from, 
                 "total_steps": settings.total_steps,
                 "loss": loss_value,
                 "router_loss": router_loss_value,
+                "router_balance": float(step_balance),
                 "lr": lr_now,
                 "grad_norm": grad_norm,
                 "tokens": tokens,
@@ -321,6 +368,7 @@ def _train(accelerator, model, samples, settings, out_dir, pad_id, resume_from, 
             if held_out is not None and held_out.due(step, settings.total_steps):
                 unwrapped = accelerator.unwrap_model(model)
                 scores = {"step": step, **held_out.score(unwrapped)}
+                scores["heads_collapsed"] = heads_collapsed(scores, settings.warmup_steps)
                 best = stopping.update(step, scores["eval_loss"])
                 if accelerator.is_main_process:
                     metrics.write(json.dumps(scores) + "\n")
@@ -328,6 +376,8 @@ def _train(accelerator, model, samples, settings, out_dir, pad_id, resume_from, 
                     if best and settings.early_stopping:
                         save_best(out_dir, unwrapped, step, scores["eval_loss"])
                     bar.note(_eval_line(scores, stopping))
+                    if scores["heads_collapsed"]:
+                        bar.note(_collapse_warning(scores))
                 accelerator.log(tracker_values(scores), step=step)
             if bad_in_a_row >= settings.max_bad_steps:
                 bar.close()
@@ -365,13 +415,30 @@ def _train(accelerator, model, samples, settings, out_dir, pad_id, resume_from, 
 
 
 def _eval_line(scores: dict, stopping: EarlyStopping) -> str:
+    """The progress bar's line for an eval row: held-out loss, exact-match, the best step, and
+    the router's health (routing spread, head cosine) where the row has them."""
     em, loss = scores["eval_exact_match"], scores["eval_loss"]
     best = f", best step {stopping.best_step}" if stopping.best_step is not None else ""
+    summary = scores.get("router_summary") or {}
+    spread, cosine = summary.get("routing_spread"), summary.get("head_cosine")
     return (
         f"eval: step {scores['step']} held-out loss "
         + (f"{loss:.4f}" if loss is not None else "n/a (no answer tokens)")
         + (f", exact-match {100 * em:.1f} % of {scores['eval_em_rows']}" if em is not None else "")
         + best
+        + (f", routing spread {spread:.3f}" if spread is not None else "")
+        + (f", head cosine {cosine:.2f}" if cosine is not None else "")
+    )
+
+
+def _collapse_warning(scores: dict) -> str:
+    """One line for an eval row where heads_collapsed holds: what happened and the flags that
+    keep the heads apart (layers.py's symmetry breaking)."""
+    cosine = scores["router_summary"]["head_cosine"]
+    return (
+        f"warning: the heads have collapsed (mean head cosine {cosine:.2f} > {COLLAPSED_HEAD_COSINE:g} at step "
+        f"{scores['step']}): HydraLoRA is training as one LoRA; "
+        "try --head-init random --head-dropout 0.1 to keep them apart"
     )
 
 

@@ -6,11 +6,14 @@ the browser test drives.
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
+from typing import get_args
 
 import gradio as gr
 
-from hydra_edge.choices import FORMATS, QUANT_CHOICES
+from hydra_edge.choices import FORMATS, HEAD_INITS, QUANT_CHOICES, RouterLossSchedule
+from hydra_edge.config import FinetuneConfig
 from hydra_edge.ui.handlers import command_box
 from hydra_edge.ui.training import TrainSettings, build_command, model_choices, run_preview
 from hydra_edge.ui.workspace import Workspace
@@ -120,7 +123,21 @@ def layout(ws: Workspace, s: TrainSettings, files: list[str], upload_mb: float) 
                     warmup = gr.Number(
                         s.warmup, minimum=0, label="Warmup", info="fraction, or steps if ≥ 1", min_width=110
                     )
-                    head_init = gr.Radio(["zero", "random"], value=s.head_init, label="Head init", min_width=150)
+                    head_init = gr.Radio(list(HEAD_INITS), value=s.head_init, label="Head init", min_width=150)
+                    head_dropout = _config_number("head_dropout", s.head_dropout, "Head dropout")
+                with gr.Row():
+                    router_temperature = _config_number(
+                        "router_temperature", s.router_temperature, "Router temperature"
+                    )
+                    router_top_k = _config_number("router_top_k", s.router_top_k, "Router top-k", precision=0)
+                    router_balance = _config_number("router_balance", s.router_balance, "Router balance")
+                    router_loss_schedule = gr.Radio(
+                        list(get_args(RouterLossSchedule)),
+                        value=s.router_loss_schedule,
+                        label="Router loss schedule",
+                        info=_help("router_loss_schedule"),
+                        min_width=150,
+                    )
                 with gr.Row():
                     seed = gr.Number(s.seed, precision=0, label="Seed", min_width=90)
                     save_every = gr.Number(
@@ -192,6 +209,11 @@ def layout(ws: Workspace, s: TrainSettings, files: list[str], upload_mb: float) 
         dropout,
         warmup,
         head_init,
+        head_dropout,
+        router_temperature,
+        router_top_k,
+        router_balance,
+        router_loss_schedule,
         packing,
         seed,
         save_every,
@@ -222,6 +244,11 @@ def layout(ws: Workspace, s: TrainSettings, files: list[str], upload_mb: float) 
         dropout=dropout,
         warmup=warmup,
         head_init=head_init,
+        head_dropout=head_dropout,
+        router_temperature=router_temperature,
+        router_top_k=router_top_k,
+        router_balance=router_balance,
+        router_loss_schedule=router_loss_schedule,
         seed=seed,
         save_every=save_every,
         eval_every=eval_every,
@@ -240,6 +267,26 @@ def layout(ws: Workspace, s: TrainSettings, files: list[str], upload_mb: float) 
         log=log,
         form=form,
     )
+
+
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+
+
+def _help(name: str) -> str:
+    """A finetune setting's help text (config.py), as the CLI shows it."""
+    return _CONFIG_FIELDS[name].metadata["help"]
+
+
+def _config_number(name: str, value: float, label: str, precision: int | None = None) -> gr.Number:
+    """A number box for a finetune setting, with the field's help and bounds (config.py). A strict
+    bound (gt, lt) is as far as the box goes; finetune's own check refuses the bound itself, and
+    the command preview says so."""
+    meta = _CONFIG_FIELDS[name].metadata
+    low, high = meta.get("ge", meta.get("gt")), meta.get("le", meta.get("lt"))
+    return gr.Number(
+        value, precision=precision, minimum=low, maximum=high, label=label, info=meta["help"], min_width=150,
+        elem_id=name.replace("_", "-"),
+    )  # fmt: skip
 
 
 LOSS_COLORS = {"training": "#2563eb", "held-out": "#f97316"}

@@ -80,6 +80,7 @@ def training_status(ws: Workspace, jobs: JobManager) -> dict:
         "lr": last["lr"] if last else None,
         "tokens_per_s": last["tokens_per_s"] if last else None,
         "held_out_loss": evals[-1]["eval_loss"] if evals else None,
+        "router": latest_router(evals),
         "elapsed_s": time.time() - job.started_at,
         "eta_s": _eta(rows, new_rows) if code is None else None,
         "checkpoint": None,
@@ -124,6 +125,16 @@ def training_status(ws: Workspace, jobs: JobManager) -> dict:
         status["state"] = "failed"
         status["message"] = f"{job.name} failed: {job.error_message()}"
     return status
+
+
+def latest_router(evals: list[dict]) -> dict | None:
+    """The router's health at the latest held-out eval (the eval row's router_summary: routing
+    spread, head cosine, largest and per-head share), its step, and whether that eval found the
+    heads collapsed; None before the first eval, or from a run that wrote no summary."""
+    summary = evals[-1].get("router_summary") if evals else None
+    if not summary:
+        return None
+    return {**summary, "step": evals[-1]["step"], "heads_collapsed": bool(evals[-1].get("heads_collapsed"))}
 
 
 def _progress_line(status: dict) -> str:

@@ -166,6 +166,11 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         dropout: float,
         warmup: float,
         head_init: str,
+        head_dropout: float,
+        router_temperature: float,
+        router_top_k: float,
+        router_balance: float,
+        router_loss_schedule: str,
         packing: bool,
         seed: float,
         save_every: float,
@@ -285,8 +290,31 @@ def _status_markdown(status: dict) -> str:
         per = scores.get("per_cluster") or {}
         if per:
             text += " · per cluster: " + ", ".join(f"{c}: {_percent(v.get('exact_match'))}" for c, v in per.items())
+    text += _router_markdown(status.get("router"))
     if status.get("command"):
         text += f"\n\n`{html.escape(status['command'])}`"
+    return text
+
+
+def _router_markdown(router: dict | None) -> str:
+    """The latest held-out eval's router health (train_status.latest_router), and a warning
+    when that eval found the heads collapsed; "" before the first eval."""
+    if not router:
+        return ""
+    parts = []
+    if router.get("routing_spread") is not None:
+        parts.append(f"routing spread **{router['routing_spread']:.3f}**")
+    if router.get("head_cosine") is not None:
+        parts.append(f"head cosine **{router['head_cosine']:.2f}**")
+    if len(router.get("head_share") or []) > 1:  # one head takes every token: nothing to show
+        parts.append("head share " + " / ".join(_percent(share) for share in router["head_share"]))
+    text = f"\n\nRouter at step {router['step']}: " + " · ".join(parts) if parts else ""
+    if router.get("heads_collapsed"):
+        text += (
+            f"\n\n⚠️ **The heads have collapsed** (mean head cosine {router['head_cosine']:.2f} at step "
+            f"{router['step']}): HydraLoRA is training as one LoRA. Try Head init *random* with a Head dropout "
+            "of 0.1 (More settings) to keep them apart."
+        )
     return text
 
 

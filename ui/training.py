@@ -48,6 +48,11 @@ class TrainSettings:
     dropout: float = _CONFIG_DEFAULTS.dropout
     warmup: float = TINY_PRESET_DEFAULTS["warmup"]
     head_init: str = _CONFIG_DEFAULTS.head_init
+    head_dropout: float = _CONFIG_DEFAULTS.head_dropout
+    router_temperature: float = _CONFIG_DEFAULTS.router_temperature
+    router_top_k: int = _CONFIG_DEFAULTS.router_top_k
+    router_balance: float = _CONFIG_DEFAULTS.router_balance
+    router_loss_schedule: str = _CONFIG_DEFAULTS.router_loss_schedule
     packing: bool = False
     seed: int = _CONFIG_DEFAULTS.seed
     save_every: int = TINY_PRESET_DEFAULTS["save_every"]
@@ -177,6 +182,11 @@ def build_command(
         "dropout": _number("dropout", s.dropout),
         "warmup": _number("warmup", s.warmup),
         "head_init": s.head_init,
+        "head_dropout": _number("head dropout", s.head_dropout),
+        "router_temperature": _number("router temperature", s.router_temperature),
+        "router_top_k": _whole("router top-k", s.router_top_k),
+        "router_balance": _number("router balance", s.router_balance),
+        "router_loss_schedule": s.router_loss_schedule,
         "packing": bool(s.packing),
         "seed": _whole("seed", s.seed),
         "save_every": _whole("save every", s.save_every),

@@ -431,3 +431,29 @@ def test_an_engine_that_is_dropped_is_freed(adapter_export):
     del engine
     gc.collect()
     assert alive() is None
+
+
+def test_dynamic_export_routes_with_the_adapters_temperature_and_top_k(trained_adapter, tmp_path):
+    """The router's temperature and top-k are part of the model: the dynamic ONNX graph applies
+    them (export validation compares its logits with PyTorch's, which applies them too), and
+    the answers equal PyTorch's."""
+    from hydra_edge.data import read_records
+    from hydra_edge.exporters.merge import hydra_on_plain_base
+    from hydra_edge.exporters.onnx_chat import OnnxChat
+    from hydra_edge.exporters.onnx_export import export
+    from hydra_edge.inference import generate_greedy
+    from hydra_edge.tiny import DEMO_EVAL
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_adapter, adapter)
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert config["heads"] == 3
+    config_path.write_text(json.dumps({**config, "router_temperature": 0.25, "router_top_k": 2}))
+    manifest = export(adapter, tmp_path / "onnx", mode="dynamic", log=lambda m: None)
+    assert manifest["validation"]["checks"]["dynamic"]["max_abs_logit_diff"] <= 1e-3
+    chat = OnnxChat(tmp_path / "onnx")
+    model, tokenizer = hydra_on_plain_base(tmp_path / "onnx" / "peft" / "base", adapter)
+    conversations = [r.messages[:-1] for r in read_records(DEMO_EVAL)][:6]
+    expected = generate_greedy(model, tokenizer, conversations, max_new_tokens=24)
+    assert [chat.answer(c, max_new_tokens=24)[1] for c in conversations] == expected

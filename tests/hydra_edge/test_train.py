@@ -33,10 +33,10 @@ def test_non_finite_loss_leaves_parameters_unchanged(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_loss = train_module.compute_loss
 
-    def loss_with_nan(model, batch, router_weight):
+    def loss_with_nan(model, batch, collected):
         calls["n"] += 1
-        loss, router_loss = real_loss(model, batch, router_weight)
-        return (loss * float("nan") if calls["n"] == bad_step else loss), router_loss
+        loss, *router_losses = real_loss(model, batch, collected)
+        return (loss * float("nan") if calls["n"] == bad_step else loss), *router_losses
 
     monkeypatch.setattr(train_module, "compute_loss", loss_with_nan)
     seen = {}
@@ -60,12 +60,12 @@ def test_non_finite_gradient_with_finite_loss_is_skipped(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_loss = train_module.compute_loss
 
-    def loss_with_nan_gradient(model, batch, router_weight):
+    def loss_with_nan_gradient(model, batch, collected):
         calls["n"] += 1
-        loss, router_loss = real_loss(model, batch, router_weight)
+        loss, *router_losses = real_loss(model, batch, collected)
         if calls["n"] == 2:
             loss.register_hook(lambda grad: grad * float("nan"))  # the loss stays finite
-        return loss, router_loss
+        return loss, *router_losses
 
     monkeypatch.setattr(train_module, "compute_loss", loss_with_nan_gradient)
     seen = {}
