@@ -8,8 +8,9 @@ Variants (VARIANTS below), all at matched trainable parameters (LoRA within 5 %,
               per-head dropout on A·x (`--head-init random --head-dropout 0.1`);
   balance     rlora plus the balance-and-certainty router loss (`--router-balance`);
   topk        rlora with top-2 routing (straight-through; `--router-top-k 2`);
-  sharp       rlora with a sharper router (`--router-temperature 0.5`);
+  sharp       rlora with a sharper, 10x faster-moving router (`--router-temperature 0.1`);
   supervised  rlora plus the cluster-supervised router loss, annealed to 0 (`--router-loss`);
+  routed      sharp plus the cluster-supervised router loss, kept on (`--router-loss 0.1`);
   sequence    rlora with every step's gates pooled over each sample's prompt (sequence-level
               routing: `--pooled-steps 1 --pool-over prompt`);
   uniform     rlora's distinct heads with the gates fixed equal (`--router uniform`): the
@@ -59,8 +60,9 @@ VARIANTS = {
     "rlora": RLORA,
     "balance": [*RLORA, "--router-balance", "0.1"],
     "topk": [*RLORA, "--router-top-k", "2"],
-    "sharp": [*RLORA, "--router-temperature", "0.5"],
+    "sharp": [*RLORA, "--router-temperature", "0.1"],
     "supervised": [*RLORA, "--router-loss", "0.1", "--router-loss-schedule", "linear"],
+    "routed": [*RLORA, "--router-temperature", "0.1", "--router-loss", "0.1"],
     "sequence": [*RLORA, "--pooled-steps", "1", "--pool-over", "prompt"],
     "uniform": [*RLORA, "--router", "uniform"],
 }
@@ -166,7 +168,8 @@ def diagnose(trained, layers: dict, rows: list[dict], batch_size: int = 16) -> d
         for row, mix in zip(chunk, row_mix):
             sums[row["task"]] = sums.get(row["task"], 0) + mix.cpu()
             counts[row["task"]] = counts.get(row["task"], 0) + 1
-        won = torch.nn.functional.one_hot(gates.argmax(-1), gates.shape[-1]) * real.long()  # (B, M, T, N)
+        top = (gates == gates.max(-1, keepdim=True).values).float()  # (B, M, T, N); a tie splits the win
+        won = top / top.sum(-1, keepdim=True) * real  # (B, M, T, N)
         wins = wins + won.sum(dim=(0, 2)).cpu()  # (M, N)
     per_family = {family: sums[family] / counts[family] for family in sorted(sums)}  # each (M, N)
     overall = torch.stack(list(per_family.values())).mean(0)  # (M, N)

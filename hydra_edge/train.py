@@ -431,6 +431,10 @@ def _eval_line(scores: dict, stopping: EarlyStopping) -> str:
     )
 
 
+# What the warning suggests: the measured configuration whose heads specialise (docs/heads.md).
+SPECIALISING_FLAGS = "--head-init random --head-dropout 0.1 --router-temperature 0.1 --router-loss 0.1"
+
+
 def _collapse_warning(scores: dict) -> str:
     """One line for an eval row where heads_collapsed holds: what happened and the flags that
     keep the heads apart (layers.py's symmetry breaking)."""
@@ -438,7 +442,7 @@ def _collapse_warning(scores: dict) -> str:
     return (
         f"warning: the heads have collapsed (mean head cosine {cosine:.2f} > {COLLAPSED_HEAD_COSINE:g} at step "
         f"{scores['step']}): HydraLoRA is training as one LoRA; "
-        "try --head-init random --head-dropout 0.1 to keep them apart"
+        f"{SPECIALISING_FLAGS} make them specialise (see docs/heads.md for what that costs)"
     )
 
 

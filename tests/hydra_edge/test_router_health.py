@@ -217,7 +217,7 @@ def test_collapse_warning_is_one_line_with_the_cure():
     line = _collapse_warning(eval_row())
     assert "\n" not in line and line.startswith("warning: the heads have collapsed")
     assert "mean head cosine 0.94 > 0.9 at step 120" in line and "one LoRA" in line
-    assert "--head-init random --head-dropout 0.1" in line
+    assert "--head-init random --head-dropout 0.1 --router-temperature 0.1 --router-loss 0.1" in line
 
 
 class ScriptedHeldOut:
