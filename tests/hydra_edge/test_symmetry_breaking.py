@@ -143,6 +143,7 @@ def test_invalid_router_options_are_refused(linear):
         HydraLoRALinear(linear, R, alpha=16, num_heads=2, router_temperature=0)
 
 
+@pytest.mark.slow  # trains the tiny preset
 def test_a_run_with_every_lever_trains_saves_and_reloads_them(tmp_path):
     """The options reach the layers, the loss and the adapter; a reload routes as training did."""
     import json
