@@ -36,7 +36,6 @@ finished with the same flags, so a long benchmark can be stopped and resumed.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shutil
 import statistics
@@ -147,6 +146,7 @@ def diagnose(trained, layers: dict, rows: list[dict], batch_size: int = 16) -> d
     import torch
 
     from hydra_edge.data import prompt_ids
+    from hydra_edge.gates import head_cosine, routing_spread
     from hydra_edge.switches import capture_gates
 
     device = next(trained.model.parameters()).device
@@ -172,18 +172,12 @@ def diagnose(trained, layers: dict, rows: list[dict], batch_size: int = 16) -> d
         won = top / top.sum(-1, keepdim=True) * real  # (B, M, T, N)
         wins = wins + won.sum(dim=(0, 2)).cpu()  # (M, N)
     per_family = {family: sums[family] / counts[family] for family in sorted(sums)}  # each (M, N)
-    overall = torch.stack(list(per_family.values())).mean(0)  # (M, N)
-    spread = statistics.fmean(float(0.5 * (m.mean(0) - overall.mean(0)).abs().sum()) for m in per_family.values())
-    module_spread = statistics.fmean(float(0.5 * (m - overall).abs().sum(-1).mean()) for m in per_family.values())
-    similarities = []
-    for layer in layers.values():
-        flat = torch.nn.functional.normalize(layer.hydra_B.detach().flatten(1).float(), dim=1)  # (N, out*r)
-        similarities += [float(flat[i] @ flat[j]) for i, j in itertools.combinations(range(len(flat)), 2)]
+    by_module = torch.stack(list(per_family.values()), dim=1)  # (M, F, N)
     return {
         "gate_mix": {family: [round(float(g), 3) for g in mix.mean(0)] for family, mix in per_family.items()},
-        "routing_spread": spread,
-        "module_spread": module_spread,
-        "head_cosine": statistics.fmean(similarities),
+        "routing_spread": routing_spread(by_module.mean(0)),
+        "module_spread": statistics.fmean(routing_spread(families) for families in by_module),
+        "head_cosine": statistics.fmean(head_cosine(layer.hydra_B) for layer in layers.values()),
         "top_head_share": float((wins.max(-1).values / wins.sum(-1)).mean()),
     }
 

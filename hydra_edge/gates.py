@@ -20,6 +20,7 @@ from hydra_edge.adapter import hydra_layers
 from hydra_edge.data import Sample, collate
 from hydra_edge.errors import UserError
 from hydra_edge.files import save_tensors
+from hydra_edge.layers import gate_entropy
 from hydra_edge.progress import PhaseProgress
 from hydra_edge.switches import capture_gates
 
@@ -122,7 +123,7 @@ class _GateTally:
 
     def add(self, gates: torch.Tensor, members: torch.Tensor) -> None:
         """gates (n, N) of n real tokens, members (n, C) their one-hot clusters."""
-        self.entropy += float(-(gates * gates.clamp_min(1e-12).log()).sum())
+        self.entropy += float(gate_entropy(gates).sum())
         self.wins = self.wins + torch.bincount(gates.argmax(dim=-1), minlength=gates.shape[-1])
         self.by_cluster = self.by_cluster + members.T @ gates  # (C, N)
 

@@ -145,9 +145,8 @@ class HydraLoRALinear(nn.Module):
         g = gates[real]  # (n, N)
         if g.shape[0] == 0 or self.num_heads < 2:
             return
-        per_token = -(g * g.clamp_min(1e-12).log()).sum(-1).mean()
-        mean = g.mean(0)  # (N,)
-        overall = -(mean * mean.clamp_min(1e-12).log()).sum()
+        per_token = gate_entropy(g).mean()
+        overall = gate_entropy(g.mean(0))
         self.balance_losses.append((per_token - overall) / math.log(self.num_heads))
 
     def _supervise_router(self, logits: torch.Tensor) -> None:
@@ -179,6 +178,12 @@ class HydraLoRALinear(nn.Module):
             f"heads={self.num_heads}, alpha={self.alpha:g}, head_init={self.head_init}, "
             f"router_temperature={self.router_temperature:g}, router_top_k={self.router_top_k}"
         )
+
+
+def gate_entropy(gates: torch.Tensor) -> torch.Tensor:
+    """The entropy (nats) of each gate vector: 0 when one head takes everything, log N when all
+    weigh the same. (..., N) -> (...)."""
+    return -(gates * gates.clamp_min(1e-12).log()).sum(dim=-1)
 
 
 def top_k_gates(gates: torch.Tensor, k: int) -> torch.Tensor:
