@@ -7,7 +7,7 @@ A training run scores the model in eval mode between steps (the LM-head probe, -
 This loads the base in NF4 with a HydraLoRA adapter (random heads, so every adapter weight gets
 a gradient), computes the adapter's gradients, runs one eval-mode forward without gradients, and
 computes them again: twice, once with bitsandbytes as it is and once prepared for training as
-the trainer prepares it (hydra_edge/quant.py). Prints the CPU class or GPU, which 4-bit layers
+the trainer prepares it (hydra_edge/models/quant.py). Prints the CPU class or GPU, which 4-bit layers
 bitsandbytes repacked, the largest relative gradient difference and the guard's verdict; writes
 JSON. Exit code 1 when the prepared model's gradients change.
 """
@@ -19,11 +19,16 @@ from pathlib import Path
 
 import torch
 
-from hydra_edge.adapter import find_target_modules, inject_hydra_lora
-from hydra_edge.data import collate, read_records, tokenize_records
-from hydra_edge.models import cpu_class, load_base, pick_device
-from hydra_edge.quant import backprop_problem, four_bit_layers, is_repacked_for_inference, prepare_4bit_for_training
-from hydra_edge.tiny import DEMO_TRAIN
+from hydra_edge.adapter.inject import find_target_modules, inject_hydra_lora
+from hydra_edge.data.records import collate, read_records, tokenize_records
+from hydra_edge.models.base import cpu_class, load_base, pick_device
+from hydra_edge.models.quant import (
+    backprop_problem,
+    four_bit_layers,
+    is_repacked_for_inference,
+    prepare_4bit_for_training,
+)
+from hydra_edge.models.tiny import DEMO_TRAIN
 
 
 def adapter_gradients(model, batch: dict) -> dict[str, torch.Tensor]:

@@ -26,12 +26,12 @@ from report import save_json  # noqa: E402  (benchmarks/ is on sys.path when a s
 def score(adapter_dir: Path, max_new_tokens: int) -> dict:
     import torch
 
-    from hydra_edge.adapter import hydra_layers
-    from hydra_edge.data import read_records
-    from hydra_edge.gates import load_cluster_gates
-    from hydra_edge.inference import generate_greedy, load_trained
-    from hydra_edge.switches import fixed_gates
-    from hydra_edge.tiny import DEMO_EVAL
+    from hydra_edge.adapter.gates import load_cluster_gates
+    from hydra_edge.adapter.inject import hydra_layers
+    from hydra_edge.adapter.switches import fixed_gates
+    from hydra_edge.data.records import read_records
+    from hydra_edge.inference.trained import generate_greedy, load_trained
+    from hydra_edge.models.tiny import DEMO_EVAL
 
     trained = load_trained(adapter_dir)
     records = read_records(DEMO_EVAL)

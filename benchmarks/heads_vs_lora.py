@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import save_json  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from run_summary import summarise  # noqa: E402
 
-from hydra_edge.adapter_config import AdapterConfig
+from hydra_edge.adapter.config import AdapterConfig
 
 
 def finetune(out: Path, extra: list[str]) -> None:

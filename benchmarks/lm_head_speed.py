@@ -1,4 +1,4 @@
-"""Training step time with the selective LM head (hydra_edge/lm_head.py) vs the full head.
+"""Training step time with the selective LM head (hydra_edge/models/lm_head.py) vs the full head.
 
 Loads a base (default: the gemma3-270m preset, 262,144-token vocabulary) as finetune does,
 adds HydraLoRA, and times forward+backward steps on demo batches, alternating the two heads
@@ -29,19 +29,19 @@ def main() -> None:
 
     import torch
 
-    from hydra_edge import lm_head
-    from hydra_edge.adapter import find_target_modules, inject_hydra_lora
-    from hydra_edge.data import collate, read_records, tokenize_record
-    from hydra_edge.models import load_base, resolve_mixed_precision
-    from hydra_edge.quant import prepare_4bit_for_training
-    from hydra_edge.tiny import DEMO_TRAIN
+    from hydra_edge.adapter.inject import find_target_modules, inject_hydra_lora
+    from hydra_edge.data.records import collate, read_records, tokenize_record
+    from hydra_edge.models import lm_head
+    from hydra_edge.models.base import load_base, resolve_mixed_precision
+    from hydra_edge.models.quant import prepare_4bit_for_training
+    from hydra_edge.models.tiny import DEMO_TRAIN
 
     precision = resolve_mixed_precision(args.mixed_precision)
     base = load_base(
         args.model, quant="nf4", gradient_checkpointing=True, dtype="fp32" if precision == "no" else "bf16"
     )
     inject_hydra_lora(base.model, find_target_modules(base.model, "mlp"), 8, 32.0, 3, 0.0)
-    prepare_4bit_for_training(base.model)  # the deferral probe is an eval forward (hydra_edge/quant.py)
+    prepare_4bit_for_training(base.model)  # the deferral probe is an eval forward (hydra_edge/models/quant.py)
     base.model.train()
     records = read_records(DEMO_TRAIN)
     samples = [tokenize_record(base.tokenizer, r, args.seq_len) for r in records]

@@ -37,7 +37,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from hydra_edge.tiny import tiny_model_dir
+    from hydra_edge.models.tiny import tiny_model_dir
 
     shape = dict(SHAPES[args.shape])
     shape.pop("arch")

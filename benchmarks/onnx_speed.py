@@ -36,10 +36,10 @@ def pytorch_side(
 ) -> list[tuple[float, float]]:
     from transformers import GenerationConfig
 
-    from hydra_edge.data import prompt_ids
+    from hydra_edge.adapter.gates import cluster_gates
+    from hydra_edge.adapter.switches import fixed_gates
+    from hydra_edge.data.records import prompt_ids
     from hydra_edge.exporters.merge import hydra_on_plain_base
-    from hydra_edge.gates import cluster_gates
-    from hydra_edge.switches import fixed_gates
 
     model, tokenizer = hydra_on_plain_base(export_dir / "peft" / "base", adapter_dir)
     model.to(device)  # a CUDA export is compared with PyTorch on the same GPU
@@ -84,7 +84,7 @@ def pytorch_side(
 def onnx_side(export_dir: Path, new_tokens: int) -> list[tuple[float, float]]:
     import onnxruntime_genai as og
 
-    from hydra_edge.data import render_chat
+    from hydra_edge.data.records import render_chat
     from hydra_edge.exporters.onnx_chat import OnnxChat
 
     chat = OnnxChat(export_dir)

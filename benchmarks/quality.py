@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heads_vs_lora import matched_rank  # noqa: E402
 from multitask_data import FAMILIES, write_splits  # noqa: E402
 
-from hydra_edge.adapter_config import AdapterConfig
+from hydra_edge.adapter.config import AdapterConfig
 
 DEFAULT_LRS = {"tiny": [1e-3, 3e-3, 1e-2], "gemma3-270m": [3e-4, 1e-3]}
 DEFAULT_LR = {"tiny": 3e-3, "gemma3-270m": 1e-3}
@@ -100,11 +100,11 @@ def score_run(adapter_dir: Path, rows: list[dict], max_new_tokens: int) -> dict:
     how the heads were used (diagnose)."""
     import torch
 
-    from hydra_edge.adapter import hydra_layers
-    from hydra_edge.data import routing_text
-    from hydra_edge.gates import cluster_gates
-    from hydra_edge.inference import generate_greedy, load_trained
-    from hydra_edge.switches import fixed_gates
+    from hydra_edge.adapter.gates import cluster_gates
+    from hydra_edge.adapter.inject import hydra_layers
+    from hydra_edge.adapter.switches import fixed_gates
+    from hydra_edge.data.records import routing_text
+    from hydra_edge.inference.trained import generate_greedy, load_trained
 
     trained = load_trained(adapter_dir)
     prompts = [r["messages"][:-1] for r in rows]
@@ -145,9 +145,9 @@ def diagnose(trained, layers: dict, rows: list[dict], batch_size: int = 16) -> d
     tokens one head wins (per module, averaged) and the heads' mean pairwise cosine similarity."""
     import torch
 
-    from hydra_edge.data import prompt_ids
-    from hydra_edge.gates import head_cosine, routing_spread
-    from hydra_edge.switches import capture_gates
+    from hydra_edge.adapter.gates import head_cosine, routing_spread
+    from hydra_edge.adapter.switches import capture_gates
+    from hydra_edge.data.records import prompt_ids
 
     device = next(trained.model.parameters()).device
     pad = trained.tokenizer.pad_token_id or 0
@@ -182,7 +182,7 @@ def diagnose(trained, layers: dict, rows: list[dict], batch_size: int = 16) -> d
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -197,7 +197,37 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench-out/quality.json"))
     parser.add_argument("--png", type=Path, default=Path("bench-out/quality.png"))
     parser.add_argument("--work", type=Path, help="where the runs live (default bench-out/quality-<model>)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def run_variant(args, work: Path, variant: str, flags: list[str], lrs: list[float], test_rows: list[dict]) -> dict:
+    """One variant: its lr picked on validation at the first seed (when swept), then every seed
+    trained and scored on the test split."""
+    sweep = {}
+    for lr in lrs:
+        out = work / f"{variant}-lr{lr:g}-seed{args.seeds[0]}"
+        scores = finetune(out, [*flags, "--lr", f"{lr:g}", "--seed", str(args.seeds[0])])
+        sweep[lr] = (scores["exact_match"], -scores["loss"])
+    best_lr = max(sweep, key=lambda lr: sweep[lr])
+    per_seed = []
+    for seed in args.seeds:
+        out = work / f"{variant}-lr{best_lr:g}-seed{seed}"
+        finetune(out, [*flags, "--lr", f"{best_lr:g}", "--seed", str(seed)])
+        scores_file = out / "test_scores.json"  # kept with the run, so a resumed benchmark skips it
+        if not scores_file.is_file():
+            scores_file.write_text(json.dumps(score_run(out, test_rows, args.max_new_tokens)))
+        per_seed.append(json.loads(scores_file.read_text()))
+    return {
+        "flags": VARIANTS[variant],
+        "lr": best_lr,
+        "validation_sweep": {f"{lr:g}": v[0] for lr, v in sweep.items()},
+        "trainable_params": trainable_params(work / f"{variant}-lr{best_lr:g}-seed{args.seeds[0]}"),
+        "per_seed": per_seed,
+    }
+
+
+def main() -> None:
+    args = parse_args()
     lrs = args.lrs or DEFAULT_LRS.get(args.model, [1e-4, 3e-4, 1e-3])
     fixed_lr = args.lr or DEFAULT_LR.get(args.model, 3e-4)
 
@@ -234,30 +264,12 @@ def main() -> None:
     results = {}
     for variant in args.variants:
         shape = lora_shape if variant == "lora" else (hydra_shape if variant == "hydra" else fixed_heads)
-        flags = [*common, *shape, *VARIANTS[variant]]
-        sweep = {}
-        for lr in lrs if variant in args.sweep else [fixed_lr]:
-            out = work / f"{variant}-lr{lr:g}-seed{args.seeds[0]}"
-            scores = finetune(out, [*flags, "--lr", f"{lr:g}", "--seed", str(args.seeds[0])])
-            sweep[lr] = (scores["exact_match"], -scores["loss"])
-        best_lr = max(sweep, key=lambda lr: sweep[lr])
-        per_seed = []
-        for seed in args.seeds:
-            out = work / f"{variant}-lr{best_lr:g}-seed{seed}"
-            finetune(out, [*flags, "--lr", f"{best_lr:g}", "--seed", str(seed)])
-            scores_file = out / "test_scores.json"  # kept with the run, so a resumed benchmark skips it
-            if not scores_file.is_file():
-                scores_file.write_text(json.dumps(score_run(out, test_rows, args.max_new_tokens)))
-            per_seed.append(json.loads(scores_file.read_text()))
-        results[variant] = {
-            "flags": VARIANTS[variant],
-            "lr": best_lr,
-            "validation_sweep": {f"{lr:g}": v[0] for lr, v in sweep.items()},
-            "trainable_params": trainable_params(work / f"{variant}-lr{best_lr:g}-seed{args.seeds[0]}"),
-            "per_seed": per_seed,
-            "heads": 1 if variant == "lora" else heads,
-            "rank": lora_rank if variant == "lora" else args.rank,
-        }
+        lr_choices = lrs if variant in args.sweep else [fixed_lr]
+        results[variant] = run_variant(
+            args, work, variant, [*common, *shape, *VARIANTS[variant]], lr_choices, test_rows
+        )
+        results[variant]["heads"] = 1 if variant == "lora" else heads
+        results[variant]["rank"] = lora_rank if variant == "lora" else args.rank
 
     budget = results["hydra"]["trainable_params"] if "hydra" in results else None
     for variant, result in results.items():

@@ -40,9 +40,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def single_stream(export: Path, max_tokens: int) -> list[dict]:
     """The engine behind `chat --onnx`, in this process, one prompt after another."""
-    from hydra_edge.data import prompt_ids
-    from hydra_edge.engines import Sampling
+    from hydra_edge.data.records import prompt_ids
     from hydra_edge.exporters.onnx_chat import OnnxChat
+    from hydra_edge.inference.protocol import Sampling
 
     engine = single_stream.engine = getattr(single_stream, "engine", None) or OnnxChat(export)
     results = []

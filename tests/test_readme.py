@@ -17,7 +17,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_names_every_cli_command():
-    from hydra_edge.cli import app
+    from hydra_edge.cli.app import app
 
     readme = (ROOT / "README.md").read_text()
     for command in app.registered_commands:

@@ -9,14 +9,15 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import hydra_edge.cli as cli
-from hydra_edge.config import FinetuneConfig, _f
+import hydra_edge.cli.app as cli
 from hydra_edge.errors import UserError
+from hydra_edge.settings import setting
+from hydra_edge.training.config import FinetuneConfig
 
 
 @dataclass
 class WithKnob(FinetuneConfig):
-    new_knob: int = _f(7, "A setting added in one place (test).", ge=1)
+    new_knob: int = setting(7, "A setting added in one place (test).", ge=1)
 
 
 def knob_app() -> typer.Typer:
@@ -48,7 +49,7 @@ def test_a_new_field_is_an_option_with_its_help_and_bounds(tmp_path, monkeypatch
 
 
 def test_a_new_field_is_in_the_settings_the_ui_runs(tmp_path):
-    from hydra_edge.config import build_config, read_yaml_config
+    from hydra_edge.training.config import build_config, read_yaml_config
     from hydra_edge.ui.training import TrainSettings, build_command, config_yaml
     from hydra_edge.ui.workspace import Workspace
 

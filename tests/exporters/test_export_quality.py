@@ -13,11 +13,11 @@ pytestmark = pytest.mark.slow  # trains, exports or drives a browser
 
 @pytest.fixture(scope="module")
 def demo_scores(demo_run, tmp_path_factory):
-    from hydra_edge.data import read_records
-    from hydra_edge.evaluate import evaluate
+    from hydra_edge.data.records import read_records
+    from hydra_edge.exporters.formats.onnx import export
     from hydra_edge.exporters.onnx_chat import OnnxChat
-    from hydra_edge.exporters.onnx_export import export
-    from hydra_edge.tiny import DEMO_EVAL
+    from hydra_edge.inference.evaluate import evaluate
+    from hydra_edge.models.tiny import DEMO_EVAL
 
     adapter, _ = demo_run
     records = read_records(DEMO_EVAL)

@@ -2,31 +2,23 @@
 
 import json
 
-import pytest
 import torch
 from torch.testing import assert_close
 
-from hydra_edge.adapter_config import AdapterConfig
+from hydra_edge.adapter.gates import cluster_gates
+from hydra_edge.adapter.switches import fixed_gates
 from hydra_edge.exporters.merge import (
     fold_cluster_into_base,
     hydra_on_plain_base,
     merged_heads,
-    save_plain_base,
     write_peft_adapter,
 )
-from hydra_edge.gates import cluster_gates
-from hydra_edge.switches import fixed_gates
 
 PROMPTS = ["What is the capital of Peru?", "Give the antonym of the word fast.", "Spell nine with digits."]
 
 
-@pytest.fixture(scope="module")
-def plain_base(trained_adapter, tmp_path_factory):
-    return save_plain_base(AdapterConfig.load(trained_adapter), tmp_path_factory.mktemp("plain") / "base")
-
-
 def logits_of(model, tokenizer, prompts=PROMPTS):
-    from hydra_edge.data import prompt_ids
+    from hydra_edge.data.records import prompt_ids
 
     with torch.no_grad():
         return [
@@ -39,7 +31,7 @@ def test_plain_base_holds_the_dequantized_nf4_weights(plain_base, trained_adapte
     import bitsandbytes.functional as bnbf
     from transformers import AutoModelForCausalLM
 
-    from hydra_edge.models import load_base
+    from hydra_edge.models.base import load_base
 
     dtype = json.loads((trained_adapter / "adapter_config.json").read_text())["dtype"]  # NF4 quantizes from it
     nf4 = load_base("tiny", quant="nf4", device="cpu", dtype=dtype).model
@@ -57,10 +49,10 @@ def test_peft_adapter_equals_merged_computation(plain_base, trained_adapter, tmp
     config = json.loads((trained_adapter / "adapter_config.json").read_text())
     gates = cluster_gates(trained_adapter)
     assert len(gates) == config["heads"]
-    for cluster, heads in merged_heads(trained_adapter).items():
+    ours, tokenizer = hydra_on_plain_base(plain_base, trained_adapter)
+    for cluster, heads in merged_heads(ours, gates).items():
         folder = write_peft_adapter(tmp_path / f"peft-{cluster}", str(plain_base), config["r"], config["alpha"], heads)
         peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(plain_base), folder).eval()
-        ours, tokenizer = hydra_on_plain_base(plain_base, trained_adapter)
         with fixed_gates(ours, gates[cluster]):
             for a, b in zip(logits_of(peft_model, tokenizer), logits_of(ours, tokenizer)):
                 assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -71,10 +63,10 @@ def test_folded_weights_equal_merged_computation(plain_base, trained_adapter):
 
     config = json.loads((trained_adapter / "adapter_config.json").read_text())
     gates = cluster_gates(trained_adapter)
-    cluster, heads = next(iter(merged_heads(trained_adapter).items()))
+    ours, tokenizer = hydra_on_plain_base(plain_base, trained_adapter)
+    cluster, heads = next(iter(merged_heads(ours, gates).items()))
     folded = AutoModelForCausalLM.from_pretrained(plain_base).eval()
     fold_cluster_into_base(folded, heads, config["alpha"] / config["r"])
-    ours, tokenizer = hydra_on_plain_base(plain_base, trained_adapter)
     with fixed_gates(ours, gates[cluster]):
         for a, b in zip(logits_of(folded, tokenizer), logits_of(ours, tokenizer)):
             assert_close(a, b, atol=1e-4, rtol=1e-4)

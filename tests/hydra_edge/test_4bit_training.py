@@ -2,7 +2,7 @@
 
 On a CPU with AVX512-BF16 or AMX, bitsandbytes repacks a `Linear4bit` weight for its fused
 inference kernel during any eval-mode forward, and a training forward through a repacked layer
-gives its input no gradient (hydra_edge/quant.py). The `avx512_bf16_host` fixture makes any
+gives its input no gradient (hydra_edge/models/quant.py). The `avx512_bf16_host` fixture makes any
 CPU take that path: bitsandbytes is told the CPU has AVX512-BF16 (each Linear4bit reads that
 when it is built), and a repacked layer's output carries no gradient, as the fused kernel's
 does. On an AVX2-only CPU the repacked weight also computes wrong outputs (the kernel that reads
@@ -24,12 +24,12 @@ import signal
 import pytest
 import torch
 
-from hydra_edge import quant
-from hydra_edge.adapter import adapter_state_dict
-from hydra_edge.config import build_config
+from hydra_edge.adapter.inject import adapter_state_dict
 from hydra_edge.errors import TrainingStopped
-from hydra_edge.finetune import run_finetune
-from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN
+from hydra_edge.models import quant
+from hydra_edge.models.tiny import DEMO_EVAL, DEMO_TRAIN
+from hydra_edge.training.config import build_config
+from hydra_edge.training.finetune import run_finetune
 
 # NF4 in float32 (no autocast), no dropout: two runs that see the same gradients are equal.
 NF4_FP32 = {"quant": "nf4", "mixed_precision": "no", "dropout": 0.0, "heads": "2", "batch_size": 4, "seq_len": 64}
@@ -58,7 +58,7 @@ def avx512_bf16_host(monkeypatch):
 
 
 def nf4_tiny():
-    from hydra_edge.models import load_base
+    from hydra_edge.models.base import load_base
 
     return load_base("tiny", quant="nf4", device="cpu", dtype="fp32").model
 
@@ -95,7 +95,7 @@ def _adapter_gradients(model, batch) -> dict[str, torch.Tensor]:
 
 
 def test_adapter_gradients_after_an_inference_forward_equal_the_reference(avx512_bf16_host, tiny_dir):
-    from hydra_edge.adapter import find_target_modules, hydra_layers, inject_hydra_lora
+    from hydra_edge.adapter.inject import find_target_modules, hydra_layers, inject_hydra_lora
 
     model = nf4_tiny()
     torch.manual_seed(0)

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from cli_helpers import assert_one_line_error, run_in_process
 
-from hydra_edge import sources
-from hydra_edge.data import load_records
+from hydra_edge.data import sources
+from hydra_edge.data.records import load_records
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 BIG = 10_000_000  # characters in the bomb's one string

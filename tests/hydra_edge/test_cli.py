@@ -57,7 +57,7 @@ def test_adapter_directory_contract(demo_run):
 
 def test_eval_json_matches_finetune_report(demo_run):
     out, _ = demo_run
-    from hydra_edge.tiny import DEMO_EVAL
+    from hydra_edge.models.tiny import DEMO_EVAL
 
     result = run_cli("eval", "--adapter", str(out), "--data", str(DEMO_EVAL), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -71,11 +71,11 @@ def test_eval_json_matches_finetune_report(demo_run):
 def test_untrained_base_scores_zero(demo_run):
     """Zeroing every head gives the base model back; it knows none of the demo's answers."""
     out, _ = demo_run
-    from hydra_edge.data import read_records
-    from hydra_edge.evaluate import evaluate
-    from hydra_edge.inference import load_trained
-    from hydra_edge.tiny import DEMO_EVAL
-    from hydra_edge.torch_engine import TorchEngine
+    from hydra_edge.data.records import read_records
+    from hydra_edge.inference.evaluate import evaluate
+    from hydra_edge.inference.torch_engine import TorchEngine
+    from hydra_edge.inference.trained import load_trained
+    from hydra_edge.models.tiny import DEMO_EVAL
 
     trained = load_trained(out, device="cpu")
     for name, param in trained.model.named_parameters():
@@ -101,8 +101,8 @@ def test_chat_routes_on_the_whole_conversation_with_its_system_prompt(demo_run):
     system prompt, chat must not route on the last message alone."""
     from cli_helpers import conversation_routed_by_its_system_prompt
 
-    from hydra_edge.engines import Engine
-    from hydra_edge.torch_engine import TorchEngine
+    from hydra_edge.inference.protocol import Engine
+    from hydra_edge.inference.torch_engine import TorchEngine
 
     out, _ = demo_run
     system, prompt, cluster = conversation_routed_by_its_system_prompt(out)
@@ -119,7 +119,7 @@ def test_adapter_on_a_different_base_is_refused(demo_run, tmp_path):
     out, _ = demo_run
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hydra_edge.tiny import tiny_model_dir
+    from hydra_edge.models.tiny import tiny_model_dir
 
     other = tmp_path / "other-base"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
@@ -127,7 +127,7 @@ def test_adapter_on_a_different_base_is_refused(demo_run, tmp_path):
         model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
     model.save_pretrained(other)
     AutoTokenizer.from_pretrained(tiny_model_dir()).save_pretrained(other)
-    from hydra_edge.tiny import DEMO_EVAL
+    from hydra_edge.models.tiny import DEMO_EVAL
 
     result = run_cli("eval", "--adapter", str(out), "--data", str(DEMO_EVAL), "--model", str(other))
     assert_one_line_error(result, "fingerprint", str(other))
@@ -223,7 +223,7 @@ def test_help_does_not_import_the_heavy_libraries():
     import sys
 
     code = (
-        "import sys; from hydra_edge.cli import main\n"
+        "import sys; from hydra_edge.cli.app import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes', 'sklearn') if m in sys.modules]\n"
         "assert not heavy, heavy"
@@ -241,7 +241,7 @@ def test_help_is_fast_and_module_entry_works():
 
 def test_training_rows_keep_their_cluster_ids(demo_run):
     out, _ = demo_run
-    from hydra_edge.tiny import DEMO_TRAIN
+    from hydra_edge.models.tiny import DEMO_TRAIN
 
     clusters = json.loads((out / "clusters.json").read_text())
     rows = DEMO_TRAIN.read_text().splitlines()
@@ -272,8 +272,8 @@ def test_every_finetune_setting_is_a_finetune_option():
     """A FinetuneConfig field without its Typer option (--router was one) can be set in YAML only."""
     import inspect
 
-    from hydra_edge.cli import app
-    from hydra_edge.config import config_fields
+    from hydra_edge.cli.app import app
+    from hydra_edge.training.config import config_fields
 
     (finetune,) = [c.callback for c in app.registered_commands if c.name == "finetune"]
     options = set(inspect.signature(finetune).parameters) - {"config"}

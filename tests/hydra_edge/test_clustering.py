@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from hydra_edge.clustering import elbow_k, fit_clusters, load_clusters, save_clusters
+from hydra_edge.clusters.fit import elbow_k, fit_clusters, load_clusters, save_clusters
 from hydra_edge.errors import UserError
-from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN
+from hydra_edge.models.tiny import DEMO_EVAL, DEMO_TRAIN
 
 
 def demo_rows(path):

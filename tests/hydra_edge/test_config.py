@@ -2,8 +2,8 @@
 
 import pytest
 
-from hydra_edge.config import TINY_PRESET_DEFAULTS, FinetuneConfig, build_config, read_yaml_config
 from hydra_edge.errors import UserError
+from hydra_edge.training.config import TINY_PRESET_DEFAULTS, FinetuneConfig, build_config, read_yaml_config
 
 
 def test_flags_override_yaml_and_preset_fills_the_rest():
@@ -18,7 +18,7 @@ def test_preset_does_not_apply_to_other_models():
 
 
 def test_gemma_preset_fills_its_own_defaults():
-    from hydra_edge.config import GEMMA_PRESET_DEFAULTS
+    from hydra_edge.training.config import GEMMA_PRESET_DEFAULTS
 
     config = build_config({}, {"model": "gemma3-270m", "lr": 1e-3})
     assert config.lr == 1e-3 and config.max_steps == GEMMA_PRESET_DEFAULTS["max_steps"]
@@ -76,7 +76,7 @@ def test_yaml_types_and_keys(tmp_path):
     ],
 )
 def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, flags, expected, cpu_class):
-    from hydra_edge import models
+    from hydra_edge.models import base as models
 
     monkeypatch.setattr(models, "_cpu_flags", lambda: flags)
     assert models.cpu_class() == cpu_class

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hydra_edge.data import IGNORE_INDEX, Record, read_records, tokenize_record, tokenize_records
+from hydra_edge.data.records import IGNORE_INDEX, Record, read_records, tokenize_record, tokenize_records
 from hydra_edge.errors import UserError
 
 CONVERSATION = [
@@ -86,8 +86,8 @@ def test_dropped_rows_keep_every_other_row_with_its_cluster(tokenizer):
 def test_tokenizer_without_chat_template_gets_the_default(tmp_path, tiny_dir):
     import shutil
 
-    from hydra_edge.chat_templates import FALLBACK
-    from hydra_edge.models import load_base
+    from hydra_edge.data.chat_templates import FALLBACK
+    from hydra_edge.models.base import load_base
 
     plain = tmp_path / "plain"
     shutil.copytree(tiny_dir, plain)
@@ -117,7 +117,7 @@ def test_hub_datasets_load_through_load_dataset_with_row_locations(tmp_path):
     path offline, and every row is named hf:NAME:row N."""
     from cli_helpers import assert_one_line_error, run_in_process
 
-    from hydra_edge.data import DataProblems, load_records
+    from hydra_edge.data.records import DataProblems, load_records
 
     folder = tmp_path / "my-dataset"
     folder.mkdir()

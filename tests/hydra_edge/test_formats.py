@@ -5,10 +5,10 @@ import json
 import pytest
 from cli_helpers import run_cli
 
-from hydra_edge.config import build_config
-from hydra_edge.data import IGNORE_INDEX, Record, load_records, pack_samples, tokenize_record
-from hydra_edge.finetune import run_finetune
-from hydra_edge.formats import RowProblem, normalize
+from hydra_edge.data.formats import RowProblem, normalize
+from hydra_edge.data.records import IGNORE_INDEX, Record, load_records, pack_samples, tokenize_record
+from hydra_edge.training.config import build_config
+from hydra_edge.training.finetune import run_finetune
 
 QUESTIONS = [
     ("What is the capital of France?", "Paris"),
@@ -303,7 +303,7 @@ def test_packing_never_lets_attention_cross_samples(tiny_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hydra_edge.data import collate
+    from hydra_edge.data.records import collate
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
@@ -348,7 +348,7 @@ def test_row_problem_carries_a_reason():
 
 
 def test_training_batches_carry_each_tokens_cluster_and_sample():
-    from hydra_edge.data import Sample, collate
+    from hydra_edge.data.records import Sample, collate
 
     samples = [
         Sample([5, 6, 7], [5, 6, 7], None, cluster=2),

@@ -11,7 +11,7 @@ from cli_helpers import assert_one_line_error, run_in_process
 from gguf_writer import write_llama_gguf
 
 from hydra_edge.errors import UserError
-from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN
+from hydra_edge.models.tiny import DEMO_EVAL, DEMO_TRAIN
 
 FP32 = ("--quant", "none", "--mixed-precision", "no", "--heads", "2", "--data", str(DEMO_TRAIN))
 
@@ -31,8 +31,8 @@ def tiny_gguf(tiny_dir, tmp_path_factory) -> Path:
 def test_gguf_converts_once_to_the_same_model(tiny_gguf, tiny_dir):
     from transformers import AutoModelForCausalLM
 
-    from hydra_edge.gguf_models import SOURCE_FILE
-    from hydra_edge.models import resolve_model_reference
+    from hydra_edge.models.base import resolve_model_reference
+    from hydra_edge.models.gguf import SOURCE_FILE
 
     folder = Path(resolve_model_reference(str(tiny_gguf)))
     assert (folder / SOURCE_FILE).is_file() and (folder / "config.json").is_file()
@@ -113,7 +113,7 @@ def test_a_damaged_gguf_is_one_line(tiny_gguf, tmp_path, damage):
 
 
 def test_missing_gguf_package_is_one_line(tiny_gguf, tmp_path, monkeypatch):
-    from hydra_edge.gguf_models import converted_folder
+    from hydra_edge.models.gguf import converted_folder
 
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
     monkeypatch.setenv("HYDRA_EDGE_HOME", str(tmp_path))  # nothing converted yet
@@ -136,9 +136,9 @@ def test_a_folder_with_two_gguf_files_asks_for_one(tiny_gguf, tmp_path):
 def test_gemma_chat_template_renders_turns_and_learns_the_answer():
     from transformers import PreTrainedTokenizerFast
 
-    from hydra_edge.data import _assistant_spans
-    from hydra_edge.gguf_models import GEMMA_CHAT_TEMPLATE
-    from hydra_edge.tiny import tiny_model_dir
+    from hydra_edge.data.records import _assistant_spans
+    from hydra_edge.models.gguf import GEMMA_CHAT_TEMPLATE
+    from hydra_edge.models.tiny import tiny_model_dir
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir())
     tokenizer.bos_token = "<|system|>"  # stands in for <bos>

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from hydra_edge.layers import HydraLoRALinear
+from hydra_edge.adapter.layer import HydraLoRALinear
 
 IN, OUT, R = 32, 48, 4
 
@@ -35,7 +35,7 @@ def linear():
 @pytest.fixture
 def nf4_linear(tiny_dir):
     """A real bitsandbytes Linear4bit (NF4, double quant) taken from the tiny preset."""
-    from hydra_edge.models import load_base
+    from hydra_edge.models.base import load_base
 
     base = load_base("tiny", quant="nf4", device="cpu")
     layer = base.model.model.layers[0].mlp.up_proj
@@ -146,9 +146,11 @@ def test_dropout_only_on_adapter_path(linear):
     assert torch.equal(gates_train, layer.gates(x))
 
 
-def test_fixed_gates_equal_one_merged_lora(linear):
-    """With gates fixed to ḡ, the heads collapse into one LoRA: B̄ = Σ_i ḡ_i B_i (the export's merge)."""
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3)
+@pytest.mark.parametrize("training", [False, True])
+def test_fixed_gates_equal_one_merged_lora(linear, training):
+    """With gates fixed to ḡ, the heads collapse into one LoRA: B̄ = Σ_i ḡ_i B_i (the export's merge),
+    whether the forward takes the merged path (eval) or the gated copies of A·x (training)."""
+    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3).train(training)
     randomize_heads(layer)
     gates = torch.tensor([0.2, 0.5, 0.3])
     layer.fixed_gates = gates
@@ -156,6 +158,22 @@ def test_fixed_gates_equal_one_merged_lora(linear):
     merged_b = torch.einsum("n,nor->or", gates, layer.hydra_B.detach())  # (out, r)
     expected = linear(x) + layer.scaling * (x @ layer.hydra_A.detach().T) @ merged_b.T
     assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_delta_weight_is_what_fixed_gates_add_to_the_base_weight(linear):
+    """layer(x) - base(x) == x · delta_weight(ḡ)ᵀ: the weight a merged export folds into W0."""
+    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3).eval()
+    randomize_heads(layer, seed=1)
+    gates = torch.tensor([0.6, 0.1, 0.3])
+    delta = layer.delta_weight(gates)  # (out, in)
+    assert delta.shape == (OUT, IN) and delta.dtype == torch.float32
+    x = torch.randn(2, 5, IN)
+    with torch.no_grad():
+        layer.fixed_gates = gates
+        got = layer(x) - linear(x)
+    assert_close(got, x @ delta.T, atol=1e-5, rtol=1e-5)
+    naive = layer.scaling * sum(g * layer.hydra_B[i].detach() for i, g in enumerate(gates)) @ layer.hydra_A.detach()
+    assert_close(delta, naive, atol=1e-6, rtol=1e-6)
 
 
 def test_router_supervision_is_the_cross_entropy_of_the_router_logits(linear):
@@ -207,7 +225,7 @@ def test_pooled_gates_are_each_groups_mean_over_its_sources(linear):
 
 
 def test_uniform_router_gives_every_head_the_same_weight_and_does_not_train(linear):
-    from hydra_edge.adapter import freeze_uniform_router
+    from hydra_edge.adapter.inject import freeze_uniform_router
 
     model = torch.nn.Sequential(HydraLoRALinear(linear, R, 8.0, 4))
     freeze_uniform_router(model)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from hydra_edge import lm_head
-from hydra_edge.data import IGNORE_INDEX
-from hydra_edge.lm_head import (
+from hydra_edge.data.records import IGNORE_INDEX
+from hydra_edge.models import lm_head
+from hydra_edge.models.lm_head import (
     contiguous_head_inputs,
     deferred_head,
     label_losses,
@@ -140,8 +140,10 @@ def test_head_input_is_made_contiguous():
 
 
 def test_the_probe_ignores_a_pooled_step_in_progress():
-    """The first training step may be a pooled one: its groups describe the batch, not the probe."""
-    from hydra_edge.adapter import hydra_layers, inject_hydra_lora
+    """The first training step may be a pooled one: its groups describe the batch, not the probe
+    (the loop runs the probe inside the adapter's training_switches_paused)."""
+    from hydra_edge.adapter.inject import hydra_layers, inject_hydra_lora
+    from hydra_edge.adapter.switches import training_switches_paused
 
     model = _model("llama").train()
     inject_hydra_lora(model, ["model.layers.0.mlp.down_proj"], 4, 8.0, 2, 0.0)
@@ -149,7 +151,7 @@ def test_the_probe_ignores_a_pooled_step_in_progress():
     layer = next(iter(hydra_layers(model).values()))
     groups = torch.arange(3).unsqueeze(1).expand(3, 12).contiguous()
     layer.pool_groups = (groups, groups >= 0)
-    mean_label_loss(model, batch).backward()
+    mean_label_loss(model, batch, training_switches_paused).backward()
     assert layer.pool_groups[0] is groups  # restored after the probe
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hydra_edge.clustering import fit_clusters, save_clusters
-from hydra_edge.request_router import RequestRouter
-from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN
+from hydra_edge.clusters.fit import fit_clusters, save_clusters
+from hydra_edge.clusters.router import RequestRouter
+from hydra_edge.models.tiny import DEMO_EVAL, DEMO_TRAIN
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "mixed_language.jsonl"
 
@@ -36,7 +36,7 @@ def test_router_needs_no_scikit_learn(tmp_path):
     save_clusters(model, tmp_path, labels)
     code = (
         "import sys; sys.modules['sklearn'] = None\n"
-        "from hydra_edge.request_router import RequestRouter\n"
+        "from hydra_edge.clusters.router import RequestRouter\n"
         f"print(RequestRouter.from_dir({str(tmp_path)!r}).route(['What is the capital of Peru?'])[0])"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

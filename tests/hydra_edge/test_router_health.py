@@ -12,11 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from hydra_edge.data import IGNORE_INDEX, Record, Sample
-from hydra_edge.gates import head_cosine, router_health, router_summary, routing_spread
-from hydra_edge.held_out import EarlyStopping, HeldOut, heads_collapsed, tracker_values
-from hydra_edge.layers import HydraLoRALinear
-from hydra_edge.train import LoopSettings, _collapse_warning, _eval_line, train_loop
+from hydra_edge.adapter.gates import head_cosine, router_health, router_summary, routing_spread
+from hydra_edge.adapter.layer import HydraLoRALinear
+from hydra_edge.data.records import IGNORE_INDEX, Record, Sample
+from hydra_edge.training.config import FinetuneConfig
+from hydra_edge.training.held_out import EarlyStopping, HeldOut, heads_collapsed, tracker_values
+from hydra_edge.training.loop import train_loop
+from hydra_edge.training.progress_bar import collapse_warning, eval_line
+from hydra_edge.training.step_plan import StepPlan
 
 DIM, OUT, R = 4, 6, 2
 PAD = 0
@@ -182,14 +185,14 @@ def test_tracker_values_carry_the_summary_and_per_module_health():
 def test_eval_line_adds_routing_spread_and_head_cosine():
     stopping = EarlyStopping(None)
     stopping.update(120, 1.25)
-    line = _eval_line(eval_row(), stopping)
+    line = eval_line(eval_row(), stopping)
     assert line == (
         "eval: step 120 held-out loss 1.2500, exact-match 50.0 % of 8, best step 120, "
         "routing spread 0.004, head cosine 0.94"
     )
-    assert _eval_line(eval_row(cosine=None, spread=None), stopping).endswith("best step 120")
+    assert eval_line(eval_row(cosine=None, spread=None), stopping).endswith("best step 120")
     bare = {k: v for k, v in eval_row().items() if k != "router_summary"}
-    assert _eval_line(bare, EarlyStopping(None)) == "eval: step 120 held-out loss 1.2500, exact-match 50.0 % of 8"
+    assert eval_line(bare, EarlyStopping(None)) == "eval: step 120 held-out loss 1.2500, exact-match 50.0 % of 8"
 
 
 @pytest.mark.parametrize(
@@ -214,7 +217,7 @@ def test_heads_collapsed_needs_a_summary():
 
 
 def test_collapse_warning_is_one_line_with_the_cure():
-    line = _collapse_warning(eval_row())
+    line = collapse_warning(eval_row())
     assert "\n" not in line and line.startswith("warning: the heads have collapsed")
     assert "mean head cosine 0.94 > 0.9 at step 120" in line and "one LoRA" in line
     assert "--head-init random --head-dropout 0.1 --router-temperature 0.1 --router-loss 0.1" in line
@@ -239,11 +242,12 @@ def test_the_loop_writes_the_warning_to_the_eval_row_and_the_bar(tmp_path, capsy
     torch.manual_seed(0)
     model = TinyLM(heads=2)
     samples = [sample([1, 1, 2, 1], 0), sample([2, 2, 1, 2], 1)] * 2
-    settings = LoopSettings(
-        total_steps=4, batch_size=2, grad_accum=1, lr=1e-3, weight_decay=0.0, warmup_steps=2, max_grad_norm=1.0,
-        seed=0, save_every=0, max_bad_steps=3,
+    config = FinetuneConfig(
+        batch_size=2, grad_accum=1, lr=1e-3, weight_decay=0.0, max_grad_norm=1.0, seed=0, save_every=0,
+        max_bad_steps=3, pooled_steps=0.0,
     )  # fmt: skip
-    train_loop(model, samples, settings, tmp_path, PAD, "no", held_out=ScriptedHeldOut())
+    plan = StepPlan(total_steps=4, warmup_steps=2)
+    train_loop(model, samples, config, plan, tmp_path, PAD, "no", held_out=ScriptedHeldOut())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r.get("kind") == "eval"]
     assert [(r["step"], r["heads_collapsed"]) for r in evals] == [(2, False), (4, True)]  # warmup: 2 steps

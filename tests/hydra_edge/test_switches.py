@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hydra_edge.layers import HydraLoRALinear
-from hydra_edge.switches import (
+from hydra_edge.adapter.layer import HydraLoRALinear
+from hydra_edge.adapter.switches import (
     capture_gates,
     fixed_gates,
     heads_disabled,

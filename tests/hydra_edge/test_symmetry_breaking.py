@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from hydra_edge.layers import HydraLoRALinear, top_k_gates
-from hydra_edge.switches import router_balance
+from hydra_edge.adapter.layer import HydraLoRALinear, top_k_gates
+from hydra_edge.adapter.switches import router_balance
 
 IN, OUT, R = 32, 48, 4
 
@@ -130,7 +130,7 @@ def test_balance_loss_makes_the_router_decisive_and_uses_every_head(linear):
 
 
 def test_linear_schedule_anneals_the_router_losses_to_zero():
-    from hydra_edge.train import router_weight_factor
+    from hydra_edge.training.loop import router_weight_factor
 
     assert [router_weight_factor(s, 4, "constant") for s in range(4)] == [1.0] * 4
     assert [router_weight_factor(s, 4, "linear") for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
@@ -150,11 +150,11 @@ def test_a_run_with_every_lever_trains_saves_and_reloads_them(tmp_path):
 
     from cli_helpers import FP32
 
-    from hydra_edge.adapter import hydra_layers
-    from hydra_edge.config import build_config
-    from hydra_edge.finetune import run_finetune
-    from hydra_edge.inference import load_trained
-    from hydra_edge.tiny import DEMO_TRAIN
+    from hydra_edge.adapter.inject import hydra_layers
+    from hydra_edge.inference.trained import load_trained
+    from hydra_edge.models.tiny import DEMO_TRAIN
+    from hydra_edge.training.config import build_config
+    from hydra_edge.training.finetune import run_finetune
 
     out = tmp_path / "run"
     levers = {

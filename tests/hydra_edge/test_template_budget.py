@@ -10,10 +10,10 @@ import time
 import pytest
 from cli_helpers import assert_one_line_error, run_in_process
 
-from hydra_edge.budget import OverBudget, time_budget
-from hydra_edge.data import RENDER_SECONDS, render_chat
+from hydra_edge.data.budget import OverBudget, time_budget
+from hydra_edge.data.records import RENDER_SECONDS, render_chat
 from hydra_edge.errors import TemplateOverBudget
-from hydra_edge.tiny import DEMO_TRAIN
+from hydra_edge.models.tiny import DEMO_TRAIN
 
 NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}"
 # No function call inside the loops: nothing Jinja's sandbox could intercept runs per iteration.
@@ -100,7 +100,7 @@ def test_a_template_that_multiplies_the_conversation_is_a_template_error(tokeniz
 
 
 def test_real_templates_render_within_budget(tokenizer_with):
-    from hydra_edge.chat_templates import TEMPLATES
+    from hydra_edge.data.chat_templates import TEMPLATES
 
     for template in TEMPLATES.values():
         assert "Hello" in render_chat(tokenizer_with(template), CONVERSATION)

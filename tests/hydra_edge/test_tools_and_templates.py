@@ -9,10 +9,10 @@ import json
 import pytest
 from cli_helpers import assert_one_line_error, run_in_process
 
-from hydra_edge.chat_templates import FALLBACK, TEMPLATES, resolve_chat_template
-from hydra_edge.data import IGNORE_INDEX, DataProblems, load_records, tokenize_record, tokenize_records
+from hydra_edge.data.chat_templates import FALLBACK, TEMPLATES, resolve_chat_template
+from hydra_edge.data.formats import RowProblem, normalize
+from hydra_edge.data.records import IGNORE_INDEX, DataProblems, load_records, tokenize_record, tokenize_records
 from hydra_edge.errors import UserError
-from hydra_edge.formats import RowProblem, normalize
 
 TOOLS = [
     {
@@ -214,7 +214,7 @@ def test_data_preview_renders_with_the_chosen_template(tmp_path):
 def test_tool_and_content_part_rows_train_end_to_end(tmp_path):
     """`finetune` on OpenAI-format rows (tool calls, tool turns, content parts) with --chat-template
     chatml: it trains, and the adapter keeps the template for eval and chat."""
-    from hydra_edge.adapter_config import AdapterConfig
+    from hydra_edge.adapter.config import AdapterConfig
 
     data = tmp_path / "tools.jsonl"
     plain = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Capital of Peru?"}]},

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hydra_edge.train as train_module
-from hydra_edge.adapter import adapter_state_dict
-from hydra_edge.config import build_config
+import hydra_edge.training.optimizer_step as step_module  # looks compute_loss up at every micro-batch
+from hydra_edge.adapter.inject import adapter_state_dict
 from hydra_edge.errors import TrainingDiverged
-from hydra_edge.finetune import run_finetune
+from hydra_edge.training.config import build_config
+from hydra_edge.training.finetune import run_finetune
 
 pytestmark = pytest.mark.slow  # trains, exports or drives a browser
 
@@ -31,14 +31,14 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 def test_non_finite_loss_leaves_parameters_unchanged(tmp_path, monkeypatch):
     bad_step = 3
     calls = {"n": 0}
-    real_loss = train_module.compute_loss
+    real_loss = step_module.compute_loss
 
     def loss_with_nan(model, batch, collected):
         calls["n"] += 1
         loss, *router_losses = real_loss(model, batch, collected)
         return (loss * float("nan") if calls["n"] == bad_step else loss), *router_losses
 
-    monkeypatch.setattr(train_module, "compute_loss", loss_with_nan)
+    monkeypatch.setattr(step_module, "compute_loss", loss_with_nan)
     seen = {}
 
     def on_step(step, model, skipped):
@@ -58,7 +58,7 @@ def test_non_finite_loss_leaves_parameters_unchanged(tmp_path, monkeypatch):
 
 def test_non_finite_gradient_with_finite_loss_is_skipped(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_loss = train_module.compute_loss
+    real_loss = step_module.compute_loss
 
     def loss_with_nan_gradient(model, batch, collected):
         calls["n"] += 1
@@ -67,7 +67,7 @@ def test_non_finite_gradient_with_finite_loss_is_skipped(tmp_path, monkeypatch):
             loss.register_hook(lambda grad: grad * float("nan"))  # the loss stays finite
         return loss, *router_losses
 
-    monkeypatch.setattr(train_module, "compute_loss", loss_with_nan_gradient)
+    monkeypatch.setattr(step_module, "compute_loss", loss_with_nan_gradient)
     seen = {}
     config = build_config({}, {**FP32, "out": str(tmp_path / "run"), "max_steps": 3, "grad_accum": 1})
     run_finetune(config, on_step=lambda step, model, skipped: seen.setdefault(step, (snapshot(model), skipped)))
@@ -78,9 +78,9 @@ def test_non_finite_gradient_with_finite_loss_is_skipped(tmp_path, monkeypatch):
 
 
 def test_consecutive_non_finite_steps_abort(tmp_path, monkeypatch):
-    real_loss = train_module.compute_loss
+    real_loss = step_module.compute_loss
     monkeypatch.setattr(
-        train_module, "compute_loss", lambda *args: tuple(part * float("inf") for part in real_loss(*args))
+        step_module, "compute_loss", lambda *args: tuple(part * float("inf") for part in real_loss(*args))
     )
     config = build_config({}, {**FP32, "out": str(tmp_path / "run"), "max_steps": 10, "max_bad_steps": 3})
     with pytest.raises(TrainingDiverged, match="3 steps in a row"):
@@ -214,8 +214,8 @@ def test_two_process_ddp_run_on_cpu(tmp_path, tiny_dir):
 
 
 def test_pooling_groups_per_sample_prompt_and_cluster():
-    from hydra_edge.data import IGNORE_INDEX
-    from hydra_edge.train import pooling_groups
+    from hydra_edge.data.records import IGNORE_INDEX
+    from hydra_edge.training.losses import pooling_groups
 
     I = IGNORE_INDEX  # noqa: E741  (reads like the label grid it fills)
     batch = {  # row 0: one sample (cluster 2) + padding; row 1: two packed samples (clusters 0 and 2)
@@ -235,12 +235,12 @@ def test_pooling_groups_per_sample_prompt_and_cluster():
 
 
 def test_an_error_after_training_says_where_the_adapter_is_and_how_to_score_it(tmp_path, monkeypatch, capsys):
-    import hydra_edge.evaluate
+    import hydra_edge.inference.evaluate
 
     def broken_evaluate(*args, **kwargs):
         raise RuntimeError("a bug in scoring")
 
-    monkeypatch.setattr(hydra_edge.evaluate, "evaluate", broken_evaluate)
+    monkeypatch.setattr(hydra_edge.inference.evaluate, "evaluate", broken_evaluate)
     out = tmp_path / "run"
     config = build_config({}, {**FP32, "out": str(out), "max_steps": 2, "grad_accum": 1})
     with pytest.raises(RuntimeError, match="a bug in scoring"):
@@ -254,21 +254,24 @@ def test_a_bf16_run_hands_back_the_model_as_loaded(tmp_path, tiny_dir):
     """accelerate wraps the forward of a mixed-precision model (autocast, outputs cast to float32);
     after training the wrapper is gone, so gates, eval and export compute what a freshly loaded
     adapter computes (and the bf16 LM head is not handed float32 states outside autocast)."""
-    from hydra_edge.adapter import find_target_modules, inject_hydra_lora
-    from hydra_edge.data import read_records, tokenize_records
-    from hydra_edge.models import load_base
-    from hydra_edge.tiny import DEMO_TRAIN
-    from hydra_edge.train import LoopSettings, train_loop
+    from hydra_edge.adapter.inject import find_target_modules, inject_hydra_lora
+    from hydra_edge.data.records import read_records, tokenize_records
+    from hydra_edge.models.base import load_base
+    from hydra_edge.models.tiny import DEMO_TRAIN
+    from hydra_edge.training.config import FinetuneConfig
+    from hydra_edge.training.loop import train_loop
+    from hydra_edge.training.step_plan import StepPlan
 
     base = load_base("tiny", quant="none", device="cpu", dtype="bf16")
     inject_hydra_lora(base.model, find_target_modules(base.model, "mlp"), 4, 8, 2, 0.0, "zero")
     records = read_records(DEMO_TRAIN)[:8]
     samples = tokenize_records(base.tokenizer, records, 64, [0] * len(records), "truncate", False).samples
-    settings = LoopSettings(
-        total_steps=1, batch_size=4, grad_accum=1, lr=1e-3, weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0,
-        seed=0, save_every=0, max_bad_steps=3,
+    config = FinetuneConfig(
+        batch_size=4, grad_accum=1, lr=1e-3, weight_decay=0.0, max_grad_norm=1.0, seed=0, save_every=0,
+        max_bad_steps=3, pooled_steps=0.0,
     )  # fmt: skip
-    train_loop(base.model, samples, settings, tmp_path, base.tokenizer.pad_token_id, "bf16")
+    plan = StepPlan(total_steps=1, warmup_steps=0)
+    train_loop(base.model, samples, config, plan, tmp_path, base.tokenizer.pad_token_id, "bf16")
     with torch.no_grad():
         logits = base.model(input_ids=torch.tensor([samples[0].input_ids])).logits
     assert logits.dtype == torch.bfloat16

@@ -14,9 +14,9 @@ import torch
 from cli_helpers import FP32, assert_one_line_error, run_in_process
 from safetensors.torch import load_file
 
-from hydra_edge.config import build_config
 from hydra_edge.errors import TrainingStopped
-from hydra_edge.tiny import DEMO_EVAL, DEMO_TRAIN
+from hydra_edge.models.tiny import DEMO_EVAL, DEMO_TRAIN
+from hydra_edge.training.config import build_config
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def rows(out: Path, kind: str | None = None) -> list[dict]:
 
 
 def test_eval_rows_and_every_tracker_read_back(tmp_path, monkeypatch):
-    from hydra_edge.finetune import run_finetune
+    from hydra_edge.training.finetune import run_finetune
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -86,7 +86,7 @@ def test_eval_rows_and_every_tracker_read_back(tmp_path, monkeypatch):
 def test_evals_do_not_change_training(tmp_path):
     """Scoring between steps draws no random numbers and leaves the model in training mode:
     the losses and the adapter equal a run without --eval-every."""
-    from hydra_edge.finetune import run_finetune
+    from hydra_edge.training.finetune import run_finetune
 
     plain, watched = tmp_path / "plain", tmp_path / "watched"
     run_finetune(build_config({}, settings(plain, max_steps=8, dropout=0.1)))
@@ -101,7 +101,7 @@ SCRIPTED_LOSS = {3: 2.0, 6: 1.5, 9: 1.7, 12: 1.8, 15: 1.9, 18: 2.0}
 
 
 def scripted_scores(monkeypatch, current: dict):
-    from hydra_edge.held_out import HeldOut
+    from hydra_edge.training.held_out import HeldOut
 
     def score(self, model):
         loss = SCRIPTED_LOSS[current["step"]]
@@ -112,8 +112,8 @@ def scripted_scores(monkeypatch, current: dict):
 
 
 def test_early_stopping_keeps_the_best_step_and_resume_agrees(tmp_path, monkeypatch):
-    from hydra_edge.adapter import adapter_state_dict
-    from hydra_edge.finetune import run_finetune
+    from hydra_edge.adapter.inject import adapter_state_dict
+    from hydra_edge.training.finetune import run_finetune
 
     current, weights = {}, {}
 

@@ -12,7 +12,7 @@ import pytest
 from cli_helpers import run_cli
 from serverhelpers import API_KEY, launch
 
-from hydra_edge.tiny import DEMO_EVAL
+from hydra_edge.models.tiny import DEMO_EVAL
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ import pytest
 from cli_helpers import run_cli
 from serverhelpers import API_KEY
 
-from hydra_edge.data import prompt_ids, routing_text, text_prompt_ids
-from hydra_edge.engines import Sampling
-from hydra_edge.request_router import RequestRouter
-from hydra_edge.tiny import DEMO_EVAL
+from hydra_edge.clusters.router import RequestRouter
+from hydra_edge.data.records import prompt_ids, routing_text, text_prompt_ids
+from hydra_edge.inference.protocol import Sampling
+from hydra_edge.models.tiny import DEMO_EVAL
 
 
 def demo_prompts_by_cluster(export) -> dict[int, str]:

@@ -133,7 +133,7 @@ def test_a_taken_port_is_one_line():
 def test_the_proxy_answers_502_when_its_upstream_is_down():
     from fastapi.testclient import TestClient
 
-    from hydra_edge.request_router import RequestRouter
+    from hydra_edge.clusters.router import RequestRouter
     from hydra_edge.server.app import ServeSettings, create_app
     from hydra_edge.server.proxy import UpstreamBackend
 

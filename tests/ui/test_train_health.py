@@ -13,8 +13,8 @@ from typing import get_args
 import pytest
 
 from hydra_edge.choices import HEAD_INITS, RouterLossSchedule
-from hydra_edge.config import FinetuneConfig
 from hydra_edge.errors import UserError
+from hydra_edge.training.config import FinetuneConfig
 from hydra_edge.ui.jobs import Job, MetricsReader
 from hydra_edge.ui.training import TrainSettings, build_command, config_yaml
 from hydra_edge.ui.workspace import Workspace

@@ -13,7 +13,7 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from uihelpers import QUICK, UPLOAD_LIMIT_MB, finetune_processes, wait_for_step, wait_until_done
 
-from hydra_edge.tiny import DEMO_TRAIN
+from hydra_edge.models.tiny import DEMO_TRAIN
 
 ADAPTER_FILES = (
     "adapter_config.json",

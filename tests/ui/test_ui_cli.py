@@ -9,8 +9,8 @@ import sys
 import pytest
 from uihelpers import hydra_edge
 
+from hydra_edge.cli.hosts import is_loopback
 from hydra_edge.errors import UserError
-from hydra_edge.hosts import is_loopback
 from hydra_edge.ui.cli import check_options, parse_auth
 
 
@@ -92,7 +92,7 @@ def test_bad_port_or_upload_limit(port, upload_mb):
 def test_registering_the_command_does_not_import_gradio():
     """`hydra-edge --help` must stay fast: the ui command imports gradio only when it runs."""
     code = (
-        "import sys; from hydra_edge.cli import _register_plugins, app; _register_plugins(); "
+        "import sys; from hydra_edge.cli.app import _register_plugins, app; _register_plugins(); "
         "names = [c.name for c in app.registered_commands]; "
         "print('ui' in names, 'gradio' in sys.modules)"
     )

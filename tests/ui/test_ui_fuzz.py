@@ -14,7 +14,7 @@ from damage import damaged_versions
 from gradio_client.exceptions import AppError
 from safetensors.torch import load_file, save_file
 
-from hydra_edge.tiny import DEMO_TRAIN
+from hydra_edge.models.tiny import DEMO_TRAIN
 
 
 class Refusals:
@@ -70,6 +70,15 @@ def _adapter_copy(workspace: Path, trained_run: str, name: str, config: bytes) -
 def test_fuzz_crafted_run_folders_and_adapters_through_the_ui(ui_server, client, trained_run, tmp_path):
     workspace = ui_server.workspace
     refusals = Refusals(ui_server, client)
+    outside = _outside_the_workspace(workspace, tmp_path)
+    _crafted_run_configs(refusals, workspace, trained_run, outside)
+    _crafted_adapters(refusals, workspace, trained_run, outside)
+    refusals.check(at_least=50)
+
+
+def _outside_the_workspace(workspace: Path, tmp_path: Path) -> Path:
+    """A folder outside the workspace with data, a model config and a chat template in it, and the
+    workspace's data/escape a symlink leading there."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.jsonl").write_text(DEMO_TRAIN.read_text().splitlines()[0] + "\n")
@@ -77,9 +86,12 @@ def test_fuzz_crafted_run_folders_and_adapters_through_the_ui(ui_server, client,
     (outside / "t.jinja").write_text("{{ messages }}")
     (workspace / "data" / "escape").unlink(missing_ok=True)
     (workspace / "data" / "escape").symlink_to(outside)
-    saved = json.loads((workspace / trained_run / "run_config.json").read_text())
+    return outside
 
-    # -- a stopped run whose run_config.json names paths outside the workspace -> /resume_training
+
+def _crafted_run_configs(refusals: Refusals, workspace: Path, trained_run: str, outside: Path) -> None:
+    """A stopped run whose run_config.json names paths outside the workspace -> /resume_training."""
+    saved = json.loads((workspace / trained_run / "run_config.json").read_text())
     hostile_settings = [
         {"data": [str(outside / "secret.jsonl")]},
         {"data": ["data/escape/secret.jsonl"]},
@@ -107,26 +119,29 @@ def test_fuzz_crafted_run_folders_and_adapters_through_the_ui(ui_server, client,
         run = _crafted_run(workspace, f"damaged-{i}", content.replace(b"data/demo/", str(outside).encode() + b"/"))
         refusals.expect(f"run_config ({label})", "/resume_training", run=run, max_steps=0)
 
-    # -- adapters: a base outside the workspace, shapes that would allocate terabytes, damage -> /chat, /export
+
+def _zero_size(tensors: dict) -> dict:
+    """Every module's weights with no elements but a rank of 10^9: a terabyte if allocated."""
+    return {
+        k: torch.zeros(1_000_000_000, 0)
+        if k.endswith("hydra_A")
+        else torch.zeros(v.shape[0], 0, 1_000_000_000)
+        if k.endswith("hydra_B")
+        else torch.zeros(v.shape[0], 0)
+        for k, v in tensors.items()
+    }
+
+
+def _crafted_adapters(refusals: Refusals, workspace: Path, trained_run: str, outside: Path) -> None:
+    """Adapters: a base outside the workspace, shapes that would allocate terabytes, damage -> /chat, /export."""
     weights = load_file(str(workspace / trained_run / "adapter_model.safetensors"))
     config = json.loads((workspace / trained_run / "adapter_config.json").read_text())
-
-    def zero_size(tensors: dict) -> dict:
-        return {
-            k: torch.zeros(1_000_000_000, 0)
-            if k.endswith("hydra_A")
-            else torch.zeros(v.shape[0], 0, 1_000_000_000)
-            if k.endswith("hydra_B")
-            else torch.zeros(v.shape[0], 0)
-            for k, v in tensors.items()
-        }
-
     hostile_adapters = [
         ("base outside", {"base_model": str(outside)}, None),
         ("base through a link", {"base_model": "data/escape"}, None),
         ("base with ..", {"base_model": "../outside"}, None),
         ("base /etc", {"base_model": "/etc"}, None),
-        ("r = 10^9 with zero-size weights", {"r": 1_000_000_000}, zero_size),
+        ("r = 10^9 with zero-size weights", {"r": 1_000_000_000}, _zero_size),
         ("heads = 10^6", {"heads": 1_000_000}, None),
     ]
     for i, (label, change, reshape) in enumerate(hostile_adapters):
@@ -150,4 +165,3 @@ def test_fuzz_crafted_run_folders_and_adapters_through_the_ui(ui_server, client,
             system_prompt="",
             max_tokens=2,
         )
-    refusals.check(at_least=50)

@@ -1,0 +1,1 @@
+"""The HydraLoRA adapter: the layer, putting it into a model, its files, its switches and gates."""

@@ -1,0 +1,1 @@
+"""The `hydra-edge` command line: the core commands, and the plug-in point for the others."""

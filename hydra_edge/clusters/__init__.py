@@ -1,0 +1,1 @@
+"""The data's clusters: found before training (TF-IDF, LSA, k-means) and routed to at inference."""

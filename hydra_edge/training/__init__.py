@@ -1,0 +1,1 @@
+"""Fine-tuning: the settings, the loop, checkpoints, optimizers, trackers and the held-out set."""
