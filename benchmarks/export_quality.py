@@ -47,7 +47,7 @@ def score(adapter_dir: Path, max_new_tokens: int) -> dict:
             return None
         if kind == "cluster mean gates":
             return mean_gates[f"cluster.{cluster}.{name}"]
-        return torch.nn.functional.one_hot(torch.tensor(cluster), layer.num_heads).float()
+        return torch.nn.functional.one_hot(torch.tensor(cluster), layer.heads).float()
 
     result = {}
     for kind in ("per-token router", "cluster mean gates", "cluster head alone"):

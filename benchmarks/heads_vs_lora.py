@@ -71,7 +71,7 @@ def main() -> None:
     rows = []
     for label, out in (("HydraLoRA --heads auto", hydra_out), (f"LoRA --heads 1 (r={lora_rank})", lora_out)):
         config = AdapterConfig.load(out)
-        rows.append({"run": label, "heads": config.heads, "r": config.r, **summarise(out)})
+        rows.append({"run": label, "heads": config.heads, "rank": config.rank, **summarise(out)})
     print(f"\nmodel {args.model}, {args.steps} steps each (same data, seed, batch)")
     print(f"{'run':<28} {'heads':>5} {'r':>4} {'params':>9} {'step ms':>8} {'tok/s':>7} {'loss':>7} {'exact':>6}")
     for r in rows:

@@ -1,6 +1,6 @@
 """The adapter folder's contract: `AdapterConfig`, which is also adapter_config.json.
 
-<out>/adapter_config.json        format version, base model + fingerprint, quantization, r,
+<out>/adapter_config.json        format version, base model + fingerprint, quant, rank,
                                  alpha, heads, dropout, target_modules, tokenizer, chat template
 <out>/adapter_model.safetensors  <module>.hydra_A [r, in], .hydra_B [N, out, r],
                                  .hydra_router [N, in]
@@ -28,14 +28,16 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_KEYS = ("hydra_A", "hydra_B", "hydra_router")
+# Keys adapters of this format version were first written with: read under the names the CLI uses.
+LEGACY_KEYS = {"r": "rank", "quantization": "quant"}
 
 
 @dataclass
 class AdapterConfig:
     base_model: str  # what the user named: a preset, a Hub id, a folder or a .gguf file
     base_fingerprint: str  # of the base weights, so another base is refused
-    quantization: Quant
-    r: int
+    quant: Quant
+    rank: int
     alpha: float
     heads: int
     target_modules: list[str]
@@ -55,8 +57,8 @@ class AdapterConfig:
 
     @property
     def scaling(self) -> float:
-        """The branch's scale alpha / r."""
-        return self.alpha / self.r
+        """The branch's scale alpha / rank."""
+        return self.alpha / self.rank
 
     def save(self, out_dir: Path) -> None:
         data = {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
@@ -75,6 +77,7 @@ class AdapterConfig:
                 f"{WEIGHTS_FILE}); point it at the --out folder of a finetune run"
             )
         raw = read_json_object(path, "the adapter folder is damaged; retrain or restore it")
+        raw = {LEGACY_KEYS.get(key, key): value for key, value in raw.items()}
         if raw.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"{path}: format_version {raw.get('format_version')!r} is not supported by this "
@@ -102,8 +105,8 @@ def _choice(annotation) -> tuple:
 _RULES = {
     "base_model": (lambda v: isinstance(v, str) and bool(v.strip()), "a model name or folder"),
     "base_fingerprint": (lambda v: isinstance(v, str), "a string"),
-    "quantization": (lambda v: v in _choice(Quant), f"one of {', '.join(_choice(Quant))}"),
-    "r": (_is_whole, "a whole number >= 1"),
+    "quant": (lambda v: v in _choice(Quant), f"one of {', '.join(_choice(Quant))}"),
+    "rank": (_is_whole, "a whole number >= 1"),
     "heads": (_is_whole, "a whole number >= 1"),
     "alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "target_modules": (
@@ -142,7 +145,7 @@ def _check_weight_shapes(config: AdapterConfig, weights_path: Path) -> None:
             shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as exc:  # SafetensorError and friends: damaged or truncated file
         raise UserError(f"{weights_path}: cannot read adapter weights ({exc}); the file is damaged") from exc
-    r, heads = config.r, config.heads
+    r, heads = config.rank, config.heads
     if config.router_top_k > heads:
         raise UserError(
             f"{weights_path.parent / CONFIG_FILE}: router_top_k {config.router_top_k} exceeds heads={heads}; "

@@ -72,7 +72,7 @@ def mean_gates_per_cluster(
             for name, gates in gates_by_module.items():  # (B, T, N)
                 total = (gates * mask.unsqueeze(-1)).sum(dim=(0, 1)).float().cpu()
                 sums[(c, name)] = sums.get((c, name), 0) + total
-    heads = {name: layer.num_heads for name, layer in hydra_layers(model).items()}
+    heads = {name: layer.heads for name, layer in hydra_layers(model).items()}
     gates = {
         f"cluster.{c}.{name}": (sums.get((c, name), torch.zeros(n)) / max(counts[c], 1)).contiguous()
         for c in by_cluster

@@ -63,7 +63,7 @@ def inject_hydra_lora(
     module_names: list[str],
     rank: int,
     alpha: float,
-    num_heads: int,
+    heads: int,
     dropout: float,
     head_init: str = "zero",
     source: str = "--targets",
@@ -90,7 +90,7 @@ def inject_hydra_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         base_layer = getattr(parent, child)
         ref = base_layer.weight
-        layer = HydraLoRALinear(base_layer, rank, alpha, num_heads, dropout, head_init, **router_options)
+        layer = HydraLoRALinear(base_layer, rank, alpha, heads, dropout, head_init, **router_options)
         layer.to(device=ref.device)
         setattr(parent, child, layer)
         layers[name] = layer
@@ -210,7 +210,7 @@ def attach_adapter(model: nn.Module, config: AdapterConfig, weights: dict[str, t
     inject_hydra_lora(
         model,
         config.target_modules,
-        config.r,
+        config.rank,
         config.alpha,
         config.heads,
         0.0,
@@ -232,8 +232,8 @@ def _check_fits_base(model: nn.Module, config: AdapterConfig, weights: dict[str,
         except AttributeError:
             continue  # inject_hydra_lora names the missing module
         a, b = weights.get(f"{name}.hydra_A"), weights.get(f"{name}.hydra_B")
-        wanted_a = [config.r, getattr(base_layer, "in_features", -1)]
-        wanted_b = [config.heads, getattr(base_layer, "out_features", -1), config.r]
+        wanted_a = [config.rank, getattr(base_layer, "in_features", -1)]
+        wanted_b = [config.heads, getattr(base_layer, "out_features", -1), config.rank]
         if a is None or b is None or list(a.shape) != wanted_a or list(b.shape) != wanted_b:
             raise UserError(
                 f"{path}: {name} has A {list(a.shape) if a is not None else None}, B "

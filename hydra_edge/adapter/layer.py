@@ -40,7 +40,7 @@ class HydraLoRALinear(nn.Module):
         base_layer: nn.Module,
         rank: int,
         alpha: float,
-        num_heads: int,
+        heads: int,
         dropout: float = 0.0,
         head_init: str = "zero",
         head_dropout: float = 0.0,
@@ -48,18 +48,18 @@ class HydraLoRALinear(nn.Module):
         router_top_k: int = 0,
     ) -> None:
         super().__init__()
-        if rank < 1 or num_heads < 1:
-            raise ValueError(f"rank and num_heads must be >= 1, got {rank} and {num_heads}")
+        if rank < 1 or heads < 1:
+            raise ValueError(f"rank and heads must be >= 1, got {rank} and {heads}")
         if head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
-        if router_temperature <= 0 or not 0 <= router_top_k <= num_heads:
-            raise ValueError(f"router_temperature must be > 0 and router_top_k in 0..{num_heads}")
+        if router_temperature <= 0 or not 0 <= router_top_k <= heads:
+            raise ValueError(f"router_temperature must be > 0 and router_top_k in 0..{heads}")
         self.base_layer = base_layer
         self.in_features = int(base_layer.in_features)
         self.out_features = int(base_layer.out_features)
         self.rank = rank
         self.alpha = float(alpha)
-        self.num_heads = num_heads
+        self.heads = heads
         self.scaling = self.alpha / rank
         self.head_init = head_init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -69,8 +69,8 @@ class HydraLoRALinear(nn.Module):
         self.router_top_k = int(router_top_k)  # 0 or N: every head
         # Adapter weights live in float32 (master copy); autocast runs the matmuls in bf16.
         self.hydra_A = nn.Parameter(torch.empty(rank, self.in_features))  # (r, in)
-        self.hydra_B = nn.Parameter(torch.empty(num_heads, self.out_features, rank))  # (N, out, r)
-        self.hydra_router = nn.Parameter(torch.empty(num_heads, self.in_features))  # (N, in)
+        self.hydra_B = nn.Parameter(torch.empty(heads, self.out_features, rank))  # (N, out, r)
+        self.hydra_router = nn.Parameter(torch.empty(heads, self.in_features))  # (N, in)
         # When a list, forward() appends the float32 gates (B, T, N) it computed; used to
         # measure per-cluster mean gates after training.
         self.gate_sink: list[torch.Tensor] | None = None
@@ -114,13 +114,13 @@ class HydraLoRALinear(nn.Module):
         std = self.rank**0.25 / (8.0 * math.sqrt(self.out_features))
         nn.init.normal_(self.hydra_B, std=std)  # (N, out, r)
         self.hydra_B.sub_(self.hydra_B.mean(dim=0, keepdim=True))
-        if self.num_heads > 1:  # centring shrank each head by √((N-1)/N)
-            self.hydra_B.mul_(math.sqrt(self.num_heads / (self.num_heads - 1)))
+        if self.heads > 1:  # centring shrank each head by √((N-1)/N)
+            self.hydra_B.mul_(math.sqrt(self.heads / (self.heads - 1)))
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token head weights, computed in float32 on the raw input. (..., in) -> (..., N)."""
         if self.fixed_gates is not None:
-            return self.fixed_gates.to(x.device, torch.float32).expand(*x.shape[:-1], self.num_heads)
+            return self.fixed_gates.to(x.device, torch.float32).expand(*x.shape[:-1], self.heads)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.hydra_router.float()) / self.router_temperature  # (B, T, N)
             if self.router_targets is not None:
@@ -128,7 +128,7 @@ class HydraLoRALinear(nn.Module):
             gates = torch.softmax(logits, dim=-1)  # (B, T, N)
             if self.balance_tokens is not None:
                 self._balance_router(gates)
-            if 0 < self.router_top_k < self.num_heads:
+            if 0 < self.router_top_k < self.heads:
                 gates = top_k_gates(gates, self.router_top_k)
             if self.pool_groups is not None:
                 groups, sources = (t.to(gates.device) for t in self.pool_groups)
@@ -143,11 +143,11 @@ class HydraLoRALinear(nn.Module):
         gates (B, T, N) float32."""
         real = self.balance_tokens.to(gates.device)  # (B, T) bool
         g = gates[real]  # (n, N)
-        if g.shape[0] == 0 or self.num_heads < 2:
+        if g.shape[0] == 0 or self.heads < 2:
             return
         per_token = gate_entropy(g).mean()
         overall = gate_entropy(g.mean(0))
-        self.balance_losses.append((per_token - overall) / math.log(self.num_heads))
+        self.balance_losses.append((per_token - overall) / math.log(self.heads))
 
     def _supervise_router(self, logits: torch.Tensor) -> None:
         """Cross-entropy of the router against each token's data cluster. (B, T, N) logits."""
@@ -196,7 +196,7 @@ class HydraLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.rank}, "
-            f"heads={self.num_heads}, alpha={self.alpha:g}, head_init={self.head_init}, "
+            f"heads={self.heads}, alpha={self.alpha:g}, head_init={self.head_init}, "
             f"router_temperature={self.router_temperature:g}, router_top_k={self.router_top_k}"
         )
 

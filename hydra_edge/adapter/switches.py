@@ -58,7 +58,7 @@ def fixed_gates(model: nn.Module, gates: Gates) -> Iterator[None]:
 def heads_disabled(model: nn.Module) -> Iterator[None]:
     """The base model alone: every layer's gates are zero, so the branch adds exactly nothing
     (y = W0·x), for "compare with the base model"."""
-    with _switched(model, "fixed_gates", lambda name, layer: torch.zeros(layer.num_heads)):
+    with _switched(model, "fixed_gates", lambda name, layer: torch.zeros(layer.heads)):
         yield
 
 

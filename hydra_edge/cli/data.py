@@ -86,7 +86,7 @@ def clusters(settings: ClusterSettings) -> None:
     from hydra_edge.data.records import load_records
 
     loaded = load_records(settings.data, settings.format, settings.skip_invalid)
-    model, labels = fit_clusters([r.prompt_text for r in loaded.records], settings.num_heads, settings.max_k)
+    model, labels = fit_clusters([r.prompt_text for r in loaded.records], settings.fixed_heads, settings.max_k)
     if settings.plot:
         from hydra_edge.clusters.plots import plot_clusters
 

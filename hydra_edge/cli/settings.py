@@ -83,7 +83,7 @@ class ClusterSettings(_Checked):
         return [p for p in found if p]
 
     @property
-    def num_heads(self) -> int | None:
+    def fixed_heads(self) -> int | None:
         return None if self.heads == "auto" else int(self.heads)
 
 

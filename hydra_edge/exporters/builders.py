@@ -157,7 +157,7 @@ def build_dynamic(work: Path, plain: Path, adapter_dir: Path, config: AdapterCon
     log(f"export: building the dynamic ONNX model (router + {config.heads} heads per module; {precision}, {device})")
     template_heads = {m: (weights[f"{m}.hydra_A"].float(), weights[f"{m}.hydra_B"][0].float()) for m in modules}
     model_dir = work / "models" / "dynamic"
-    _build_with_lora(work, plain, model_dir, template_heads, config.r, precision, device)
+    _build_with_lora(work, plain, model_dir, template_heads, config.rank, precision, device)
 
     graph_model = onnx.load(str(model_dir / "model.onnx"))
     rewritten = _route_every_lora_branch(graph_model.graph, weights, config)

@@ -45,7 +45,7 @@ def building(out_dir: Path) -> Iterator[Path]:
 
 def base_entry(config: AdapterConfig) -> dict:
     """The manifest's `base`: the model the adapter was trained on, and which weights an export holds."""
-    weights = f"dequantized {config.quantization}" if config.quantization != "none" else "as trained"
+    weights = f"dequantized {config.quant}" if config.quant != "none" else "as trained"
     return {"model": config.base_model, "fingerprint": config.base_fingerprint, "weights": weights}
 
 

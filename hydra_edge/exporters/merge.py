@@ -66,7 +66,7 @@ def save_plain_base(adapter_config: AdapterConfig, out_dir: Path) -> Path:
 
     base = load_base(
         adapter_config.base_model,
-        quant=adapter_config.quantization,
+        quant=adapter_config.quant,
         device="cpu",
         dtype=adapter_config.dtype,
         chat_template=adapter_config.chat_template,  # saved with the tokenizer: every export renders as training did

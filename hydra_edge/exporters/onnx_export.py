@@ -91,7 +91,7 @@ def build_and_validate(
         "base": base_entry(config),
         "clusters": sorted(int(c) for c in heads_by_cluster),
         "heads": config.heads,
-        "r": config.r,
+        "rank": config.rank,
         "alpha": config.alpha,
         "validation": {"criteria": describe_criteria(precision), "checks": validation, "onnx_checker": "passed"},
     }

@@ -44,7 +44,7 @@ def write_peft_folders(work: Path, adapter_dir: Path, config: AdapterConfig, out
     prompts = [torch.tensor([_ids(tokenizer, m)]) for m in validation_prompts(adapter_dir)]
     checks = {}
     for cluster, heads in merged_heads(reference, gates_by_cluster).items():
-        folder = write_peft_adapter(work / "peft" / f"cluster_{cluster}", "../base", config.r, config.alpha, heads)
+        folder = write_peft_adapter(work / "peft" / f"cluster_{cluster}", "../base", config.rank, config.alpha, heads)
         with torch.no_grad(), fixed_gates(reference, gates_by_cluster[cluster]):
             expected = np.concatenate([reference(input_ids=ids).logits[0].float().numpy() for ids in prompts])
         with torch.no_grad(), folded_into_base(reference, folder / "adapter_model.safetensors", config.scaling):
@@ -59,7 +59,7 @@ def write_peft_folders(work: Path, adapter_dir: Path, config: AdapterConfig, out
         "base": base_entry(config),
         "clusters": sorted(int(c) for c in gates_by_cluster),
         "heads": config.heads,
-        "r": config.r,
+        "rank": config.rank,
         "alpha": config.alpha,
         "validation": {"criteria": describe_criteria("fp32"), "checks": checks},
     }

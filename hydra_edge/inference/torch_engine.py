@@ -85,7 +85,7 @@ class TorchEngine:
         if self.config is None:
             return "adapter in training"
         c = self.config
-        return f"adapter on {c.base_model} ({c.quantization}), {c.heads} heads, r={c.r}"
+        return f"adapter on {c.base_model} ({c.quant}), {c.heads} heads, rank {c.rank}"
 
     def gate_mix(self, messages: list[dict]) -> list[float]:
         return prompt_gate_mix(self.model, self._tokenizer, messages)

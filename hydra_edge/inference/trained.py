@@ -43,7 +43,7 @@ def load_trained(adapter_dir: str | Path, model_override: str | None = None, dev
     # another dtype would give (slightly) other base weights than the adapter was trained on.
     base = load_base(
         model_override or config.base_model,
-        quant=config.quantization,
+        quant=config.quant,
         device=device,
         dtype=config.dtype,
         chat_template=config.chat_template,  # the template it trained with

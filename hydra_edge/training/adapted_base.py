@@ -25,9 +25,9 @@ class AdaptedBase:
 
 
 def build_adapted_base(
-    config: FinetuneConfig, num_heads: int, chat_template: str | None, mixed_precision: str
+    config: FinetuneConfig, heads: int, chat_template: str | None, mixed_precision: str
 ) -> AdaptedBase:
-    """Loads the base in the precision the run trains in and puts HydraLoRA layers (num_heads
+    """Loads the base in the precision the run trains in and puts HydraLoRA layers (heads
     heads, seeded by --seed) into the modules --targets names."""
     import torch
 
@@ -44,13 +44,13 @@ def build_adapted_base(
     fingerprint = base_fingerprint(base.resolved, base.model)
     modules = find_target_modules(base.model, config.targets)
     torch.manual_seed(config.seed)
-    top_k = config.router_top_k if config.router_top_k < num_heads else 0  # k >= N: every head anyway
+    top_k = config.router_top_k if config.router_top_k < heads else 0  # k >= N: every head anyway
     inject_hydra_lora(
         base.model,
         modules,
         config.rank,
         config.alpha,
-        num_heads,
+        heads,
         config.dropout,
         config.head_init,
         head_dropout=config.head_dropout,
@@ -60,4 +60,4 @@ def build_adapted_base(
     if config.router == "uniform":
         freeze_uniform_router(base.model)
     trainable = sum(p.numel() for p in base.model.parameters() if p.requires_grad)
-    return AdaptedBase(base, num_heads, mixed_precision, dtype, fingerprint, modules, top_k, trainable)
+    return AdaptedBase(base, heads, mixed_precision, dtype, fingerprint, modules, top_k, trainable)

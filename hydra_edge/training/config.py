@@ -189,7 +189,7 @@ class FinetuneConfig:
             raise ValueError(problems[0])
 
     @property
-    def num_heads(self) -> int | None:
+    def fixed_heads(self) -> int | None:
         """None for 'auto'."""
         return None if self.heads == "auto" else int(self.heads)
 

@@ -189,7 +189,7 @@ def _data_and_clusters(config: FinetuneConfig, out: Path, resume_from: Path | No
         labels = clusters.assign([r.prompt_text for r in records])
     else:
         # Deterministic, so every process gets the same clusters; the main one saves them.
-        clusters, labels = fit_clusters([r.prompt_text for r in records], config.num_heads, config.max_k)
+        clusters, labels = fit_clusters([r.prompt_text for r in records], config.fixed_heads, config.max_k)
         if process.is_main_process:
             save_clusters(clusters, out, labels)
             atomic_write_text(out / RUN_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
@@ -211,7 +211,7 @@ def _base_and_adapter(config: FinetuneConfig, data: _RunData) -> AdaptedBase:
     adapted = build_adapted_base(config, data.clusters.k, data.template, mixed_precision)
     log(
         f"model: {adapted.base.reference} ({config.quant}), {len(adapted.modules)} modules adapted, "
-        f"heads={adapted.heads}, r={config.rank}, trainable params={adapted.trainable:,}"
+        f"heads={adapted.heads}, rank={config.rank}, trainable params={adapted.trainable:,}"
     )
     return adapted
 
@@ -255,11 +255,11 @@ def _training(
     from hydra_edge.training.loop import train_loop
     from hydra_edge.training.step_plan import plan_steps
 
-    out, base, num_heads = Path(config.out), adapted.base, data.clusters.k
+    out, base, heads = Path(config.out), adapted.base, data.clusters.k
     plan = plan_steps(config, len(train_samples), process.num_processes)
     # One head has nothing to route: no router losses, no pooled steps.
     loop_config = config
-    if num_heads == 1:
+    if heads == 1:
         loop_config = dataclasses.replace(config, router_loss=0.0, pooled_steps=0.0, router_balance=0.0)
     held_out = None
     if config.eval_every:
@@ -270,7 +270,7 @@ def _training(
     if resume_from is None and process.is_main_process:
         shutil.rmtree(out / BEST_DIR, ignore_errors=True)  # a run that died before its first checkpoint
     run_name = config.run_name or out.resolve().name
-    hparams = {**config.to_dict(), "num_heads": num_heads, "trainable_params": adapted.trainable}
+    hparams = {**config.to_dict(), "heads": heads, "trainable_params": adapted.trainable}
     return train_loop(
         base.model,
         train_samples,

@@ -99,7 +99,7 @@ def find_clusters(
         raise UserError(str(exc)) from None
     loaded = load_records(settings.data, settings.format, skip_invalid=True)
     texts = [r.prompt_text for r in loaded.records]
-    model, labels = fit_clusters(texts, settings.num_heads, settings.max_k)
+    model, labels = fit_clusters(texts, settings.fixed_heads, settings.max_k)
     examples = []
     for c in range(model.k):
         first = next((t for t, label in zip(texts, labels) if label == c), "")

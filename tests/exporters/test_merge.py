@@ -51,7 +51,9 @@ def test_peft_adapter_equals_merged_computation(plain_base, trained_adapter, tmp
     assert len(gates) == config["heads"]
     ours, tokenizer = hydra_on_plain_base(plain_base, trained_adapter)
     for cluster, heads in merged_heads(ours, gates).items():
-        folder = write_peft_adapter(tmp_path / f"peft-{cluster}", str(plain_base), config["r"], config["alpha"], heads)
+        folder = write_peft_adapter(
+            tmp_path / f"peft-{cluster}", str(plain_base), config["rank"], config["alpha"], heads
+        )
         peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(plain_base), folder).eval()
         with fixed_gates(ours, gates[cluster]):
             for a, b in zip(logits_of(peft_model, tokenizer), logits_of(ours, tokenizer)):
@@ -66,7 +68,7 @@ def test_folded_weights_equal_merged_computation(plain_base, trained_adapter):
     ours, tokenizer = hydra_on_plain_base(plain_base, trained_adapter)
     cluster, heads = next(iter(merged_heads(ours, gates).items()))
     folded = AutoModelForCausalLM.from_pretrained(plain_base).eval()
-    fold_cluster_into_base(folded, heads, config["alpha"] / config["r"])
+    fold_cluster_into_base(folded, heads, config["alpha"] / config["rank"])
     with fixed_gates(ours, gates[cluster]):
         for a, b in zip(logits_of(folded, tokenizer), logits_of(ours, tokenizer)):
             assert_close(a, b, atol=1e-4, rtol=1e-4)

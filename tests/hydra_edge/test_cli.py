@@ -26,7 +26,7 @@ def test_adapter_directory_contract(demo_run):
         "format_version",
         "base_model",
         "base_fingerprint",
-        "quantization",
+        "quant",
         "r",
         "alpha",
         "heads",
@@ -35,9 +35,9 @@ def test_adapter_directory_contract(demo_run):
         "chat_template",
     ):
         assert key in config, key
-    assert config["quantization"] == "nf4" and config["base_model"] == "tiny"
+    assert config["quant"] == "nf4" and config["base_model"] == "tiny"
     weights = load_file(str(out / "adapter_model.safetensors"))
-    r, n = config["r"], config["heads"]
+    r, n = config["rank"], config["heads"]
     assert len(weights) == 3 * len(config["target_modules"])
     for module in config["target_modules"]:
         a, b, router = (weights[f"{module}.hydra_{k}"] for k in ("A", "B", "router"))
@@ -206,7 +206,7 @@ def test_yaml_config_with_flag_override(tmp_path):
     result = run_cli("finetune", "--config", str(config), "--rank", "2", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     adapter = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
-    assert adapter["r"] == 2 and adapter["heads"] == 2 and adapter["quantization"] == "none"
+    assert adapter["rank"] == 2 and adapter["heads"] == 2 and adapter["quant"] == "none"
     assert len((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()) == 3
 
 

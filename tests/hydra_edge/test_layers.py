@@ -16,7 +16,7 @@ def naive_forward(layer: HydraLoRALinear, x: torch.Tensor) -> torch.Tensor:
     """The reference implementation: one matmul per head, in a Python loop."""
     gates = torch.softmax(x.float() @ layer.hydra_router.float().T, dim=-1)  # (B, T, N)
     h = x @ layer.hydra_A.T  # (B, T, r)
-    delta = sum(gates[..., i : i + 1] * (h @ layer.hydra_B[i].T) for i in range(layer.num_heads))
+    delta = sum(gates[..., i : i + 1] * (h @ layer.hydra_B[i].T) for i in range(layer.heads))
     return layer.base_layer(x) + layer.scaling * delta
 
 
@@ -45,13 +45,13 @@ def nf4_linear(tiny_dir):
 
 def test_zero_heads_equal_base_exactly(linear):
     x = torch.randn(2, 5, IN)
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3)
+    layer = HydraLoRALinear(linear, R, alpha=16, heads=3)
     assert torch.equal(layer(x), linear(x))
 
 
-@pytest.mark.parametrize("num_heads", [1, 2, 4])
-def test_batched_heads_equal_naive_loop(linear, num_heads):
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=num_heads)
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_batched_heads_equal_naive_loop(linear, heads):
+    layer = HydraLoRALinear(linear, R, alpha=16, heads=heads)
     randomize_heads(layer)
     x = torch.randn(3, 7, IN)
     assert_close(layer(x), naive_forward(layer, x), atol=1e-5, rtol=1e-5)
@@ -75,7 +75,7 @@ def peft_lora_output(base: nn.Module, A: torch.Tensor, B: torch.Tensor, alpha: f
 
 
 def test_one_head_equals_peft_lora(linear):
-    layer = HydraLoRALinear(copy.deepcopy(linear), R, alpha=16, num_heads=1)
+    layer = HydraLoRALinear(copy.deepcopy(linear), R, alpha=16, heads=1)
     randomize_heads(layer)
     x = torch.randn(2, 6, IN)
     expected = peft_lora_output(copy.deepcopy(linear), layer.hydra_A.detach(), layer.hydra_B[0].detach(), 16, x)
@@ -85,20 +85,20 @@ def test_one_head_equals_peft_lora(linear):
 def test_nf4_zero_heads_equal_base(nf4_linear):
     x = torch.randn(2, 5, nf4_linear.in_features, dtype=torch.bfloat16)
     expected = nf4_linear(x)
-    layer = HydraLoRALinear(nf4_linear, R, alpha=16, num_heads=3)
+    layer = HydraLoRALinear(nf4_linear, R, alpha=16, heads=3)
     assert layer.base_layer is nf4_linear  # wrapped, not copied
     assert torch.equal(layer(x), expected)
 
 
 def test_nf4_batched_heads_equal_naive_loop(nf4_linear):
-    layer = HydraLoRALinear(nf4_linear, R, alpha=16, num_heads=4)
+    layer = HydraLoRALinear(nf4_linear, R, alpha=16, heads=4)
     randomize_heads(layer)
     x = torch.randn(2, 5, nf4_linear.in_features)
     assert_close(layer(x).float(), naive_forward(layer, x).float(), atol=1e-4, rtol=1e-4)
 
 
 def test_nf4_one_head_equals_peft_lora(nf4_linear):
-    layer = HydraLoRALinear(nf4_linear, R, alpha=16, num_heads=1)
+    layer = HydraLoRALinear(nf4_linear, R, alpha=16, heads=1)
     randomize_heads(layer)
     x = torch.randn(2, 5, nf4_linear.in_features)
     ours = layer(x).float()
@@ -107,7 +107,7 @@ def test_nf4_one_head_equals_peft_lora(nf4_linear):
 
 
 def test_gates_are_float32_and_sum_to_one(linear):
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3)
+    layer = HydraLoRALinear(linear, R, alpha=16, heads=3)
     x = torch.randn(2, 4, IN, dtype=torch.bfloat16)
     gates = layer.gates(x)
     assert gates.dtype == torch.float32 and gates.shape == (2, 4, 3)
@@ -115,7 +115,7 @@ def test_gates_are_float32_and_sum_to_one(linear):
 
 
 def test_only_adapter_parameters_train(linear):
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=2, dropout=0.1)
+    layer = HydraLoRALinear(linear, R, alpha=16, heads=2, dropout=0.1)
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
     assert trainable == {"hydra_A", "hydra_B", "hydra_router"}
     randomize_heads(layer)
@@ -125,13 +125,13 @@ def test_only_adapter_parameters_train(linear):
 
 
 def test_random_head_init_gives_distinct_heads(linear):
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3, head_init="random")
+    layer = HydraLoRALinear(linear, R, alpha=16, heads=3, head_init="random")
     assert not torch.equal(layer.hydra_B[0], layer.hydra_B[1])
     assert layer.hydra_B.abs().max() > 0
 
 
 def test_dropout_only_on_adapter_path(linear):
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=2, dropout=0.5)
+    layer = HydraLoRALinear(linear, R, alpha=16, heads=2, dropout=0.5)
     x = torch.randn(2, 3, IN)
     layer.train()
     # With zero heads the output is the base's, whatever dropout does to the A path.
@@ -150,7 +150,7 @@ def test_dropout_only_on_adapter_path(linear):
 def test_fixed_gates_equal_one_merged_lora(linear, training):
     """With gates fixed to ḡ, the heads collapse into one LoRA: B̄ = Σ_i ḡ_i B_i (the export's merge),
     whether the forward takes the merged path (eval) or the gated copies of A·x (training)."""
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3).train(training)
+    layer = HydraLoRALinear(linear, R, alpha=16, heads=3).train(training)
     randomize_heads(layer)
     gates = torch.tensor([0.2, 0.5, 0.3])
     layer.fixed_gates = gates
@@ -162,7 +162,7 @@ def test_fixed_gates_equal_one_merged_lora(linear, training):
 
 def test_delta_weight_is_what_fixed_gates_add_to_the_base_weight(linear):
     """layer(x) - base(x) == x · delta_weight(ḡ)ᵀ: the weight a merged export folds into W0."""
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3).eval()
+    layer = HydraLoRALinear(linear, R, alpha=16, heads=3).eval()
     randomize_heads(layer, seed=1)
     gates = torch.tensor([0.6, 0.1, 0.3])
     delta = layer.delta_weight(gates)  # (out, in)

@@ -36,7 +36,7 @@ class TinyLM(nn.Module):
     def __init__(self, heads: int = 2) -> None:
         super().__init__()
         self.embed = nn.Embedding.from_pretrained(EMBEDDINGS.clone())
-        self.proj = HydraLoRALinear(nn.Linear(DIM, OUT), rank=R, alpha=2, num_heads=heads)
+        self.proj = HydraLoRALinear(nn.Linear(DIM, OUT), rank=R, alpha=2, heads=heads)
         self.head = nn.Linear(OUT, len(EMBEDDINGS))
         self.head.requires_grad_(False)
 

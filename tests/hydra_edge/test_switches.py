@@ -21,8 +21,8 @@ from hydra_edge.adapter.switches import (
 def two_layer_model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
-        HydraLoRALinear(nn.Linear(16, 16), rank=4, alpha=8, num_heads=3, head_init="random"),
-        HydraLoRALinear(nn.Linear(16, 8), rank=4, alpha=8, num_heads=3, head_init="random"),
+        HydraLoRALinear(nn.Linear(16, 16), rank=4, alpha=8, heads=3, head_init="random"),
+        HydraLoRALinear(nn.Linear(16, 8), rank=4, alpha=8, heads=3, head_init="random"),
     )
     with torch.no_grad():
         for layer in model:
@@ -32,7 +32,7 @@ def two_layer_model() -> nn.Module:
 
 def test_heads_disabled_gives_the_base_layer_exactly_and_restores_the_gates():
     torch.manual_seed(0)
-    model = nn.Sequential(HydraLoRALinear(nn.Linear(16, 8), rank=4, alpha=8, num_heads=3, head_init="random"))
+    model = nn.Sequential(HydraLoRALinear(nn.Linear(16, 8), rank=4, alpha=8, heads=3, head_init="random"))
     layer = model[0]
     with torch.no_grad():
         layer.hydra_B.normal_()

@@ -21,7 +21,7 @@ def linear():
 
 
 def test_random_heads_start_distinct_centred_and_exactly_at_the_base(linear):
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=4, head_init="random")
+    layer = HydraLoRALinear(linear, R, alpha=16, heads=4, head_init="random")
     heads = layer.hydra_B.detach()  # (N, out, r)
     assert_close(heads.sum(0), torch.zeros(OUT, R), atol=1e-7, rtol=0)
     cosine = nn.functional.cosine_similarity(heads[0].flatten(), heads[1].flatten(), dim=0)
@@ -34,7 +34,7 @@ def test_random_heads_start_distinct_centred_and_exactly_at_the_base(linear):
 
 
 def test_one_random_head_starts_at_zero_like_lora(linear):
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=1, head_init="random")
+    layer = HydraLoRALinear(linear, R, alpha=16, heads=1, head_init="random")
     assert torch.equal(layer.hydra_B, torch.zeros_like(layer.hydra_B))
 
 
@@ -42,7 +42,7 @@ def test_random_heads_give_the_router_a_gradient_from_the_first_step(linear):
     """Zero heads give the router nothing to learn from; distinct heads do."""
     x = torch.randn(2, 5, IN)
     for init, has_gradient in (("zero", False), ("random", True)):
-        layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3, head_init=init)
+        layer = HydraLoRALinear(linear, R, alpha=16, heads=3, head_init=init)
         (layer(x) - linear(x).detach() - 1).pow(2).sum().backward()
         assert (float(layer.hydra_router.grad.abs().max()) > 0) == has_gradient, init
 
@@ -52,7 +52,7 @@ def test_per_head_dropout_gives_equal_heads_different_gradients(linear):
     grads = {}
     for head_dropout in (0.0, 0.3):
         torch.manual_seed(1)
-        layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3, head_dropout=head_dropout)
+        layer = HydraLoRALinear(linear, R, alpha=16, heads=3, head_dropout=head_dropout)
         with torch.no_grad():
             layer.hydra_router.zero_()  # uniform gates: only dropout can tell the heads apart
             layer.hydra_B.copy_(torch.randn(OUT, R).expand(3, OUT, R))
@@ -67,13 +67,13 @@ def test_per_head_dropout_gives_equal_heads_different_gradients(linear):
 
 
 def test_router_temperature_divides_the_logits(linear):
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=3, router_temperature=0.5)
+    layer = HydraLoRALinear(linear, R, alpha=16, heads=3, router_temperature=0.5)
     x = torch.randn(2, 5, IN)
     assert_close(layer.gates(x), torch.softmax(x @ layer.hydra_router.T / 0.5, dim=-1))
 
 
 def test_top_k_routes_forward_to_k_heads_and_trains_every_router_row(linear):
-    layer = HydraLoRALinear(linear, R, alpha=16, num_heads=4, router_top_k=2)
+    layer = HydraLoRALinear(linear, R, alpha=16, heads=4, router_top_k=2)
     x = torch.randn(2, 5, IN)
     gates = layer.gates(x)  # (B, T, N)
     assert ((gates > 0).sum(-1) == 2).all()
@@ -93,7 +93,7 @@ def test_top_k_gates_keep_the_softmax_gradient():
 
 
 def test_balance_loss_is_certainty_minus_balance_in_units_of_log_n(linear):
-    model = nn.Sequential(HydraLoRALinear(linear, R, alpha=16, num_heads=4))
+    model = nn.Sequential(HydraLoRALinear(linear, R, alpha=16, heads=4))
     layer = model[0]
     x = torch.randn(2, 5, IN)
     real = torch.ones(2, 5, dtype=torch.bool)
@@ -114,7 +114,7 @@ def test_balance_loss_is_certainty_minus_balance_in_units_of_log_n(linear):
 
 def test_balance_loss_makes_the_router_decisive_and_uses_every_head(linear):
     """Minimising the loss alone drives the tokens to confident, spread-out choices."""
-    model = nn.Sequential(HydraLoRALinear(linear, R, alpha=16, num_heads=4))
+    model = nn.Sequential(HydraLoRALinear(linear, R, alpha=16, heads=4))
     layer = model[0]
     x = torch.randn(8, 16, IN)
     optimizer = torch.optim.Adam([layer.hydra_router], lr=0.05)
@@ -138,9 +138,9 @@ def test_linear_schedule_anneals_the_router_losses_to_zero():
 
 def test_invalid_router_options_are_refused(linear):
     with pytest.raises(ValueError):
-        HydraLoRALinear(linear, R, alpha=16, num_heads=2, router_top_k=3)
+        HydraLoRALinear(linear, R, alpha=16, heads=2, router_top_k=3)
     with pytest.raises(ValueError):
-        HydraLoRALinear(linear, R, alpha=16, num_heads=2, router_temperature=0)
+        HydraLoRALinear(linear, R, alpha=16, heads=2, router_temperature=0)
 
 
 @pytest.mark.slow  # trains the tiny preset

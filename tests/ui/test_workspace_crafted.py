@@ -106,7 +106,7 @@ def test_an_adapter_whose_base_lies_outside_the_workspace_is_neither_chatted_wit
     with pytest.raises(UserError, match="base_model"):
         ChatModels(ws).get("runs/crafted")
     with pytest.raises(UserError, match="base_model"):
-        export_command(ws, "runs/crafted", "x", "adapters", "fp32")
+        export_command(ws, "runs/crafted", "x", "onnx", {"mode": "adapters", "precision": "fp32"})
 
 
 def test_an_adapter_on_a_workspace_model_loads_that_folder(ws):

@@ -14,7 +14,7 @@ def required_files(manifest: dict) -> list[str]:
 
 
 def _with_script(work: Path, entries: dict) -> dict:
-    write_vllm_script(work, entries["clusters"], entries["r"])
+    write_vllm_script(work, entries["clusters"], entries["rank"])
     return {**entries, "format": "vllm"}
 
 
