@@ -26,7 +26,9 @@ _BOUND_OK = {
 
 
 def setting(default, help: str, **bounds):
-    """A dataclass field carrying its help and its bounds (ge, gt, lt, le)."""
+    """A dataclass field carrying its help and its bounds (ge, gt, lt, le); optionally `envvar`
+    (read the value from it when the flag is not given), `flag` (a name of its own) and `refusal`
+    (what to say instead of "must be >= N" when a bound fails)."""
     metadata = {"help": help, **bounds}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -70,8 +72,8 @@ def field_problems(settings) -> list[str]:
             problems.append(f"{flag(f.name)} {value}: use one of {', '.join(map(str, choices))}")
         bounds = bounds_of(f)
         if value is not None and bounds and not all(_BOUND_OK[k](value, b) for k, b in bounds.items()):
-            text = " and ".join(f"{BOUND_TEXT[k]} {b}" for k, b in bounds.items())
-            problems.append(f"{flag(f.name)} {value}: must be {text}")
+            text = "must be " + " and ".join(f"{BOUND_TEXT[k]} {b}" for k, b in bounds.items())
+            problems.append(f"{flag(f.name)} {value}: {f.metadata.get('refusal', text)}")
     return problems
 
 

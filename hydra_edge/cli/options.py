@@ -53,6 +53,16 @@ def options_of(settings_class: type, unset_defaults: bool = False) -> list[inspe
     return params
 
 
+def options_signature(*settings_classes: type) -> inspect.Signature:
+    """The options of a command that takes the fields of several settings classes, in order."""
+    return inspect.Signature([p for cls in settings_classes for p in options_of(cls)])
+
+
+def from_options(settings_class: type, values: dict):
+    """An instance of `settings_class` from a command's options (other classes' are left alone)."""
+    return settings_class(**{f.name: values[f.name] for f in dataclasses.fields(settings_class) if f.name in values})
+
+
 def settings_command(settings_class: type, action: Callable, doc: str | None = None):
     """A Typer command whose options are `settings_class`'s fields: the values build one settings
     object (its checks turn a bad value into one line) and `action(settings)` runs."""

@@ -111,7 +111,7 @@ def elbow_k(inertia_by_k: dict[int, float]) -> int:
     return ks[int(np.argmax(line - y))]
 
 
-def fit_clusters(texts: list[str], heads: int | None, max_k: int = 8) -> tuple[ClusterModel, np.ndarray]:
+def fit_clusters(texts: list[str], heads: int | None, max_k: int) -> tuple[ClusterModel, np.ndarray]:
     """Fits the featurizer and k-means. heads=None picks k by the elbow over k = 2..max_k.
 
     Returns the model and the cluster id of every text.

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import typer
 
+from hydra_edge.cli.options import from_options, options_signature
 from hydra_edge.errors import UserError
-from hydra_edge.server.options import from_options, options_from
 from hydra_edge.server.settings import BackendChoice, ServeSettings
 
 
@@ -44,7 +44,6 @@ def router_folder(onnx: str | None, adapter: str | None) -> Path:
     return folder
 
 
-@options_from(BackendChoice, ServeSettings)
 def serve_command(**options) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) that
     routes every request to its cluster's adapter; `model` may pin cluster_<c> or the base."""
@@ -75,6 +74,10 @@ def serve_command(**options) -> None:
     # 1 ms switch interval (Python's default is 5 ms) keeps /health quick while they run.
     sys.setswitchinterval(0.001)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+serve_command.__signature__ = options_signature(BackendChoice, ServeSettings)
+serve_command.__annotations__ = {p.name: p.annotation for p in serve_command.__signature__.parameters.values()}
 
 
 def _server_modules():

@@ -1,8 +1,9 @@
 """The `serve` command's settings: what it serves (BackendChoice) and how (ServeSettings).
 
 Each field is written once, here: its default, its help and its bounds; `hydra-edge serve`'s
-options are generated from the fields (cli.py, through options.py), and the checks run whoever
-builds the settings. Adding a setting is adding a field. This module imports no web framework,
+options are generated from the fields (cli.py), and the checks run whoever
+builds the settings (hydra_edge/settings.py, cli/options.py: the same machinery as every
+command's). Adding a setting is adding a field. This module imports no web framework,
 so `hydra-edge --help` stays fast.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from hydra_edge.cli.hosts import is_loopback
 from hydra_edge.errors import UserError
-from hydra_edge.server.options import check_bounds, setting
+from hydra_edge.settings import field_problems, setting
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ class ServeSettings:
                 f"--host {self.host} makes the API reachable from other machines; add --api-key KEY "
                 "(or keep the default --host 127.0.0.1)"
             )
-        check_bounds(self)
+        problems = field_problems(self)
+        if problems:
+            raise UserError(problems[0])
 
     @property
     def max_body_bytes(self) -> int:

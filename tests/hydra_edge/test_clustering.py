@@ -10,6 +10,9 @@ from sklearn.metrics import adjusted_rand_score
 from hydra_edge.clusters.fit import elbow_k, fit_clusters, load_clusters, save_clusters
 from hydra_edge.errors import UserError
 from hydra_edge.models.tiny import DEMO_EVAL, DEMO_TRAIN
+from hydra_edge.training.config import FinetuneConfig
+
+MAX_K = FinetuneConfig().max_k  # what finetune --heads auto tries
 
 
 def demo_rows(path):
@@ -30,7 +33,7 @@ def test_elbow_picks_the_knee(curve, expected):
 
 def test_demo_families_are_recovered():
     texts, tasks = demo_rows(DEMO_TRAIN)
-    model, labels = fit_clusters(texts, heads=None)
+    model, labels = fit_clusters(texts, heads=None, max_k=MAX_K)
     assert 4 <= model.k <= 8
     # Every cluster is (nearly) one task family: clusters refine families, never mix them.
     for c in range(model.k):
@@ -42,7 +45,7 @@ def test_demo_families_are_recovered():
 def test_round_trip_assigns_held_out_rows_identically(tmp_path):
     texts, _ = demo_rows(DEMO_TRAIN)
     held, _ = demo_rows(DEMO_EVAL)
-    model, labels = fit_clusters(texts, heads=4)
+    model, labels = fit_clusters(texts, heads=4, max_k=MAX_K)
     save_clusters(model, tmp_path)
     loaded = load_clusters(tmp_path)
     assert np.array_equal(loaded.assign(texts), labels)
@@ -71,16 +74,16 @@ def test_scripts_without_spaces_cluster():
         "包子和饺子都好吃",
         "午饭想吃米饭",
     ]
-    model, labels = fit_clusters(weather + food, heads=2)
+    model, labels = fit_clusters(weather + food, heads=2, max_k=MAX_K)
     assert adjusted_rand_score([0] * len(weather) + [1] * len(food), labels) == 1.0
 
 
 def test_one_head_is_one_cluster_and_too_many_heads_refused():
-    model, labels = fit_clusters(["a b", "c d", "e f"], heads=1)
+    model, labels = fit_clusters(["a b", "c d", "e f"], heads=1, max_k=MAX_K)
     assert model.k == 1 and set(labels.tolist()) == {0}
     assert model.assign(["anything"]).tolist() == [0]
     with pytest.raises(UserError, match="--heads 5"):
-        fit_clusters(["a", "b", "c"], heads=5)
+        fit_clusters(["a", "b", "c"], heads=5, max_k=MAX_K)
 
 
 @pytest.mark.slow  # runs hydra-edge (training or the CLI) end to end

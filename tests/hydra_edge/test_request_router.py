@@ -9,6 +9,9 @@ import numpy as np
 from hydra_edge.clusters.fit import fit_clusters, save_clusters
 from hydra_edge.clusters.router import RequestRouter
 from hydra_edge.models.tiny import DEMO_EVAL, DEMO_TRAIN
+from hydra_edge.training.config import FinetuneConfig
+
+MAX_K = FinetuneConfig().max_k  # what finetune --heads auto tries
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "mixed_language.jsonl"
 
@@ -21,7 +24,7 @@ def texts_of(path):
 def test_router_matches_training_featurizer(tmp_path):
     for train, extra in ((DEMO_TRAIN, DEMO_EVAL), (FIXTURE, FIXTURE)):
         texts = texts_of(train)
-        model, labels = fit_clusters(texts, heads=None)
+        model, labels = fit_clusters(texts, heads=None, max_k=MAX_K)
         save_clusters(model, tmp_path, labels)
         router = RequestRouter.from_dir(tmp_path)
         probe = texts + texts_of(extra) + ["", "Completely unseen words ÄÖÜ", "  spaced   out  "]
@@ -32,7 +35,7 @@ def test_router_matches_training_featurizer(tmp_path):
 def test_router_needs_no_scikit_learn(tmp_path):
     import subprocess
 
-    model, labels = fit_clusters(texts_of(DEMO_TRAIN), heads=None)
+    model, labels = fit_clusters(texts_of(DEMO_TRAIN), heads=None, max_k=MAX_K)
     save_clusters(model, tmp_path, labels)
     code = (
         "import sys; sys.modules['sklearn'] = None\n"

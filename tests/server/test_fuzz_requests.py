@@ -96,18 +96,32 @@ def dumps(body: object) -> bytes:
     return text.encode()
 
 
+class _Cases(list):
+    """(surface, method, path, headers, body) cases, added one at a time."""
+
+    def add(self, surface, body, path=CHAT, method="POST", headers=KEY):
+        self.append((surface, method, path, headers, body if isinstance(body, bytes) else dumps(body)))
+
+
+def base(path):
+    return {"model": "auto", "messages": HELLO, "max_tokens": 4} if path == CHAT else {
+        "model": "auto", "prompt": "hello", "max_tokens": 4}  # fmt: skip
+
+
 def hostile_cases(rng: random.Random, per_field: int, huge: int, body_limit: int) -> list[tuple]:
     """(surface, method, path, headers, body) cases: `per_field` hostile values drawn for each
     field, `huge` strings of a quarter of the body limit or more, and all the other kinds."""
-    cases = []
+    cases = _Cases()
+    _field_cases(cases.add, rng, per_field)
+    _message_cases(cases.add, rng)
+    _stop_and_unknown_cases(cases.add, rng)
+    _huge_cases(cases.add, rng, huge, body_limit)
+    _header_cases(cases.add, rng)
+    _path_cases(cases.add)
+    return list(cases)
 
-    def add(surface, body, path=CHAT, method="POST", headers=KEY):
-        cases.append((surface, method, path, headers, body if isinstance(body, bytes) else dumps(body)))
 
-    def base(path):
-        return {"model": "auto", "messages": HELLO, "max_tokens": 4} if path == CHAT else {
-            "model": "auto", "prompt": "hello", "max_tokens": 4}  # fmt: skip
-
+def _field_cases(add, rng: random.Random, per_field: int) -> None:
     # Every field, every hostile value, on one endpoint or the other, streamed or not.
     for field in [*VALID, "messages", "prompt"]:
         for value in rng.sample(HOSTILE, per_field):
@@ -116,6 +130,9 @@ def hostile_cases(rng: random.Random, per_field: int, huge: int, body_limit: int
             if rng.random() < 0.3:
                 body["stream"] = True
             add("field types" if not isinstance(value, (int, float)) else "numbers", body, path)
+
+
+def _message_cases(add, rng: random.Random) -> None:
     # Messages and their parts.
     roles = ["user", "system", "developer", "assistant", "tool", "wizard", "", None, 1, ["user"]]
     contents = ["hi", "", None, 5, [], [{"type": "text", "text": "hi"}], [{"type": "image_url"}], [{"text": 1}],
@@ -126,6 +143,9 @@ def hostile_cases(rng: random.Random, per_field: int, huge: int, body_limit: int
             add("messages", {"model": "auto", "messages": [message], "max_tokens": 4, "stream": rng.random() < 0.3})
     for messages in [[], None, "hello", [None], [[]], [{}], HELLO * 2000, [{"role": "assistant", "content": "hi"}]]:
         add("messages", {"model": "auto", "messages": messages, "max_tokens": 4})
+
+
+def _stop_and_unknown_cases(add, rng: random.Random) -> None:
     # Absurd stop lists.
     for stop in [[], [""], ["a"] * 5, ["a"] * 1000, [1, 2], [["a"]], "x" * 100_000, ["\ud800"], [None], {"a": "b"},
                  ["e", "l", "o", "h"], " ", "\n" * 4]:  # fmt: skip
@@ -135,6 +155,9 @@ def hostile_cases(rng: random.Random, per_field: int, huge: int, body_limit: int
     for field in ["logits_processors", "lora_request", "guided_json", "guided_regex", "prompt_logprobs", "extra_body",
                   "__proto__", "", "model ", "a" * 1000, "min_tokens", "repetition_penalty", "priority"]:  # fmt: skip
         add("unknown fields", {**base(CHAT), field: rng.choice(HOSTILE)})
+
+
+def _huge_cases(add, rng: random.Random, huge: int, body_limit: int) -> None:
     # Huge strings within the body limit.
     for i in range(huge):
         size = rng.randrange(body_limit // 4, body_limit - 4096)
@@ -144,6 +167,9 @@ def hostile_cases(rng: random.Random, per_field: int, huge: int, body_limit: int
             **base(path), "prompt": text}  # fmt: skip
         add("huge strings", body | {"stream": i % 2 == 0}, path)
     add("huge strings", {**base(CHAT), "messages": [{"role": "user", "content": "x" * (body_limit + 10)}]})
+
+
+def _header_cases(add, rng: random.Random) -> None:
     # Malformed JSON and text.
     for _, raw in STRUCTURAL:
         add("malformed JSON", raw, rng.choice([CHAT, COMPLETIONS]))
@@ -158,6 +184,10 @@ def hostile_cases(rng: random.Random, per_field: int, huge: int, body_limit: int
     lying = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n"
     add("headers", (lying + "Content-Length: 99999999999\r\n\r\n").encode() + valid, method="RAW")
     add("headers", valid, headers={**KEY, "Content-Encoding": "gzip"})
+
+
+def _path_cases(add) -> None:
+    valid = dumps(base(CHAT))
     # Paths and methods.
     for method in ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]:
         for path in [CHAT, COMPLETIONS, "/v1/models"]:
@@ -167,7 +197,6 @@ def hostile_cases(rng: random.Random, per_field: int, huge: int, body_limit: int
                  "/v1/models?x=" + "y" * 2000, "/health/", "/metrics/x", "/%ff", "/v1/chat%2Fcompletions"]:  # fmt: skip
         add("paths and methods", valid, path)
     add("paths and methods", valid, "/health")  # POST on a GET route
-    return cases
 
 
 def check_answer(reply: httpx.Response, method: str) -> None:

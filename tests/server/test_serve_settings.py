@@ -36,9 +36,9 @@ def test_every_field_is_an_option_with_its_default_and_help():
     "change, needle",
     [
         ({"port": 70000}, "--port 70000: use 1-65535 (0 picks a free port)"),
-        ({"max_concurrency": 0}, "--max-concurrency 0: must be at least 1"),
-        ({"max_queue": -1}, "--max-queue -1: must be at least 0"),
-        ({"max_body_mb": 0.5}, "--max-body-mb 0.5: must be at least 1"),
+        ({"max_concurrency": 0}, "--max-concurrency 0: must be >= 1"),
+        ({"max_queue": -1}, "--max-queue -1: must be >= 0"),
+        ({"max_body_mb": 0.5}, "--max-body-mb 0.5: must be >= 1"),
         ({"host": "0.0.0.0"}, "--host 0.0.0.0 makes the API reachable"),
         ({"api_key": " "}, "--api-key: empty"),
     ],
