@@ -77,7 +77,7 @@ def main() -> None:
     for r in rows:
         em = "n/a" if r.get("exact_match") is None else f"{100 * r['exact_match']:.1f}%"
         print(
-            f"{r['run']:<28} {r['heads']:>5} {r['r']:>4} {r['trainable_params']:>9,} "
+            f"{r['run']:<28} {r['heads']:>5} {r['rank']:>4} {r['trainable_params']:>9,} "
             f"{1000 * r['median_step_time_s']:>8.1f} "
             f"{r['median_tokens_per_s']:>7.0f} {r['last_loss']:>7.4f} {em:>6}"
         )

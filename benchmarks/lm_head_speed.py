@@ -50,7 +50,7 @@ def main() -> None:
         for i in range(0, len(samples), args.batch_size)
     ]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    full_head = lambda model, ids: False  # noqa: E731 - forces the model's own full head
+    full_head = lambda model, ids, *_: False  # noqa: E731 - forces the model's own full head
     selective_head = lm_head.supports_deferred_head
 
     def step(kind: str, batch: dict) -> tuple[float, float]:

@@ -77,6 +77,13 @@ def field_problems(settings) -> list[str]:
     return problems
 
 
+def check_max_k(max_k: int, heads: str) -> str | None:
+    """--max-k is only used with --heads auto, which needs k = 2 or more to choose from."""
+    if heads == "auto" and max_k < 2:
+        return f"--max-k {max_k}: must be >= 2 with --heads auto"
+    return None
+
+
 def check_heads(heads: str) -> str | None:
     """--heads takes 'auto' or a whole number >= 1 (finetune and clusters alike)."""
     if heads == "auto":

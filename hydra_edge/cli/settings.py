@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from hydra_edge.choices import FormatChoice
 from hydra_edge.inference.protocol import Sampling
-from hydra_edge.settings import check_heads, field_problems, same_as, setting
+from hydra_edge.settings import check_heads, check_max_k, field_problems, same_as, setting
 from hydra_edge.training.config import FinetuneConfig
 
 ADAPTER_HELP = "Adapter folder (the --out of finetune)."
@@ -77,7 +77,7 @@ class ClusterSettings(_Checked):
     skip_invalid: bool = same_as(FinetuneConfig, "skip_invalid", help="Ignore invalid rows instead of stopping.")
 
     def problems(self) -> list[str]:
-        found = [check_heads(self.heads)]
+        found = [check_heads(self.heads), check_max_k(self.max_k, self.heads)]
         if self.plot and not self.plot.lower().endswith(".png"):
             found.append(f"--plot {self.plot}: give a .png file name")
         return [p for p in found if p]

@@ -26,10 +26,12 @@ def export_parameters() -> list[inspect.Parameter]:
     for name, owners in all_options().items():
         fmt, option = owners[0]
         which = ", ".join(f.name for f, _ in owners)
-        shared = len({o.choices for _, o in owners}) == 1 and option.choices
-        kind = typing.Literal[option.choices] if shared else str  # choices typer can check itself
+        choices = "|".join(dict.fromkeys(c for _, o in owners for c in o.choices))
         help_text = f"[--format {which}] {option.help} Default: {option.default}."
-        params.append((name, kind | None, typer.Option(None, option.flag, help=help_text, show_default=False)))
+        # A plain string: the format checks its own choices (ExportFormat.settings), in one line
+        # naming the flag and the format, the same from the CLI, the UI and the API.
+        option_flag = typer.Option(None, option.flag, help=help_text, show_default=False, metavar=f"<{choices}>")
+        params.append((name, str | None, option_flag))
     return [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, a, d in params]
 
 

@@ -21,7 +21,7 @@ def evaluate(
     em_rows: int | None = None,
 ) -> dict:
     """{"loss", "perplexity", "exact_match", "n", "per_cluster": {c: {...}}} of an engine
-    (hydra_edge/inference/engines.py): each row is routed, scored with its cluster's weights and answered
+    (hydra_edge/inference/protocol.py): each row is routed, scored with its cluster's weights and answered
     greedily (the first `em_rows` rows with an answer, or all). With report_progress, a progress
     line per phase (held-out loss, then answers)."""
     cluster_ids = [engine.route(r.as_messages) for r in records]

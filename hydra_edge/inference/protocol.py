@@ -30,7 +30,7 @@ class Sampling:
 
     max_new_tokens: int = setting(256, "Most tokens per answer.", ge=1)
     temperature: float = setting(0.0, "Sampling temperature; 0 = greedy.", ge=0)
-    top_p: float = setting(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    top_p: float = setting(1.0, "Nucleus sampling mass.", ge=0, le=1)
     seed: int | None = setting(None, "Sampling only: the same seed gives the same answer.", ge=0)
     # Generate max_new_tokens tokens (load benchmarks); end tokens are masked.
     ignore_eos: bool = setting(False, "Never stop at an end token (load benchmarks).")

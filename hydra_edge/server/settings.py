@@ -27,8 +27,8 @@ class BackendChoice:
     model: str | None = setting(None, "With --adapter: another copy of its base model.")
     upstream: str | None = setting(
         None,
-        "Proxy to this OpenAI-compatible server (e.g. http://127.0.0.1:8001/v1, vLLM serving the "
-        "export's serve-vllm.sh), rewriting `model` to the routed cluster's adapter name.",
+        "Proxy to this OpenAI-compatible server (e.g. http://127.0.0.1:8001/v1, vLLM started by the "
+        "serve-vllm.sh of an `export --format vllm`), rewriting `model` to the routed cluster's adapter name.",
     )
     upstream_api_key: str | None = setting(None, "Bearer key the upstream wants.", envvar="HYDRA_EDGE_UPSTREAM_API_KEY")
 

@@ -33,7 +33,7 @@ from hydra_edge.choices import (
 )
 from hydra_edge.errors import UserError
 from hydra_edge.files import SETTING_INT_RANGE
-from hydra_edge.settings import check_heads, field_problems, setting
+from hydra_edge.settings import check_heads, check_max_k, field_problems, setting
 
 
 @dataclass
@@ -57,7 +57,7 @@ class FinetuneConfig:
         "the adapter; eval, chat, export and serve use it.",
     )
     heads: str = setting("auto", "Number of B heads: 'auto' (k-means elbow over the prompts) or N (1 = plain LoRA).")
-    max_k: int = setting(8, "Largest k tried by --heads auto.", ge=2, le=32)
+    max_k: int = setting(8, "Largest k tried by --heads auto.", ge=1)
     rank: int = setting(8, "LoRA rank r of the shared A.", ge=1)
     alpha: float = setting(32.0, "LoRA alpha; the branch is scaled by alpha / rank.", gt=0)
     dropout: float = setting(0.05, "Dropout on the A path.", ge=0, lt=1)
@@ -173,9 +173,7 @@ class FinetuneConfig:
         if isinstance(self.data, str):
             self.data = [self.data]
         problems = field_problems(self)
-        heads_problem = check_heads(self.heads)
-        if heads_problem:
-            problems.append(heads_problem)
+        problems += [p for p in (check_heads(self.heads), check_max_k(self.max_k, self.heads)) if p]
         if self.run_name is not None and not _is_plain_name(self.run_name):
             problems.append(
                 f"--run-name {self.run_name}: a name, not a path (trackers write under <out>/runs/<name>); "

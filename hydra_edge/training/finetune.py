@@ -270,7 +270,7 @@ def _training(
     if resume_from is None and process.is_main_process:
         shutil.rmtree(out / BEST_DIR, ignore_errors=True)  # a run that died before its first checkpoint
     run_name = config.run_name or out.resolve().name
-    hparams = {**config.to_dict(), "heads": heads, "trainable_params": adapted.trainable}
+    hparams = {**config.to_dict(), "num_heads": heads, "trainable_params": adapted.trainable}
     return train_loop(
         base.model,
         train_samples,

@@ -33,7 +33,7 @@ class HeldOut:
 
     records: list[Record]
     tokenizer: object
-    clusters: object  # clustering.ClusterModel: routes each row as serving would
+    clusters: object  # clusters.fit.ClusterModel: routes each row as serving would
     seq_len: int
     max_new_tokens: int
     em_rows: int

@@ -80,7 +80,7 @@ def compute_loss(
     router loss is the mean, over every HydraLoRA layer and real token, of -log(gate of the
     token's cluster head), from what the layers appended; zero when the router loss is off or
     the batch has no cluster_ids. The balance loss is the mean over layers of what each
-    appended (layers.HydraLoRALinear._balance_router), in [-1, 1]; zero when off.
+    appended (adapter.layer.HydraLoRALinear._balance_router), in [-1, 1]; zero when off.
     """
     router_losses, balance_losses = collected
     loss = mean_label_loss(model, batch, training_switches_paused)

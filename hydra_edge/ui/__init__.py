@@ -6,3 +6,5 @@ exporters, never the other way round; gradio is imported only by the app and its
 
 # The largest upload by default, in MB (`ui --max-upload-mb`, and create_ui's default).
 DEFAULT_MAX_UPLOAD_MB = 50
+# The folder the UI reads and writes by default (`ui --workspace`, and create_ui's default).
+DEFAULT_WORKSPACE = "hydra-workspace"

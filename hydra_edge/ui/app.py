@@ -15,7 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import gradio as gr  # noqa: E402
 
-from hydra_edge.ui import DEFAULT_MAX_UPLOAD_MB, chat_tab, data_tab, export_tab, train_tab  # noqa: E402
+from hydra_edge.ui import DEFAULT_MAX_UPLOAD_MB, DEFAULT_WORKSPACE, chat_tab, data_tab, export_tab, train_tab  # noqa: E402
 from hydra_edge.ui.chatting import ChatModels  # noqa: E402
 from hydra_edge.ui.handlers import AppContext  # noqa: E402
 from hydra_edge.ui.jobs import JobManager  # noqa: E402
@@ -27,7 +27,7 @@ footer { opacity: 0.6; }
 """
 
 
-def create_ui(workspace: str | Path = "hydra-workspace", max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> gr.Blocks:
+def create_ui(workspace: str | Path = DEFAULT_WORKSPACE, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> gr.Blocks:
     """The app's Blocks: Train, Data, Chat and Export tabs over one workspace.
 
     The returned Blocks carries its AppContext as `.hydra` (workspace, job manager, loaded chat

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from hydra_edge.errors import UserError
+from hydra_edge.inference.protocol import Sampling
 from hydra_edge.ui.chatting import stream_reply
 from hydra_edge.ui.handlers import AppContext, refreshed, user_errors
 
@@ -132,8 +133,8 @@ def _model_picker(ctx: AppContext) -> tuple[gr.Dropdown, gr.Button]:
 def _options() -> _Options:
     return _Options(
         system_prompt=gr.Textbox("", label="System prompt", lines=3, placeholder="optional"),
-        temperature=gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy"),
-        top_p=gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p"),
+        temperature=gr.Slider(0.0, 2.0, value=Sampling.temperature, step=0.05, label="Temperature", info="0 = greedy"),
+        top_p=gr.Slider(0.05, 1.0, value=Sampling.top_p, step=0.05, label="Top-p"),
         max_tokens=gr.Slider(1, 1024, value=128, step=1, label="Max new tokens"),
         compare_base=gr.Checkbox(
             False,

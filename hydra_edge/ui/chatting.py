@@ -73,8 +73,8 @@ class ChatModels:
         self._lock = threading.Lock()
 
     def sources(self) -> list[str]:
-        """What can be chatted with: finished runs (adapters) and exports."""
-        return self.ws.runs(finished_only=True) + self.ws.exports()
+        """What can be chatted with: finished runs (adapters) and ONNX exports."""
+        return self.ws.runs(finished_only=True) + self.ws.exports("onnx")
 
     def get(self, source: str) -> LoadedModel:
         folder = self.ws.resolve(source, "model to chat with", kind="dir")
@@ -128,7 +128,7 @@ def stream_reply(
                         engine.answer(messages, max_new_tokens, temperature, top_p, put_text)
                     return
                 # The same routing as `hydra-edge chat`: the request router on the conversation
-                # (engines.py), and where the engine has one, the per-token router's gate mix.
+                # (inference/protocol.py), and where the engine has one, the per-token router's gate mix.
                 gates = engine.gate_mix(messages)
                 route = {"cluster": engine.route(messages), "gates": gates and [round(g, 4) for g in gates]}
                 events.put(("route", route))

@@ -18,7 +18,7 @@ from hydra_edge.cli.hosts import is_loopback
 from hydra_edge.cli.options import settings_command
 from hydra_edge.errors import UserError
 from hydra_edge.settings import field_problems, setting
-from hydra_edge.ui import DEFAULT_MAX_UPLOAD_MB
+from hydra_edge.ui import DEFAULT_MAX_UPLOAD_MB, DEFAULT_WORKSPACE
 
 
 def parse_auth(auth: str) -> tuple[str, str]:
@@ -29,20 +29,11 @@ def parse_auth(auth: str) -> tuple[str, str]:
 
 
 def check_options(host: str, port: int, auth: str | None, max_upload_mb: float) -> tuple[str, str] | None:
-    """All the refusals, before gradio is even imported."""
-    if not host.strip():
-        raise UserError("--host: empty; use 127.0.0.1 (this machine only) or an address with --auth")
-    credentials = parse_auth(auth) if auth is not None else None
-    if credentials is None and not is_loopback(host):
-        raise UserError(
-            f"--host {host} makes the UI reachable from other machines; add --auth USER:PASS "
-            "(or keep the default --host 127.0.0.1)"
-        )
-    if not 1 <= port <= 65535:
-        raise UserError(f"--port {port}: use 1-65535")
-    if not 0 < max_upload_mb <= 100_000:
-        raise UserError(f"--max-upload-mb {max_upload_mb:g}: must be > 0")
-    return credentials
+    """All the refusals (UiSettings'), before gradio is even imported; the sign-in pair, if any."""
+    try:
+        return UiSettings(host=host, port=port, auth=auth, max_upload_mb=max_upload_mb).credentials
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 @dataclass
@@ -50,7 +41,7 @@ class UiSettings:
     host: str = setting("127.0.0.1", "Address to bind; anything but loopback needs --auth.")
     port: int = setting(7860, "Port to serve on.", ge=1, le=65535)
     workspace: str = setting(
-        "hydra-workspace", "Folder the UI reads and writes (data/, runs/, exports/, models/); created if missing."
+        DEFAULT_WORKSPACE, "Folder the UI reads and writes (data/, runs/, exports/, models/); created if missing."
     )
     auth: str | None = setting(
         None,
@@ -61,13 +52,20 @@ class UiSettings:
     max_upload_mb: float = setting(DEFAULT_MAX_UPLOAD_MB, "Largest file an upload may be, in MB.", gt=0, le=100_000)
 
     def __post_init__(self) -> None:
+        if not self.host.strip():
+            raise UserError("--host: empty; use 127.0.0.1 (this machine only) or an address with --auth")
+        if self.credentials is None and not is_loopback(self.host):
+            raise UserError(
+                f"--host {self.host} makes the UI reachable from other machines; add --auth USER:PASS "
+                "(or keep the default --host 127.0.0.1)"
+            )
         problems = field_problems(self)
         if problems:
             raise ValueError(problems[0])
 
     @property
     def credentials(self) -> tuple[str, str] | None:
-        return check_options(self.host, self.port, self.auth, self.max_upload_mb)
+        return parse_auth(self.auth) if self.auth is not None else None
 
 
 def ui_command(settings: UiSettings) -> None:

@@ -26,14 +26,13 @@ def _option_widgets(selected: str) -> dict[str, gr.Radio]:
     widgets = {}
     for name, owners in all_options().items():
         _, option = owners[0]
-        choices = sorted({c for _, o in owners for c in o.choices}, key=list(option.choices).index)
-        widgets[name] = gr.Radio(
-            choices or [option.default],
-            value=option.default,
-            label=name.replace("_", " ").capitalize(),
-            info=option.help,
-            visible=any(fmt.name == selected for fmt, _ in owners),
-            elem_id=f"export-{name}",
+        choices = list(dict.fromkeys(c for _, o in owners for c in o.choices))  # every format's, in order
+        shown = {
+            "label": name.replace("_", " ").capitalize(), "info": option.help, "elem_id": f"export-{name}",
+            "visible": any(fmt.name == selected for fmt, _ in owners),
+        }  # fmt: skip
+        widgets[name] = (
+            gr.Radio(choices, value=option.default, **shown) if choices else gr.Textbox(option.default, **shown)
         )
     return widgets
 

@@ -28,12 +28,12 @@ _CONFIG_DEFAULTS = FinetuneConfig()
 class TrainSettings:
     """What the Train tab's form holds (defaults: the tiny preset on the demo data)."""
 
-    model: str = "tiny"
+    model: str = _CONFIG_DEFAULTS.model
     data: str = "data/demo/train.jsonl"
     eval_data: str = "data/demo/eval.jsonl"  # "" = none
-    format: str = "auto"
-    skip_invalid: bool = False
-    heads: str = "auto"
+    format: str = _CONFIG_DEFAULTS.format
+    skip_invalid: bool = _CONFIG_DEFAULTS.skip_invalid
+    heads: str = _CONFIG_DEFAULTS.heads
     rank: int = _CONFIG_DEFAULTS.rank
     alpha: float = _CONFIG_DEFAULTS.alpha
     targets: str = _CONFIG_DEFAULTS.targets
@@ -53,7 +53,7 @@ class TrainSettings:
     router_top_k: int = _CONFIG_DEFAULTS.router_top_k
     router_balance: float = _CONFIG_DEFAULTS.router_balance
     router_loss_schedule: str = _CONFIG_DEFAULTS.router_loss_schedule
-    packing: bool = False
+    packing: bool = _CONFIG_DEFAULTS.packing
     seed: int = _CONFIG_DEFAULTS.seed
     save_every: int = TINY_PRESET_DEFAULTS["save_every"]
     eval_every: int = 50  # held-out loss on the plot every N steps (0: only at the end)

@@ -13,6 +13,7 @@ checked again, so a symlink inside the workspace cannot lead out of it.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -145,12 +146,15 @@ class Workspace:
             if _has_checkpoint(self.root / r) and not (self.root / r / "adapter_config.json").is_file()
         ]
 
-    def exports(self) -> list[str]:
+    def exports(self, export_format: str | None = None) -> list[str]:
+        """Finished exports, newest first; only those of one format (their manifest's) if given."""
         exports = [
             p
             for p in (self.root / EXPORTS_DIR).iterdir()
             if p.is_dir() and not p.name.startswith(".") and (p / "export_manifest.json").is_file()
         ]
+        if export_format is not None:
+            exports = [p for p in exports if _export_format(p) == export_format]
         return [self.rel(p) for p in sorted(exports, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     def model_folders(self) -> list[str]:
@@ -175,3 +179,12 @@ def _has_checkpoint(run: Path) -> bool:
     from hydra_edge.training.checkpoint import list_checkpoints
 
     return bool(list_checkpoints(run))
+
+
+def _export_format(folder: Path) -> str | None:
+    """An export's format as its manifest states it (ONNX when the manifest predates formats)."""
+    try:
+        manifest = json.loads((folder / "export_manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("format", "onnx") if isinstance(manifest, dict) else None

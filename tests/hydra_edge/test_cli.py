@@ -27,7 +27,7 @@ def test_adapter_directory_contract(demo_run):
         "base_model",
         "base_fingerprint",
         "quant",
-        "r",
+        "rank",
         "alpha",
         "heads",
         "dropout",

@@ -83,3 +83,35 @@ def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch,
     assert models.resolve_mixed_precision("auto", "cpu") == expected
     assert models.resolve_mixed_precision("bf16", "cpu") == "bf16"  # an explicit choice stands
     assert build_config({}, {}).mixed_precision == "auto"
+
+
+def test_max_k_is_checked_once_for_finetune_and_clusters():
+    from hydra_edge.cli.settings import ClusterSettings
+
+    assert build_config({}, {"heads": "3", "max_k": 1}).max_k == 1  # unused with a fixed --heads
+    assert ClusterSettings(data=["x.jsonl"], heads="3", max_k=1).fixed_heads == 3
+    assert build_config({}, {"max_k": 40}).max_k == 40
+    with pytest.raises(UserError, match="--max-k 1: must be >= 2 with --heads auto"):
+        build_config({}, {"max_k": 1})
+    with pytest.raises(ValueError, match="--max-k 1: must be >= 2 with --heads auto"):
+        ClusterSettings(data=["x.jsonl"], max_k=1)
+
+
+def test_repeated_data_flags_all_train(monkeypatch, tmp_path):
+    """`--data a --data b` mixes both files (each --data is a file; the settings keep all of them)."""
+    from cli_helpers import run_in_process
+
+    from hydra_edge.cli import app as cli_app
+
+    seen = []
+    monkeypatch.setattr(cli_app, "run_and_report", lambda settings, explicit: seen.append(settings))
+    result = run_in_process("finetune", "--data", "a.jsonl", "--data", "b.jsonl", "--max-steps", "1")
+    assert result.returncode == 0, result.stderr
+    assert seen[0].data == ["a.jsonl", "b.jsonl"]
+
+
+def test_the_old_console_script_entry_point_still_answers():
+    import hydra_edge.cli
+    from hydra_edge.cli.app import main
+
+    assert hydra_edge.cli.main is main

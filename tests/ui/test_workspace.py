@@ -149,3 +149,14 @@ def test_ui_datasets_folder_naming_an_outside_file_is_refused(ws):
     assert config.data == ["data/uploaded"]
     with pytest.raises(UserError, match="data file or datasets folder"):
         build_command(ws, TrainSettings(data="runs/r1", eval_data=""), "r3")
+
+
+def test_exports_of_one_format_are_listed_by_their_manifest(ws):
+    import json
+
+    for name, manifest in (("a", {"format": "onnx"}), ("b", {"format": "peft"}), ("old", {"mode": "adapters"})):
+        folder = ws.root / "exports" / name
+        folder.mkdir(parents=True)
+        (folder / "export_manifest.json").write_text(json.dumps(manifest))
+    assert sorted(ws.exports()) == ["exports/a", "exports/b", "exports/old"]
+    assert sorted(ws.exports("onnx")) == ["exports/a", "exports/old"]  # a manifest without a format is ONNX

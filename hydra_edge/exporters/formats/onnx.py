@@ -29,11 +29,7 @@ def export(
     from hydra_edge.exporters.runtime import check_runtime
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    for flag, value, known in (("--mode", mode, ONNX_MODES), ("--precision", precision, ONNX_PRECISIONS)):
-        if value not in known:
-            raise UserError(f"{flag} {value}: this version exports {', '.join(known)}")
-    if device not in ONNX_DEVICES:
-        raise UserError(f"--device {device}: use one of {', '.join(ONNX_DEVICES)}")
+    FORMAT.settings({"mode": mode, "precision": precision, "device": device})  # its options' choices
     check_runtime(device)
     config = prepare(adapter_dir, out_dir)
     with building(out_dir) as work:
