@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,12 +37,16 @@ def pytorch_side(
 ) -> list[tuple[float, float]]:
     from transformers import GenerationConfig
 
+    from hydra_edge.adapter.config import AdapterConfig
     from hydra_edge.adapter.gates import cluster_gates
     from hydra_edge.adapter.switches import fixed_gates
     from hydra_edge.data.records import prompt_ids
-    from hydra_edge.exporters.merge import hydra_on_plain_base
+    from hydra_edge.exporters.merge import hydra_on_plain_base, save_plain_base
 
-    model, tokenizer = hydra_on_plain_base(export_dir / "peft" / "base", adapter_dir)
+    # The float32 base every export is built from (the dequantized NF4 weights), written once here.
+    with tempfile.TemporaryDirectory() as plain:
+        save_plain_base(AdapterConfig.load(adapter_dir), Path(plain) / "base")
+        model, tokenizer = hydra_on_plain_base(Path(plain) / "base", adapter_dir)
     model.to(device)  # a CUDA export is compared with PyTorch on the same GPU
     gates = cluster_gates(adapter_dir)
     results = []
