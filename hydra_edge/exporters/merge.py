@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -87,6 +88,15 @@ def hydra_on_plain_base(plain_dir: Path, adapter_dir: Path):
     base = load_base(str(plain_dir), quant="none", device="cpu", dtype="fp32")
     attach_adapter(base.model, config, read_adapter_weights(adapter_dir), adapter_dir)
     return base.model.eval(), base.tokenizer
+
+
+def pinned_logits(model: nn.Module, gates, prompts: list[list[int]]) -> np.ndarray:
+    """float32 logits of each prompt's token ids, concatenated, with every layer's gates fixed to
+    `gates` (a cluster's mean gates: its merged model; None: the per-token router). (ΣT, vocab)"""
+    from hydra_edge.adapter.switches import fixed_gates
+
+    with torch.no_grad(), fixed_gates(model, gates):
+        return np.concatenate([model(input_ids=torch.tensor([ids])).logits[0].float().numpy() for ids in prompts])
 
 
 def fold_cluster_into_base(

@@ -13,16 +13,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from hydra_edge.adapter.config import AdapterConfig
 from hydra_edge.adapter.gates import cluster_gates
-from hydra_edge.adapter.switches import fixed_gates, heads_disabled
+from hydra_edge.data.records import prompt_ids
 from hydra_edge.errors import UserError
 from hydra_edge.exporters.folder import base_entry, building, prepare, seal
-from hydra_edge.exporters.merge import hydra_on_plain_base, merged_heads, save_plain_base, write_peft_adapter
+from hydra_edge.exporters.merge import (
+    fold_cluster_into_base,
+    hydra_on_plain_base,
+    merged_heads,
+    pinned_logits,
+    save_plain_base,
+    write_peft_adapter,
+)
 from hydra_edge.exporters.validation import (
     compare_logits,
     describe_check,
@@ -32,6 +38,7 @@ from hydra_edge.exporters.validation import (
 )
 
 PEFT_PREFIX = "base_model.model."
+LORA_A = ".lora_A.weight"
 
 
 def write_peft_folders(work: Path, adapter_dir: Path, config: AdapterConfig, out_dir: Path, log) -> dict:
@@ -41,14 +48,13 @@ def write_peft_folders(work: Path, adapter_dir: Path, config: AdapterConfig, out
     log("export: writing the dequantized base")
     plain = save_plain_base(config, work / "peft" / "base")
     reference, tokenizer = hydra_on_plain_base(plain, adapter_dir)
-    prompts = [torch.tensor([_ids(tokenizer, m)]) for m in validation_prompts(adapter_dir)]
+    prompts = [prompt_ids(tokenizer, messages) for messages in validation_prompts(adapter_dir)]
     checks = {}
     for cluster, heads in merged_heads(reference, gates_by_cluster).items():
         folder = write_peft_adapter(work / "peft" / f"cluster_{cluster}", "../base", config.rank, config.alpha, heads)
-        with torch.no_grad(), fixed_gates(reference, gates_by_cluster[cluster]):
-            expected = np.concatenate([reference(input_ids=ids).logits[0].float().numpy() for ids in prompts])
-        with torch.no_grad(), folded_into_base(reference, folder / "adapter_model.safetensors", config.scaling):
-            got = np.concatenate([reference(input_ids=ids).logits[0].float().numpy() for ids in prompts])
+        expected = pinned_logits(reference, gates_by_cluster[cluster], prompts)
+        with folded_into_base(reference, folder / "adapter_model.safetensors", config.scaling):
+            got = pinned_logits(reference, torch.zeros(config.heads), prompts)  # heads off: the fold alone
         check = compare_logits(got, expected)
         problem = validation_problem(check, "fp32")
         if problem:
@@ -65,33 +71,28 @@ def write_peft_folders(work: Path, adapter_dir: Path, config: AdapterConfig, out
     }
 
 
-def _ids(tokenizer, messages: list[dict]) -> list[int]:
-    from hydra_edge.data.records import prompt_ids
-
-    return prompt_ids(tokenizer, messages)
-
-
 @contextmanager
 def folded_into_base(model: torch.nn.Module, weights_file: Path, scaling: float) -> Iterator[None]:
-    """The model with a written PEFT adapter folded into its base weights and the HydraLoRA branch
-    off, so its forward is what a runtime loading base + adapter computes; every weight is
-    restored on the way out."""
+    """The model with a written PEFT adapter folded into its base weights (merge.fold_cluster_into_base
+    on each wrapped base layer): with the HydraLoRA heads off, its forward is what a runtime loading
+    base + adapter computes. Every weight is restored on the way out."""
     weights = load_file(str(weights_file))
-    saved: dict[str, torch.Tensor] = {}
+    heads = {  # the wrapped base layer of each adapted module: (A (r, in), B̄ (out, r))
+        f"{key[len(PEFT_PREFIX) : -len(LORA_A)]}.base_layer": (
+            a.float(),
+            weights[key.replace("lora_A", "lora_B")].float(),
+        )
+        for key, a in weights.items()
+        if key.endswith(LORA_A)
+    }
+    saved = {name: model.get_submodule(name).weight.detach().clone() for name in heads}
     try:
-        with torch.no_grad(), heads_disabled(model):
-            for key, a in weights.items():
-                if key.endswith(".lora_A.weight"):
-                    module = key[len(PEFT_PREFIX) : -len(".lora_A.weight")]
-                    b = weights[f"{PEFT_PREFIX}{module}.lora_B.weight"]
-                    base = model.get_submodule(module).base_layer
-                    saved[module] = base.weight.detach().clone()
-                    base.weight += scaling * (b.float() @ a.float())  # (out, r) @ (r, in)
-            yield
+        fold_cluster_into_base(model, heads, scaling)
+        yield
     finally:
         with torch.no_grad():
-            for module, weight in saved.items():
-                model.get_submodule(module).base_layer.weight.copy_(weight)
+            for name, weight in saved.items():
+                model.get_submodule(name).weight.copy_(weight)
 
 
 def export(adapter_dir: Path, out_dir: Path, log, required_files, extra=None) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from hydra_edge.cli.hosts import is_loopback
+from hydra_edge.cli.hosts import check_exposure
 from hydra_edge.errors import UserError
 from hydra_edge.settings import field_problems, setting
 
@@ -79,15 +79,9 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         """All the refusals, before anything heavy loads: the address and its key, then the bounds."""
-        if not self.host.strip():
-            raise UserError("--host: empty; use 127.0.0.1 (this machine only) or an address with --api-key")
+        check_exposure(self.host, self.api_key is not None, "API", "--api-key KEY")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("--api-key: empty; give a secret clients will send as `Authorization: Bearer <key>`")
-        if self.api_key is None and not is_loopback(self.host):
-            raise UserError(
-                f"--host {self.host} makes the API reachable from other machines; add --api-key KEY "
-                "(or keep the default --host 127.0.0.1)"
-            )
         problems = field_problems(self)
         if problems:
             raise UserError(problems[0])

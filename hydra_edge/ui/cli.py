@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from hydra_edge.cli.hosts import is_loopback
+from hydra_edge.cli.hosts import check_exposure
 from hydra_edge.cli.options import settings_command
 from hydra_edge.errors import UserError
 from hydra_edge.settings import field_problems, setting
@@ -52,13 +52,7 @@ class UiSettings:
     max_upload_mb: float = setting(DEFAULT_MAX_UPLOAD_MB, "Largest file an upload may be, in MB.", gt=0, le=100_000)
 
     def __post_init__(self) -> None:
-        if not self.host.strip():
-            raise UserError("--host: empty; use 127.0.0.1 (this machine only) or an address with --auth")
-        if self.credentials is None and not is_loopback(self.host):
-            raise UserError(
-                f"--host {self.host} makes the UI reachable from other machines; add --auth USER:PASS "
-                "(or keep the default --host 127.0.0.1)"
-            )
+        check_exposure(self.host, self.credentials is not None, "UI", "--auth USER:PASS")
         problems = field_problems(self)
         if problems:
             raise ValueError(problems[0])

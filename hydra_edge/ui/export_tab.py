@@ -21,10 +21,10 @@ from hydra_edge.ui.handlers import AppContext, command_box, refreshed, user_erro
 from hydra_edge.ui.training import command_text
 
 
-def _option_widgets(selected: str) -> dict[str, gr.Radio]:
+def _option_widgets(registry: dict, selected: str) -> dict[str, gr.Radio]:
     """One radio per option name of any format, shown while a format that has it is selected."""
     widgets = {}
-    for name, owners in all_options().items():
+    for name, owners in registry.items():
         _, option = owners[0]
         choices = list(dict.fromkeys(c for _, o in owners for c in o.choices))  # every format's, in order
         shown = {
@@ -37,7 +37,7 @@ def _option_widgets(selected: str) -> dict[str, gr.Radio]:
     return widgets
 
 
-def _form(ws) -> tuple:
+def _form(ws, registry: dict) -> tuple:
     runs = ws.runs(finished_only=True)
     adapter = gr.Dropdown(
         runs, value=runs[0] if runs else None, allow_custom_value=True, label="Finished run (adapter)",
@@ -48,7 +48,7 @@ def _form(ws) -> tuple:
         list(known), value=DEFAULT_FORMAT, label="Format", elem_id="export-format",
         info="; ".join(f"{n}: {f.summary}" for n, f in known.items()),
     )  # fmt: skip
-    options = _option_widgets(DEFAULT_FORMAT)
+    options = _option_widgets(registry, DEFAULT_FORMAT)
     name = gr.Textbox(
         "", label="Export name", placeholder="<run>-<format>-<options> when empty",
         info="its folder: exports/<name> in the workspace",
@@ -69,26 +69,26 @@ def _results() -> tuple:
     return status, checks, files, log
 
 
-def _named(function, option_names: list[str]):
+def _named(function, registry: dict):
     """The generator `function(adapter, format, name, options)` behind a signature naming every
-    option, so the API takes them by name (gradio reads the signature)."""
+    option of the registry (all_options()), so the API takes them by name (gradio reads it)."""
     keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
     params = [inspect.Parameter("adapter", keyword)]
     params += [
         inspect.Parameter("format", keyword, default=DEFAULT_FORMAT),
         inspect.Parameter("name", keyword, default=""),
     ]
-    for option_name in option_names:
-        default = all_options()[option_name][0][1].default
-        params.append(inspect.Parameter(option_name, keyword, default=default))
+    for option_name, owners in registry.items():
+        params.append(inspect.Parameter(option_name, keyword, default=owners[0][1].default))
+    signature = inspect.Signature(params)
 
     def call(*args, **kwargs):
-        bound = inspect.Signature(params).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         values = dict(bound.arguments)
         yield from function(values.pop("adapter"), values.pop("format"), values.pop("name"), values)
 
-    call.__signature__ = inspect.Signature(params)
+    call.__signature__ = signature
     call.__name__ = function.__name__
     call.__doc__ = function.__doc__
     return call
@@ -96,9 +96,10 @@ def _named(function, option_names: list[str]):
 
 def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown, gr.Markdown, gr.Textbox]:
     ws, jobs = ctx.ws, ctx.jobs
+    registry = all_options()  # option name -> the formats that have it, read once
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, min_width=320):
-            adapter, fmt, options, name = _form(ws)
+            adapter, fmt, options, name = _form(ws, registry)
             command = command_box()
             go = gr.Button("Export", variant="primary", elem_id="export-button")
             gr.Markdown("#### Exports in the workspace")
@@ -110,8 +111,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown, g
     form = [adapter, fmt, name, *options.values()]
 
     def shown(format_value: str):
-        owners = all_options()
-        return [gr.update(visible=any(f.name == format_value for f, _ in owners[n])) for n in option_names]
+        return [gr.update(visible=any(f.name == format_value for f, _ in registry[n])) for n in option_names]
 
     fmt.change(shown, [fmt], list(options.values()), api_visibility="private", show_progress="hidden")
 
@@ -147,7 +147,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown, g
         return found, *_render(found), ""
 
     outputs = [result, status, checks, files, log]
-    go.click(user_errors(_named(export, option_names)), form, outputs, api_name="export").success(
+    go.click(user_errors(_named(export, registry)), form, outputs, api_name="export").success(
         lambda: gr.update(choices=ws.exports()), None, [existing], api_visibility="private"
     )
     existing.input(open_export, [existing], outputs, api_name="export_result")
