@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import run_cli, run_in_process
 
 _HOME = tempfile.mkdtemp(prefix="hydra-edge-test-home-")
 os.environ["HYDRA_EDGE_HOME"] = _HOME
@@ -71,6 +71,17 @@ def adapter_export(trained_adapter, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gguf_export(trained_adapter, tmp_path_factory) -> Path:
+    """A `--format gguf` export of trained_adapter with a Q8_0 base (tests copy it before changing it)."""
+    out = tmp_path_factory.mktemp("gguf") / "export"
+    args = ("--adapter", str(trained_adapter), "--out", str(out), "--format", "gguf", "--gguf-base", "q8_0")
+    result = run_in_process("export", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "validated in llama.cpp" in result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def plain_base(trained_adapter, tmp_path_factory) -> Path:
     """trained_adapter's base, dequantized to a float32 folder: what exports are built from."""
     from hydra_edge.adapter.config import AdapterConfig
@@ -102,6 +113,8 @@ SLOW_FIXTURES = {
     "plain_base",
     "demo_scores",
     "adapter_export",
+    "gguf_export",
+    "llama_server",
     "gemma_run",
     "tiny_gguf",
     "ui_server",

@@ -96,7 +96,7 @@ def evaluate_adapter(settings: EvalSettings) -> None:
     from hydra_edge.inference.evaluate import evaluate
 
     records = read_records(settings.data, settings.format)
-    engine = open_engine(settings.adapter, settings.onnx, settings.model)
+    engine = open_engine(settings.adapter, settings.onnx, settings.model, settings.gguf)
     scores = evaluate(engine, records, settings.seq_len, settings.max_new_tokens)
     if settings.as_json:
         print(json.dumps(scores))
@@ -108,7 +108,7 @@ def chat(settings: ChatSettings) -> None:
     """Chat with an adapter; tokens stream as they are generated and the routed cluster is shown."""
     from hydra_edge.inference.engines import open_engine
 
-    engine = open_engine(settings.adapter, settings.onnx, settings.model)
+    engine = open_engine(settings.adapter, settings.onnx, settings.model, settings.gguf)
     history = [{"role": "system", "content": settings.system}] if settings.system else []
 
     def show(piece: str) -> None:

@@ -14,7 +14,8 @@ from hydra_edge.settings import check_heads, check_max_k, field_problems, same_a
 from hydra_edge.training.config import FinetuneConfig
 
 ADAPTER_HELP = "Adapter folder (the --out of finetune)."
-ONNX_HELP = "Or an export folder (the --out of export)."
+ONNX_HELP = "Or an ONNX export folder (the --out of export)."
+GGUF_HELP = "Or a GGUF export folder (export --format gguf), run in llama.cpp."
 OTHER_BASE_HELP = "Load the adapter onto this base instead of the one it names."
 DATA_HELP = "Data files or datasets folders (repeat --data to mix several)."
 
@@ -43,6 +44,7 @@ class EvalSettings(_Checked):
     data: str = _required("Held-out data file (any format finetune reads).")
     adapter: str | None = setting(None, ADAPTER_HELP)
     onnx: str | None = setting(None, ONNX_HELP)
+    gguf: str | None = setting(None, GGUF_HELP)
     as_json: bool = setting(
         False, "Print one JSON object: loss, perplexity, exact_match, n, per_cluster.", flag="--json"
     )
@@ -56,6 +58,7 @@ class EvalSettings(_Checked):
 class ChatSettings(_Checked):
     adapter: str | None = setting(None, ADAPTER_HELP)
     onnx: str | None = setting(None, ONNX_HELP)
+    gguf: str | None = setting(None, GGUF_HELP)
     prompt: str | None = setting(None, "Answer this one prompt and exit (answer on stdout, routing on stderr).")
     system: str | None = setting(None, "System prompt.")
     model: str | None = setting(None, OTHER_BASE_HELP)

@@ -29,7 +29,7 @@ def verify_export(folder: str | Path, required_files: Callable[[dict], list[str]
     listed = {(folder / rel).resolve() for rel in files}
     for rel in required_files(manifest) if required_files else ():
         if (folder / rel).resolve() not in listed:
-            raise UserError(f"--onnx {folder}: {rel} is missing from the export; re-export")
+            raise UserError(f"{folder}: {rel} is missing from the export; re-export")
     for config_path in sorted(folder.glob("models/*/genai_config.json")):
         for name in _named_files(read_json_object(config_path, "the export is damaged; re-export")):
             _listed_inside(config_path.parent, name, config_path, listed, folder)
@@ -44,10 +44,10 @@ def _read_manifest(folder: Path) -> dict:
     from hydra_edge.files import read_json_object
 
     if not folder.is_dir():
-        raise UserError(f"--onnx {folder}: no such folder")
+        raise UserError(f"{folder}: no such folder")
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        raise UserError(f"--onnx {folder}: not a hydra-edge export ({MANIFEST} missing)")
+        raise UserError(f"{folder}: not a hydra-edge export ({MANIFEST} missing)")
     manifest = read_json_object(manifest_path, "the export is damaged; re-export")
     files = manifest.get("files")
     if not isinstance(files, dict) or not files or not all(isinstance(d, str) for d in files.values()):
@@ -69,17 +69,17 @@ def _check_listed_files(folder: Path, files: dict[str, str]) -> None:
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if path.is_symlink():
-            raise UserError(f"--onnx {folder}: {rel} is a link; an export holds plain files only, refusing it")
+            raise UserError(f"{folder}: {rel} is a link; an export holds plain files only, refusing it")
         if path.is_file() and rel != MANIFEST and rel not in files:
-            raise UserError(f"--onnx {folder}: {rel} is not in {MANIFEST}; remove it or re-export")
+            raise UserError(f"{folder}: {rel} is not in {MANIFEST}; remove it or re-export")
     for rel, digest in files.items():
         path = (folder / rel).resolve()
         if root not in path.parents:
-            raise UserError(f"--onnx {folder}: manifest names {rel!r}, outside the export folder; refusing it")
+            raise UserError(f"{folder}: manifest names {rel!r}, outside the export folder; refusing it")
         if not path.is_file():
-            raise UserError(f"--onnx {folder}: {rel} is missing; re-export")
+            raise UserError(f"{folder}: {rel} is missing; re-export")
         if sha256_of(path) != digest:
-            raise UserError(f"--onnx {folder}: {rel} changed since export (sha256 differs); re-export")
+            raise UserError(f"{folder}: {rel} changed since export (sha256 differs); re-export")
 
 
 def _named_files(config, key: str = "") -> list[str]:
@@ -99,9 +99,7 @@ def _external_data_locations(model_file: Path, folder: Path) -> list[str]:
     try:
         graph = onnx.load(str(model_file), load_external_data=False)
     except Exception as exc:  # DecodeError and friends: not an ONNX model
-        raise UserError(
-            f"--onnx {folder}: {model_file.relative_to(folder)} is not a readable ONNX model; re-export"
-        ) from exc
+        raise UserError(f"{folder}: {model_file.relative_to(folder)} is not a readable ONNX model; re-export") from exc
     tensors = list(graph.graph.initializer) + [
         n.attribute[0].t
         for n in graph.graph.node
@@ -117,4 +115,4 @@ def _listed_inside(model_dir: Path, name, named_in: Path, listed: set[Path], fol
     where = named_in.relative_to(folder)
     target = path_inside(model_dir, name, where)
     if target not in listed:
-        raise UserError(f"--onnx {folder}: {where} names {name!r}, which the manifest does not list; re-export")
+        raise UserError(f"{folder}: {where} names {name!r}, which the manifest does not list; re-export")

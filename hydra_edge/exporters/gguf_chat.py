@@ -1,0 +1,90 @@
+"""The `gguf` engine (hydra_edge.inference.protocol.Engine) behind `hydra-edge chat --gguf DIR`
+and `eval --gguf DIR`: the export's base in llama.cpp with every cluster's adapter loaded once,
+a request routed by the shipped router and answered with its cluster's adapter switched on.
+Found through the `hydra_edge.engines` entry point, so the core never imports it.
+
+Prompts are rendered and tokenized by the training tokenizer (export/tokenizer/); the export
+checked that llama.cpp's own tokenizer agrees, so `ollama run` sees the same tokens.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from pathlib import Path
+
+from hydra_edge.errors import UserError
+from hydra_edge.exporters.gguf_layout import adapter_file, base_path, required_files
+from hydra_edge.exporters.gguf_runtime import DEFAULT_CONTEXT, LlamaRuntime, damaged_gguf
+from hydra_edge.exporters.manifest import verify_export
+from hydra_edge.exporters.routed_export import RoutedExport
+from hydra_edge.inference.protocol import Sampling, ServeAs
+
+
+def verify_gguf_export(folder: Path) -> dict:
+    manifest = verify_export(folder, lambda m: required_files(m) if m.get("format") == "gguf" else [])
+    if manifest.get("format") != "gguf":
+        raise UserError(
+            f"--gguf {folder}: holds a --format {manifest.get('format', 'onnx')} export; chat and eval take it with --onnx"
+        )
+    return manifest
+
+
+class GgufChat(RoutedExport):
+    backend = "llama.cpp"
+
+    def __init__(self, folder: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.folder = Path(folder)
+        self.manifest = verify_gguf_export(self.folder)
+        super().__init__(self.folder)
+        with damaged_gguf(self.folder / "tokenizer"):
+            self._tokenizer = AutoTokenizer.from_pretrained(self.folder / "tokenizer")
+        adapters = {f"cluster_{c}": self.folder / adapter_file(f"cluster_{c}") for c in self.manifest["clusters"]}
+        context = min(DEFAULT_CONTEXT, int(self.manifest.get("context_length", DEFAULT_CONTEXT)))
+        self.runtime = LlamaRuntime(base_path(self.folder, self.manifest), adapters, n_ctx=context)
+        self._stops = {self._tokenizer.eos_token_id, self._tokenizer.convert_tokens_to_ids("<end_of_turn>")}
+        self._stops.discard(self._tokenizer.unk_token_id)
+        self._stops.discard(None)
+
+    def describe(self) -> str:
+        base, clusters = self.manifest["base"]["gguf_base"], len(self.manifest["clusters"])
+        return f"GGUF export ({base} base, llama.cpp), {clusters} clusters"
+
+    def tokenizer(self, cluster: int):
+        return self._tokenizer
+
+    def _mix(self, cluster: int, serve_as: ServeAs = "routed") -> dict[str, float]:
+        return {} if serve_as == "base" else {f"cluster_{cluster}": 1.0}
+
+    def logits(self, cluster: int, input_ids: list[int]):
+        """Teacher-forced logits of one sequence with this cluster's adapter. (T, vocab) numpy"""
+        return self.runtime.logits(self._mix(cluster), input_ids)
+
+    def stream(self, prompt_ids: list[int], cluster: int, serve_as: ServeAs, sampling: Sampling) -> Iterator[str]:
+        room = self.runtime.n_ctx - len(prompt_ids)
+        if room < 1:
+            raise UserError(f"the prompt has {len(prompt_ids)} tokens; this engine holds {self.runtime.n_ctx}")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tokens = self.runtime.generate(
+            self._mix(cluster, serve_as), prompt_ids, sampling.temperature, sampling.top_p, sampling.seed
+        )
+        try:
+            for count, token in enumerate(tokens):
+                if count >= min(sampling.max_new_tokens, room):
+                    break
+                if token in self._stops and not sampling.ignore_eos:
+                    break
+                yield decoder.decode(self.runtime.piece(token))
+        finally:
+            tokens.close()  # releases the context for the next request
+
+    def forceable_clusters(self) -> list[int]:
+        return list(self.manifest["clusters"])
+
+    def serves_base(self) -> bool:
+        return True
+
+    def context_length(self, cluster: int) -> int:
+        return self.runtime.n_ctx
