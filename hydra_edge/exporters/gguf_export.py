@@ -67,7 +67,10 @@ def export(adapter_dir: Path, out_dir: Path, log, required_files, gguf_base: str
         tokenizer.save_pretrained(work / "tokenizer")
         gates_by_cluster = cluster_gates(adapter_dir)
         _write_adapters(work, names, reference, gates_by_cluster, config)
-        validation = _validate(work, base, reference, tokenizer, gates_by_cluster, adapter_dir, choice, log)
+        files = {f"cluster_{c}": work / adapter_file(f"cluster_{c}") for c in gates_by_cluster}
+        files.update({f"head_{i}": work / adapter_file(f"head_{i}") for i in range(config.heads)})
+        runtime_files = (base, files)
+        validation = _validate(runtime_files, reference, tokenizer, gates_by_cluster, adapter_dir, choice, log)
         entries = {
             "format": "gguf",
             "base": {**base_entry(config), **base_reference(work, base, choice)},
@@ -118,15 +121,13 @@ def head_mix(gates: dict) -> dict[str, float]:
     return {f"head_{i}": float(g) for i, g in enumerate(mean)}
 
 
-def _validate(work, base, reference, tokenizer, gates_by_cluster, adapter_dir, choice, log) -> dict:
+def _validate(runtime_files, reference, tokenizer, gates_by_cluster, adapter_dir, choice, log) -> dict:
     """Every cluster's adapter, in llama.cpp, against the PyTorch model pinned to that cluster;
     and llama.cpp's own tokenization of the validation rows against the training tokenizer's."""
     conversations = validation_prompts(adapter_dir)
     texts = [render_chat(tokenizer, messages, add_generation_prompt=True) for messages in conversations]
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    files = {f"cluster_{c}": work / adapter_file(f"cluster_{c}") for c in gates_by_cluster}
-    heads = len(next(iter(next(iter(gates_by_cluster.values())).values())))
-    files.update({f"head_{i}": work / adapter_file(f"head_{i}") for i in range(heads)})
+    base, files = runtime_files  # the base GGUF, {adapter name: its GGUF file}
     runtime = LlamaRuntime(base, files, n_ctx=max(len(p) for p in prompts) + 8)
     _check_tokenizer(runtime, tokenizer, texts, prompts)
     rule, checks = RULES[choice], {}

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,12 @@ def llama_cpp_module():
     except ImportError as exc:
         raise UserError(f"GGUF needs llama-cpp-python, which is not installed; {INSTALL}") from exc
     return llama_cpp
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: llama.cpp's threads (2 on 2 cores decode Gemma 3 270M
+    ~1.5x faster than llama-cpp-python's default of half)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager
@@ -54,8 +62,15 @@ class LlamaRuntime:
         self.lock = threading.RLock()
         with damaged_gguf(base), _quiet_stderr():
             self.llm = llama_cpp.Llama(
-                model_path=str(base), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False
+                model_path=str(base),
+                n_ctx=n_ctx,
+                n_batch=min(n_ctx, 512),
+                logits_all=True,
+                n_threads=usable_cpus(),  # llama-cpp-python's default, half the CPUs, assumes hyper-threading
+                verbose=False,
             )
+        # Freed before the interpreter tears its modules down (llama-cpp-python's own __del__ then fails).
+        weakref.finalize(self, self.llm.close)
         self.n_ctx = n_ctx
         self.adapters = {}
         for name, path in adapters.items():
@@ -120,7 +135,6 @@ class LlamaRuntime:
 def _quiet_stderr():
     """llama.cpp prints its load log to the C stderr whatever `verbose` says for some messages;
     kept out of the user's terminal unless loading fails (then the one-line error says why)."""
-    import os
     import sys
 
     try:

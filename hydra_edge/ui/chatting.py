@@ -19,7 +19,7 @@ from hydra_edge.errors import UserError
 from hydra_edge.inference.engines import open_engine
 from hydra_edge.inference.protocol import Engine
 from hydra_edge.ui.training import adapter_base
-from hydra_edge.ui.workspace import Workspace
+from hydra_edge.ui.workspace import Workspace, export_format
 
 KEEP_LOADED = 2
 
@@ -43,7 +43,7 @@ class LoadedModel:
 def _marker(folder: Path) -> tuple[str, list[Path]] | None:
     """(backend, the files whose change means the folder must be loaded again)."""
     if (folder / "export_manifest.json").is_file():
-        return "onnx", [folder / "export_manifest.json"]
+        return export_format(folder) or "onnx", [folder / "export_manifest.json"]
     if (folder / "adapter_config.json").is_file():
         return "pytorch", [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
     return None
@@ -73,18 +73,22 @@ class ChatModels:
         self._lock = threading.Lock()
 
     def sources(self) -> list[str]:
-        """What can be chatted with: finished runs (adapters) and ONNX exports."""
-        return self.ws.runs(finished_only=True) + self.ws.exports("onnx")
+        """What can be chatted with: finished runs (adapters), ONNX and GGUF exports."""
+        return self.ws.runs(finished_only=True) + self.ws.exports("onnx") + self.ws.exports("gguf")
 
     def get(self, source: str) -> LoadedModel:
         folder = self.ws.resolve(source, "model to chat with", kind="dir")
         found = _marker(folder)
         if found is None:
             raise UserError(
-                f"{self.ws.rel(folder)}: neither a finished run (adapter_config.json) nor an ONNX export "
+                f"{self.ws.rel(folder)}: neither a finished run (adapter_config.json) nor an ONNX or GGUF export "
                 "(export_manifest.json); pick one from the list"
             )
         backend, markers = found
+        if backend not in ("onnx", "gguf", "pytorch"):
+            raise UserError(
+                f"{self.ws.rel(folder)}: a --format {backend} export runs elsewhere (see its README); pick another"
+            )
         key, stamp = str(folder), _stamp(markers)
         with self._lock:
             cached = self._loaded.get(key)
@@ -93,6 +97,8 @@ class ChatModels:
                 return cached
             if backend == "onnx":
                 engine = open_engine(None, folder)
+            elif backend == "gguf":
+                engine = open_engine(None, None, gguf=folder)
             else:
                 engine = open_engine(folder, None, model_override=adapter_base(self.ws, folder))
             loaded = LoadedModel(self.ws.rel(folder), engine, stamp)

@@ -44,14 +44,14 @@ def fake_format(tmp_path, monkeypatch):
 
 
 def test_the_built_in_formats_are_found_the_default_first():
-    assert list(formats.formats()) == ["onnx", "peft", "vllm"]
+    assert list(formats.formats()) == ["onnx", "gguf", "peft", "vllm"]
     assert [o.name for o in formats.get_format("onnx").options] == ["mode", "precision", "device"]
 
 
 def test_a_new_format_module_is_in_export_help_and_runs(fake_format, tmp_path):
     shown = run_in_process("export", "--help")
     assert shown.returncode == 0
-    assert "--format <onnx|fake|peft|vllm>" in shown.stdout
+    assert "--format <onnx|fake|gguf|peft|vllm>" in shown.stdout
     assert "--level" in shown.stdout and "[--format fake]" in shown.stdout
     (tmp_path / "run").mkdir()
     done = run_in_process(

@@ -20,6 +20,7 @@ from hydra_edge.exporters.ollama import parse_modelfile
 from hydra_edge.files import sha256_of
 
 pytestmark = pytest.mark.slow
+GGUF = ("--format", "gguf")
 
 
 def test_every_cluster_passes_llama_cpp_validation(gguf_export):
@@ -185,3 +186,23 @@ def test_gguf_is_refused_by_the_onnx_engine_and_onnx_by_the_gguf_engine(gguf_exp
     assert onnx.returncode == 2
     gguf = run_in_process("chat", "--gguf", str(adapter_export), "--prompt", "hi")
     assert_one_line_error(gguf, "--format onnx export", "--onnx")
+
+
+def test_the_web_uis_chat_lists_and_loads_a_gguf_export(gguf_export, tmp_path):
+    import shutil
+
+    from hydra_edge.ui.chatting import ChatModels
+    from hydra_edge.ui.workspace import EXPORTS_DIR, Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(gguf_export, ws.root / EXPORTS_DIR / "mine-gguf")
+    models = ChatModels(ws)
+    assert f"{EXPORTS_DIR}/mine-gguf" in models.sources()
+    loaded = models.get(f"{EXPORTS_DIR}/mine-gguf")
+    assert loaded.backend == "llama.cpp" and "GGUF export" in loaded.description
+    peft = ws.root / EXPORTS_DIR / "mine-peft"
+    peft.mkdir()
+    (peft / MANIFEST).write_text(json.dumps({"format": "peft"}))
+    assert f"{EXPORTS_DIR}/mine-peft" not in models.sources()
+    with pytest.raises(UserError, match="--format peft export runs elsewhere"):
+        models.get(f"{EXPORTS_DIR}/mine-peft")
