@@ -7,7 +7,6 @@ required-files check."""
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 
 from hydra_edge.errors import UserError
@@ -104,7 +103,7 @@ def write_serving_files(work: Path, manifest: dict, tokenizer) -> None:
         "#!/usr/bin/env bash\n"
         "# llama-cpp-python's OpenAI-compatible server with one model name per cluster (cluster_<c>:\n"
         "# the base with that cluster's adapter; `base`: no adapter). Put the routing proxy in front:\n"
-        f"#   hydra-edge serve --upstream http://127.0.0.1:{SERVER_PORT}/v1 --onnx {shlex.quote(work.name)}\n"
+        f"#   hydra-edge serve --upstream http://127.0.0.1:{SERVER_PORT}/v1 --gguf THIS_FOLDER\n"
         "# Needs: pip install 'llama-cpp-python[server]'. Host and port: edit llama-server.json.\n"
         'cd "$(dirname "$0")"\n'
         f'exec python -m llama_cpp.server --config_file {SERVER_CONFIG} "$@"\n'
@@ -142,7 +141,8 @@ def _readme(manifest: dict, has_template: bool) -> str:
         "",
         "## hydra-edge",
         "",
-        "`hydra-edge chat --gguf .` and `hydra-edge eval --gguf . --data FILE` route each request to its cluster.",
+        "`hydra-edge chat --gguf .`, `hydra-edge eval --gguf . --data FILE` and `hydra-edge serve --gguf .` "
+        "(an OpenAI-compatible API) route each request to its cluster.",
         "",
     ]
     return "\n".join(lines)

@@ -36,9 +36,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def router_folder(onnx: str | None, adapter: str | None) -> Path:
+def router_folder(export: str | None, adapter: str | None) -> Path:
     """--upstream needs only the request router: an export's router/ or the adapter folder."""
-    folder = Path(onnx) / "router" if onnx else Path(adapter)
+    folder = Path(export) / "router" if export else Path(adapter)
     if not (folder / "clusters.json").is_file():
         raise UserError(f"{folder}: no request router here (clusters.json); give an export's folder or a finished run")
     return folder
@@ -51,9 +51,10 @@ def serve_command(**options) -> None:
     choice = from_options(BackendChoice, options)
     uvicorn, create_app, with_header_deadline = _server_modules()
     sock = bind(settings.host, settings.port)
-    if choice.adapter and not choice.upstream and settings.max_concurrency > 1:
+    one_at_a_time = "--adapter" if choice.adapter else "--gguf" if choice.gguf else None
+    if one_at_a_time and not choice.upstream and settings.max_concurrency > 1:
         print(
-            f"hydra-edge serve: --adapter generates one request at a time; --max-concurrency "
+            f"hydra-edge serve: {one_at_a_time} generates one request at a time; --max-concurrency "
             f"{settings.max_concurrency} becomes 1 running and the rest queued",
             file=sys.stderr,
             flush=True,
@@ -127,9 +128,10 @@ def backend_factory(choice: BackendChoice, settings: ServeSettings):
         from hydra_edge.server.proxy import UpstreamBackend
 
         try:
-            router = RequestRouter.from_dir(router_folder(choice.onnx, choice.adapter))
+            router = RequestRouter.from_dir(router_folder(choice.onnx or choice.gguf, choice.adapter))
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise UserError(f"{choice.onnx or choice.adapter}: the request router cannot be read ({exc})") from exc
+            where = choice.onnx or choice.gguf or choice.adapter
+            raise UserError(f"{where}: the request router cannot be read ({exc})") from exc
         return lambda metrics: UpstreamBackend(
             choice.upstream, choice.upstream_api_key, router, metrics, *settings.upstream_timeouts
         )
@@ -137,7 +139,7 @@ def backend_factory(choice: BackendChoice, settings: ServeSettings):
     from hydra_edge.inference.engines import open_engine
     from hydra_edge.server.local import LocalBackend
 
-    engine = open_engine(choice.adapter, choice.onnx, choice.model)
+    engine = open_engine(choice.adapter, choice.onnx, choice.model, choice.gguf)
     print(f"hydra-edge serve: loaded {engine.describe()}", file=sys.stderr, flush=True)
     return lambda metrics: LocalBackend(engine, settings.max_tokens_cap, settings.max_concurrency, metrics)
 

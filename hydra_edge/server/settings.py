@@ -19,10 +19,11 @@ from hydra_edge.settings import field_problems, setting
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """Which backend answers: an ONNX export or a PyTorch adapter generating here, or, with
+    """Which backend answers: an ONNX or GGUF export or a PyTorch adapter generating here, or, with
     --upstream, another server that generates while this one routes."""
 
     onnx: str | None = setting(None, "Serve this ONNX export (hydra-edge export --out).")
+    gguf: str | None = setting(None, "Serve this GGUF export in llama.cpp (hydra-edge export --format gguf).")
     adapter: str | None = setting(None, "Serve this trained adapter with PyTorch.")
     model: str | None = setting(None, "With --adapter: another copy of its base model.")
     upstream: str | None = setting(
@@ -33,8 +34,10 @@ class BackendChoice:
     upstream_api_key: str | None = setting(None, "Bearer key the upstream wants.", envvar="HYDRA_EDGE_UPSTREAM_API_KEY")
 
     def __post_init__(self) -> None:
-        if bool(self.onnx) == bool(self.adapter):
-            raise UserError("give either --onnx DIR (an export) or --adapter DIR (PyTorch), not both or neither")
+        if sum(bool(x) for x in (self.onnx, self.gguf, self.adapter)) != 1:
+            raise UserError(
+                "give one of --onnx DIR, --gguf DIR (an export) or --adapter DIR (PyTorch), not several or none"
+            )
         if self.upstream and not self.upstream.startswith(("http://", "https://")):
             raise UserError(f"--upstream {self.upstream}: give the server's base URL, e.g. http://127.0.0.1:8001/v1")
 

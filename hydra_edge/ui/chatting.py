@@ -19,7 +19,7 @@ from hydra_edge.errors import UserError
 from hydra_edge.inference.engines import open_engine
 from hydra_edge.inference.protocol import Engine
 from hydra_edge.ui.training import adapter_base
-from hydra_edge.ui.workspace import Workspace, export_format
+from hydra_edge.ui.workspace import Workspace, format_of_export
 
 KEEP_LOADED = 2
 
@@ -43,7 +43,7 @@ class LoadedModel:
 def _marker(folder: Path) -> tuple[str, list[Path]] | None:
     """(backend, the files whose change means the folder must be loaded again)."""
     if (folder / "export_manifest.json").is_file():
-        return export_format(folder) or "onnx", [folder / "export_manifest.json"]
+        return format_of_export(folder) or "onnx", [folder / "export_manifest.json"]
     if (folder / "adapter_config.json").is_file():
         return "pytorch", [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
     return None

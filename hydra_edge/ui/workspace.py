@@ -154,7 +154,7 @@ class Workspace:
             if p.is_dir() and not p.name.startswith(".") and (p / "export_manifest.json").is_file()
         ]
         if export_format is not None:
-            exports = [p for p in exports if export_format(p) == export_format]
+            exports = [p for p in exports if format_of_export(p) == export_format]
         return [self.rel(p) for p in sorted(exports, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     def model_folders(self) -> list[str]:
@@ -181,7 +181,7 @@ def _has_checkpoint(run: Path) -> bool:
     return bool(list_checkpoints(run))
 
 
-def export_format(folder: Path) -> str | None:
+def format_of_export(folder: Path) -> str | None:
     """An export's format as its manifest states it (ONNX when the manifest predates formats)."""
     try:
         manifest = json.loads((folder / "export_manifest.json").read_text())

@@ -1,6 +1,7 @@
-"""`serve --upstream` in front of llama.cpp: the GGUF export's own server config
-(llama-server.json: one model name per cluster, the base with that cluster's adapter) run by
-llama-cpp-python's OpenAI-compatible server on loopback, the routing proxy in front of it."""
+"""Serving a GGUF export: `serve --gguf` (llama.cpp in this process, the routed cluster's adapter
+switched on per request), and `serve --upstream` in front of llama.cpp: the export's own server
+config (llama-server.json: one model name per cluster, the base with that cluster's adapter) run
+by llama-cpp-python's OpenAI-compatible server on loopback, the routing proxy in front of it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from serverhelpers import launch
+from serverhelpers import API_KEY, launch
 from test_server import demo_prompts_by_cluster
 
 from hydra_edge.exporters.gguf_layout import SERVER_CONFIG
@@ -50,7 +51,7 @@ def llama_server(gguf_export, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_proxy(llama_server, gguf_export, tmp_path_factory):
-    server = launch(tmp_path_factory.mktemp("proxy"), "--onnx", str(gguf_export), "--upstream", llama_server)
+    server = launch(tmp_path_factory.mktemp("proxy"), "--gguf", str(gguf_export), "--upstream", llama_server)
     yield server
     server.stop()
 
@@ -80,3 +81,22 @@ def test_auto_requests_reach_llama_cpp_with_their_clusters_adapter(llama_proxy, 
         assert reply.choices[0].message.content.strip() == engine.answer(messages, max_new_tokens=16)[1]
         answers[cluster] = reply.choices[0].message.content
     assert len(answers) >= 2
+
+
+def test_serve_gguf_answers_with_the_routed_clusters_adapter(gguf_export, tmp_path):
+    from hydra_edge.exporters.gguf_chat import GgufChat
+
+    server = launch(tmp_path, "--gguf", str(gguf_export), "--api-key", API_KEY)
+    try:
+        engine = GgufChat(gguf_export)
+        for cluster, question in list(demo_prompts_by_cluster(gguf_export).items())[:2]:
+            messages = [{"role": "user", "content": question}]
+            raw = server.client().chat.completions.with_raw_response.create(
+                model="auto", messages=messages, temperature=0, max_tokens=16
+            )
+            assert raw.headers["x-hydra-cluster"] == str(cluster)
+            assert raw.parse().choices[0].message.content == engine.answer(messages, max_new_tokens=16)[1]
+        models = {m.id for m in server.client().models.list()}
+        assert models == {"auto", "base", *(f"cluster_{c}" for c in engine.forceable_clusters())}
+    finally:
+        server.stop()

@@ -54,6 +54,6 @@ def test_derived_settings():
     assert settings.max_body_bytes == 1_572_864 and ServeSettings().max_body_bytes == 4 * 1024 * 1024
     one = settings.one_generation_at_a_time()
     assert (one.max_concurrency, one.max_queue) == (1, 19)  # the other three slots wait in the queue
-    with pytest.raises(UserError, match="either --onnx DIR"):
+    with pytest.raises(UserError, match="one of --onnx DIR, --gguf DIR"):
         BackendChoice()
     assert BackendChoice(onnx="x", upstream="http://127.0.0.1:9/v1").upstream.startswith("http://")
