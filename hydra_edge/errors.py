@@ -33,3 +33,9 @@ class TrainingStopped(Exception):
 
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first message line (or its type's name), cut to `limit` characters: what a
+    one-line error quotes from a library's failure."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

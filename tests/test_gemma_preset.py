@@ -138,7 +138,10 @@ def test_gemma_adapters_export_in_fp32_validates(gemma_run, tmp_path):
 def test_gemma_gguf_export_validates_in_llama_cpp_and_hands_back_the_preset_file(gemma_run, tmp_path):
     """Q8_0 base written from the dequantized weights, and `auto`: the preset's own GGUF file,
     referenced by sha256; both validated by llama.cpp per cluster, the Gemma Modelfile parsed."""
-    from hydra_edge.exporters.gguf_layout import base_path
+    from transformers import AutoTokenizer
+
+    from hydra_edge.data.records import render_chat
+    from hydra_edge.exporters.llama_server import training_chat_formatter
     from hydra_edge.exporters.ollama import parse_modelfile
     from hydra_edge.files import sha256_of
     from hydra_edge.models.gguf import gemma_preset_folder, source_gguf_file
@@ -154,7 +157,15 @@ def test_gemma_gguf_export_validates_in_llama_cpp_and_hands_back_the_preset_file
     gemma_preset_folder()
     config = json.loads((out / "adapter_config.json").read_text())
     source = source_gguf_file("gemma3-270m", config["base_fingerprint"])
-    assert sha256_of(base_path(tmp_path / "auto", manifest)) == sha256_of(source)
+    assert manifest["base"]["gguf_base"] == "source" and manifest["base"]["gguf_sha256"] == sha256_of(source)
+    assert not (tmp_path / "auto" / "base.gguf").exists()
+    # The preset's file has no chat template: the llama.cpp server is given training's.
+    formatter = training_chat_formatter(tmp_path / "auto" / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "auto" / "tokenizer")
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt = formatter(messages=conversation).prompt
+    assert prompt == render_chat(tokenizer, conversation, add_generation_prompt=True)
+    assert prompt.startswith("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>")
     modelfile = parse_modelfile((tmp_path / "q8_0" / "ollama" / "cluster_0.Modelfile").read_text())
     assert "<start_of_turn>model" in modelfile["template"] and ("stop", "<end_of_turn>") in modelfile["parameters"]
     scores = run_cli("eval", "--gguf", str(tmp_path / "q8_0"), "--data", str(out.parent / "eval.jsonl"), "--json")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hydra_edge.errors import UserError
-from hydra_edge.exporters.gguf_layout import adapter_file, base_path, required_files
+from hydra_edge.exporters.gguf_layout import adapter_file, base_path, required_files, stop_token_ids
 from hydra_edge.exporters.gguf_runtime import DEFAULT_CONTEXT, LlamaRuntime, damaged_gguf
 from hydra_edge.exporters.manifest import verify_export
 from hydra_edge.exporters.routed_export import RoutedExport
@@ -25,7 +25,8 @@ def verify_gguf_export(folder: Path) -> dict:
     manifest = verify_export(folder, lambda m: required_files(m) if m.get("format") == "gguf" else [])
     if manifest.get("format") != "gguf":
         kind = manifest.get("format", "onnx")
-        raise UserError(f"--gguf {folder}: holds a --format {kind} export; chat and eval take it with --onnx")
+        use = "chat and eval take it with --onnx" if kind == "onnx" else "see the README in it"
+        raise UserError(f"--gguf {folder}: holds a --format {kind} export; {use}")
     return manifest
 
 
@@ -40,12 +41,14 @@ class GgufChat(RoutedExport):
         super().__init__(self.folder)
         with damaged_gguf(self.folder / "tokenizer"):
             self._tokenizer = AutoTokenizer.from_pretrained(self.folder / "tokenizer")
-        adapters = {f"cluster_{c}": self.folder / adapter_file(f"cluster_{c}") for c in self.manifest["clusters"]}
-        context = min(DEFAULT_CONTEXT, int(self.manifest.get("context_length", DEFAULT_CONTEXT)))
-        self.runtime = LlamaRuntime(base_path(self.folder, self.manifest), adapters, n_ctx=context)
-        self._stops = {self._tokenizer.eos_token_id, self._tokenizer.convert_tokens_to_ids("<end_of_turn>")}
-        self._stops.discard(self._tokenizer.unk_token_id)
-        self._stops.discard(None)
+        self._files = (
+            base_path(self.folder, self.manifest),
+            {f"cluster_{c}": self.folder / adapter_file(f"cluster_{c}") for c in self.manifest["clusters"]},
+        )
+        self._context = min(DEFAULT_CONTEXT, int(self.manifest.get("context_length", DEFAULT_CONTEXT)))
+        self.runtime = LlamaRuntime(*self._files, n_ctx=self._context, logits_all=False)
+        self._scorer: LlamaRuntime | None = None  # opened by the first teacher-forced scoring (eval)
+        self._stops = set(stop_token_ids(self._tokenizer))
 
     def describe(self) -> str:
         base, clusters = self.manifest["base"]["gguf_base"], len(self.manifest["clusters"])
@@ -59,7 +62,9 @@ class GgufChat(RoutedExport):
 
     def logits(self, cluster: int, input_ids: list[int]):
         """Teacher-forced logits of one sequence with this cluster's adapter. (T, vocab) numpy"""
-        return self.runtime.logits(self._mix(cluster), input_ids)
+        if self._scorer is None:  # the weights are shared through the file's memory map
+            self._scorer = LlamaRuntime(*self._files, n_ctx=self._context, logits_all=True)
+        return self._scorer.logits(self._mix(cluster), input_ids)
 
     def stream(self, prompt_ids: list[int], cluster: int, serve_as: ServeAs, sampling: Sampling) -> Iterator[str]:
         room = self.runtime.n_ctx - len(prompt_ids)

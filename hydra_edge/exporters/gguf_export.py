@@ -25,7 +25,13 @@ from hydra_edge.data.records import render_chat
 from hydra_edge.errors import UserError
 from hydra_edge.exporters.folder import base_entry, building, prepare, seal
 from hydra_edge.exporters.gguf_files import TensorNames, architecture_of, write_base_gguf, write_lora_gguf
-from hydra_edge.exporters.gguf_layout import SERVER_CONTEXT, adapter_file, base_reference, write_serving_files
+from hydra_edge.exporters.gguf_layout import (
+    BASE_FILE,
+    SERVER_CONTEXT,
+    adapter_file,
+    base_reference,
+    write_serving_files,
+)
 from hydra_edge.exporters.gguf_runtime import LlamaRuntime, llama_cpp_module
 from hydra_edge.exporters.merge import hydra_on_plain_base, merged_heads, pinned_logits, save_plain_base
 from hydra_edge.exporters.validation import (
@@ -37,8 +43,24 @@ from hydra_edge.exporters.validation import (
 )
 from hydra_edge.models.gguf import source_gguf_file
 
-# --gguf-base -> the validation rule its rounding is judged by (validation.py)
-RULES = {"f16": "fp16", "q8_0": "q8_0", "q4_k_m": "int4", "source": "int4", "copy": "int4"}
+# --gguf-base -> the validation rule its rounding is judged by (validation.py); your own file
+# (source, copy) by the ggml type of its weights (rule_of_file)
+RULES = {"f16": "fp16", "q8_0": "q8_0", "q4_k_m": "int4"}
+
+
+def rule_of_file(path: Path) -> str:
+    """The validation rule for a GGUF file's weights: F32/F16/BF16 as fp16, Q8_0 as Q8_0, any
+    coarser quantization as int4 (general.file_type, llama.cpp's LLAMA_FTYPE)."""
+    import gguf
+
+    from hydra_edge.exporters.gguf_files import read_gguf
+
+    field = read_gguf(path).fields.get("general.file_type")
+    file_type = int(field.contents()) if field is not None else None
+    floats = (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16, gguf.LlamaFileType.MOSTLY_BF16)
+    if file_type in floats:
+        return "fp16"
+    return "q8_0" if file_type == gguf.LlamaFileType.MOSTLY_Q8_0 else "int4"
 
 
 def base_choice(requested: str, source: Path | None) -> str:
@@ -56,6 +78,7 @@ def export(adapter_dir: Path, out_dir: Path, log, required_files, gguf_base: str
     config = prepare(adapter_dir, out_dir)
     source = source_gguf_file(config.base_model, config.base_fingerprint)
     choice = base_choice(gguf_base, source)
+    architecture_of(_base_config(config), source)  # an unknown model is refused before any work
     with building(out_dir) as work:
         log("export: writing the dequantized base")
         plain = save_plain_base(config, work / ".plain")
@@ -70,10 +93,12 @@ def export(adapter_dir: Path, out_dir: Path, log, required_files, gguf_base: str
         files = {f"cluster_{c}": work / adapter_file(f"cluster_{c}") for c in gates_by_cluster}
         files.update({f"head_{i}": work / adapter_file(f"head_{i}") for i in range(config.heads)})
         runtime_files = (base, files)
-        validation = _validate(runtime_files, reference, tokenizer, gates_by_cluster, adapter_dir, choice, log)
+        rule = RULES.get(choice) or rule_of_file(base)
+        judged = (choice, rule)
+        validation = _validate(runtime_files, reference, tokenizer, gates_by_cluster, adapter_dir, judged, log)
         entries = {
             "format": "gguf",
-            "base": {**base_entry(config), **base_reference(work, base, choice)},
+            "base": {**base_entry(config), **base_reference(base, choice)},
             "clusters": sorted(int(c) for c in gates_by_cluster),
             "heads": config.heads,
             "rank": config.rank,
@@ -86,16 +111,25 @@ def export(adapter_dir: Path, out_dir: Path, log, required_files, gguf_base: str
         return seal(work, out_dir, adapter_dir, entries, required_files)
 
 
+def _base_config(config: AdapterConfig) -> dict:
+    """The base model's config.json (a preset or a GGUF file: its cached folder)."""
+    from hydra_edge.files import read_json_object
+    from hydra_edge.models.base import resolve_model_reference
+
+    folder = Path(resolve_model_reference(config.base_model))
+    return read_json_object(folder / "config.json", "the base model's config") if folder.is_dir() else {}
+
+
 def _base_file(work: Path, plain: Path, choice: str, source: Path | None, template: str, log) -> Path:
     if choice == "source":
         log(f"export: the base is your own file {source} (sha256 in the manifest; not copied)")
         return source
     if choice == "copy":
         log(f"export: copying your base file {source.name}")
-        shutil.copy2(source, work / "base.gguf")
-        return work / "base.gguf"
+        shutil.copy2(source, work / BASE_FILE)
+        return work / BASE_FILE
     log(f"export: writing the base as GGUF ({choice.upper()})")
-    return write_base_gguf(plain, work / "base.gguf", choice, source, template)
+    return write_base_gguf(plain, work / BASE_FILE, choice, source, template)
 
 
 def _write_adapters(work: Path, names: TensorNames, reference, gates_by_cluster: dict, config: AdapterConfig) -> None:
@@ -121,7 +155,7 @@ def head_mix(gates: dict) -> dict[str, float]:
     return {f"head_{i}": float(g) for i, g in enumerate(mean)}
 
 
-def _validate(runtime_files, reference, tokenizer, gates_by_cluster, adapter_dir, choice, log) -> dict:
+def _validate(runtime_files, reference, tokenizer, gates_by_cluster, adapter_dir, judged, log) -> dict:
     """Every cluster's adapter, in llama.cpp, against the PyTorch model pinned to that cluster;
     and llama.cpp's own tokenization of the validation rows against the training tokenizer's."""
     conversations = validation_prompts(adapter_dir)
@@ -130,16 +164,20 @@ def _validate(runtime_files, reference, tokenizer, gates_by_cluster, adapter_dir
     base, files = runtime_files  # the base GGUF, {adapter name: its GGUF file}
     runtime = LlamaRuntime(base, files, n_ctx=max(len(p) for p in prompts) + 8)
     _check_tokenizer(runtime, tokenizer, texts, prompts)
-    rule, checks = RULES[choice], {}
+    (choice, rule), checks = judged, {}  # the base choice and the rule it is judged by
     for cluster, gates in gates_by_cluster.items():
         expected = pinned_logits(reference, gates, prompts)
         got = np.concatenate([runtime.logits({f"cluster_{cluster}": 1.0}, ids) for ids in prompts])
         check = compare_logits(got, expected)
         problem = validation_problem(check, rule)
         if problem:
+            instead = (
+                "export --format onnx or peft (llama.cpp computes this model differently from PyTorch)"
+                if rule in ("fp16", "q8_0")
+                else "choose --gguf-base q8_0 or f16"
+            )
             raise UserError(
-                f"export: llama.cpp's cluster {cluster} ({choice} base) fails validation: {problem}; "
-                "choose --gguf-base q8_0 or f16"
+                f"export: llama.cpp's cluster {cluster} ({choice} base) fails validation: {problem}; {instead}"
             )
         mixed = np.concatenate([runtime.logits(head_mix(gates), ids) for ids in prompts])
         check["head_mix_top1_agreement"] = float((mixed.argmax(-1) == got.argmax(-1)).mean())

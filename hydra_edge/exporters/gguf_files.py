@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hydra_edge.errors import UserError
+from hydra_edge.errors import UserError, first_line
 
 # --gguf-base choices that write a file: the ggml type of 2-D weights (1-D ones stay F32)
 WRITTEN_TYPES = ("f16", "q8_0", "q4_k_m")
@@ -138,7 +138,8 @@ def write_base_gguf(plain_dir: Path, out_file: Path, base_type: str, source_gguf
     writer = gguf.GGUFWriter(str(target), arch.name)
     if source_gguf is not None:
         _copy_metadata(writer, source_gguf, set(tensors))
-        writer.add_chat_template(chat_template)  # the source's, if any, is replaced by training's
+        if chat_template:
+            writer.add_chat_template(chat_template)  # the source's, if any, is replaced by training's
     else:
         _llama_metadata(writer, plain_dir, config)  # chat template from the folder's tokenizer config
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -189,15 +190,36 @@ def read_gguf(path: Path, what: str = ""):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as exc:  # noqa: BLE001 - a damaged file raises ValueError, struct or numpy errors
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"{path}: not a readable GGUF file ({first}){what}; replace or re-export it") from exc
+        raise UserError(f"{path}: not a readable GGUF file ({first_line(exc)}){what}; replace or re-export it") from exc
+
+
+# What a llama config.json must give for llama.cpp's hyperparameters.
+LLAMA_KEYS = (
+    "num_attention_heads",
+    "hidden_size",
+    "max_position_embeddings",
+    "num_hidden_layers",
+    "intermediate_size",
+    "rms_norm_eps",
+    "vocab_size",
+)
 
 
 def _llama_metadata(writer, model_dir: Path, config: dict) -> None:
     """llama.cpp's `llama` hyperparameters and `gpt2` vocabulary for a Hugging Face folder."""
     import gguf
 
-    n_head = config["num_attention_heads"]
+    missing = [k for k in LLAMA_KEYS if k not in config]
+    n_head = config.get("num_attention_heads") or 1
+    if (
+        missing
+        or config.get("rope_scaling")
+        or (config.get("head_dim") or 0) not in (0, config["hidden_size"] // n_head)
+    ):
+        raise UserError(
+            f"export --format gguf: this llama config ({', '.join(missing) or 'rope scaling or its head size'}) is "
+            "beyond what the GGUF writer converts; export --format onnx or peft"
+        )
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     rope = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
     writer.add_name(config.get("_name_or_path") or model_dir.name)

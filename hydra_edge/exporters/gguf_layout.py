@@ -16,6 +16,9 @@ BASE_FILE = "base.gguf"
 SERVER_CONFIG = "llama-server.json"
 SERVER_SCRIPT = "serve-llama.sh"
 SERVER_PORT = 8080
+# The chat format every server model entry names: the training template, which
+# hydra_edge.exporters.llama_server registers under this name before the server starts.
+CHAT_FORMAT = "hydra-edge"
 # What one llama-cpp-python server model may hold (tokens); the server allocates it per model.
 SERVER_CONTEXT = 4096
 
@@ -28,12 +31,16 @@ def modelfile_path(cluster: int) -> str:
     return f"ollama/cluster_{cluster}.Modelfile"
 
 
-def base_reference(work: Path, base: Path, choice: str) -> dict:
+def base_reference(base: Path, choice: str) -> dict:
     """The manifest's record of the base file: inside the export, or the user's own file by
     path and sha256 (`--gguf-base source`)."""
     if choice == "source":
-        return {"gguf_file": str(base.resolve()), "gguf_sha256": sha256_of(base), "gguf_base": choice}
-    return {"gguf_file": BASE_FILE, "gguf_base": choice}
+        entry = {"gguf_file": str(base.resolve()), "gguf_sha256": sha256_of(base)}
+    else:
+        entry = {"gguf_file": BASE_FILE}
+    if choice in ("source", "copy"):
+        entry["weights"] = "your GGUF file, byte for byte"
+    return {**entry, "gguf_base": choice}
 
 
 def base_path(folder: Path, manifest: dict) -> Path:
@@ -68,12 +75,21 @@ def _base_for(manifest: dict, relative_to: str) -> str:
     return str(Path(relative_to, BASE_FILE)) if relative_to else BASE_FILE
 
 
+# Gemma's chat turns end with this token, not with EOS.
+END_OF_TURN = "<end_of_turn>"
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids a chat turn ends with: EOS and <end_of_turn> where the vocabulary has it."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if END_OF_TURN in tokenizer.get_vocab():
+        ids.append(tokenizer.convert_tokens_to_ids(END_OF_TURN))
+    return list(dict.fromkeys(ids))
+
+
 def stop_tokens(tokenizer) -> list[str]:
-    """The texts a chat turn ends with: EOS and Gemma's <end_of_turn> where the vocabulary has it."""
-    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
-    if "<end_of_turn>" in tokenizer.get_vocab():
-        stops.append("<end_of_turn>")
-    return list(dict.fromkeys(stops))
+    """stop_token_ids as text, for Ollama's `PARAMETER stop`."""
+    return [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
 
 
 def write_serving_files(work: Path, manifest: dict, tokenizer) -> None:
@@ -82,20 +98,23 @@ def write_serving_files(work: Path, manifest: dict, tokenizer) -> None:
     template = go_template(tokenizer.chat_template, tokenizer.bos_token, eos_token=tokenizer.eos_token)
     (work / "ollama").mkdir()
     for c in manifest["clusters"]:
-        text = modelfile(
-            _base_for(manifest, ".."),
-            str(Path("..", adapter_file(f"cluster_{c}"))),
-            template,
-            stop_tokens(tokenizer),
-            comment=f"hydra-edge cluster {c}: ollama create my-model-c{c} -f {modelfile_path(c)}",
-        )
+        try:
+            text = modelfile(
+                _base_for(manifest, ".."),
+                str(Path("..", adapter_file(f"cluster_{c}"))),
+                template,
+                stop_tokens(tokenizer),
+                comment=f"hydra-edge cluster {c}: ollama create my-model-c{c} -f {modelfile_path(c)}",
+            )
+        except ValueError as exc:  # a path or stop token Ollama's syntax cannot hold
+            raise UserError(f"export --format gguf: the Ollama Modelfile cannot be written ({exc})") from exc
         (work / modelfile_path(c)).write_text(text)
     models = [
         {"model": _base_for(manifest, ""), "model_alias": f"cluster_{c}", "lora_path": adapter_file(f"cluster_{c}")}
         for c in manifest["clusters"]
     ] + [{"model": _base_for(manifest, ""), "model_alias": "base"}]
-    for model in models:
-        model["n_ctx"] = min(SERVER_CONTEXT, manifest["context_length"])
+    for model in models:  # the training chat template, registered by hydra_edge.exporters.llama_server
+        model.update(n_ctx=min(SERVER_CONTEXT, manifest["context_length"]), chat_format=CHAT_FORMAT)
     config = {"host": "127.0.0.1", "port": SERVER_PORT, "models": models}
     (work / SERVER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     script = work / SERVER_SCRIPT
@@ -104,9 +123,10 @@ def write_serving_files(work: Path, manifest: dict, tokenizer) -> None:
         "# llama-cpp-python's OpenAI-compatible server with one model name per cluster (cluster_<c>:\n"
         "# the base with that cluster's adapter; `base`: no adapter). Put the routing proxy in front:\n"
         f"#   hydra-edge serve --upstream http://127.0.0.1:{SERVER_PORT}/v1 --gguf THIS_FOLDER\n"
-        "# Needs: pip install 'llama-cpp-python[server]'. Host and port: edit llama-server.json.\n"
+        "# It renders chats with the training template (hydra_edge.exporters.llama_server registers it).\n"
+        "# Needs: pip install 'hydra-edge[llama]'. Host and port: edit llama-server.json.\n"
         'cd "$(dirname "$0")"\n'
-        f'exec python -m llama_cpp.server --config_file {SERVER_CONFIG} "$@"\n'
+        'exec python -m hydra_edge.exporters.llama_server . "$@"\n'
     )
     script.chmod(0o755)
     (work / "README.md").write_text(_readme(manifest, template is not None))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hydra_edge.errors import UserError
+from hydra_edge.errors import UserError, first_line
 
 INSTALL = "pip install 'hydra-edge[llama]' (builds llama.cpp from source once: about 4 minutes on 2 cores)"
 # Tokens one sequence may hold: a Gemma-sized vocabulary keeps (n_ctx, vocab) float32 logits.
@@ -47,25 +47,29 @@ def damaged_gguf(path: Path):
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - llama-cpp-python raises ValueError, RuntimeError, OSError
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise UserError(
-            f"{path}: llama.cpp cannot use it ({type(exc).__name__}: {first}); the file is damaged, export it again"
+            f"{path}: llama.cpp cannot use it ({type(exc).__name__}: {first_line(exc)}); the file may be damaged "
+            "(export it again), or memory ran out"
         ) from exc
 
 
 class LlamaRuntime:
     """A base GGUF in llama.cpp with named LoRA adapters ready to switch per request. Calls are
-    serialised: one llama.cpp context serves one sequence at a time."""
+    serialised: one llama.cpp context serves one sequence at a time, and a stream (`generate`)
+    holds it until it is closed, so a thread must close its stream before its next call.
 
-    def __init__(self, base: Path, adapters: dict[str, Path], n_ctx: int = DEFAULT_CONTEXT) -> None:
+    logits_all keeps every position's logits ((n_ctx, vocab) float32: 1 GiB for Gemma 3 at 1024
+    tokens), which teacher-forced scoring needs and generation does not."""
+
+    def __init__(self, base: Path, adapters: dict[str, Path], n_ctx: int = DEFAULT_CONTEXT, logits_all=True) -> None:
         llama_cpp = llama_cpp_module()
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         with damaged_gguf(base), _quiet_stderr():
             self.llm = llama_cpp.Llama(
                 model_path=str(base),
                 n_ctx=n_ctx,
                 n_batch=min(n_ctx, 512),
-                logits_all=True,
+                logits_all=logits_all,
                 n_threads=usable_cpus(),  # llama-cpp-python's default, half the CPUs, assumes hyper-threading
                 verbose=False,
             )
@@ -97,6 +101,8 @@ class LlamaRuntime:
 
     def logits(self, mix: dict[str, float], token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits with these adapters. (T, vocab)"""
+        if not self.llm._logits_all:
+            raise ValueError("this runtime keeps the last position's logits only (logits_all=False)")
         if len(token_ids) > self.n_ctx:
             raise UserError(f"a sequence of {len(token_ids)} tokens is longer than the context ({self.n_ctx})")
         with self.lock:

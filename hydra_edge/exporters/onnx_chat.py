@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from hydra_edge.errors import UserError
+from hydra_edge.errors import UserError, first_line
 from hydra_edge.exporters.formats.onnx import verify_onnx_export
 from hydra_edge.exporters.routed_export import RoutedExport
 from hydra_edge.exporters.runtime import open_decoder, run_decoder
@@ -33,9 +33,9 @@ def damaged_export(path: Path):
     except UserError:
         raise
     except Exception as exc:  # RuntimeError, OSError, ValueError, ...: each library has its own
-        first = (str(exc).strip().splitlines() or [""])[0][:240]
         raise UserError(
-            f"{path}: cannot be used ({type(exc).__name__}: {first}); the export is damaged, export it again"
+            f"{path}: cannot be used ({type(exc).__name__}: {first_line(exc, 240)}); "
+            "the export is damaged, export it again"
         ) from exc
 
 

@@ -91,7 +91,7 @@ def test_chat_gguf_answers_one_prompt_with_its_cluster(gguf_export):
     from hydra_edge.models.tiny import DEMO_EVAL
 
     row = json.loads(DEMO_EVAL.read_text().splitlines()[0])["messages"]
-    question, expected = row[0]["content"], row[1]["content"]
+    question = row[0]["content"]
     result = run_in_process("chat", "--gguf", str(gguf_export), "--prompt", question, "--max-new-tokens", "24")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "GGUF export (q8_0 base, llama.cpp)" in result.stderr
@@ -101,19 +101,57 @@ def test_chat_gguf_answers_one_prompt_with_its_cluster(gguf_export):
     engine = GgufChat(gguf_export)
     cluster, answer = engine.answer(messages, max_new_tokens=24)
     assert result.stdout.strip() == answer and f"[cluster {cluster} |" in result.stderr
-    assert len(answer) >= 3 and expected  # a demo row's answer, generated in llama.cpp
+    assert len(answer) >= 3  # generated in llama.cpp
 
 
-def test_the_engine_matches_the_validation_logits(gguf_export):
+def test_switching_adapters_drops_the_kv_cache(gguf_export):
+    """Cluster 0, 1, 0 on one engine give what a fresh llama.cpp gives for each: no state from the
+    previous request's adapter survives the switch, for scoring and for generation."""
+    from hydra_edge.data.records import prompt_ids
     from hydra_edge.exporters.gguf_chat import GgufChat
+    from hydra_edge.exporters.gguf_runtime import LlamaRuntime
+    from hydra_edge.inference.protocol import Sampling
 
     engine = GgufChat(gguf_export)
-    ids = engine.tokenizer(0)("<|user|>\nhello<|end|>\n", add_special_tokens=False)["input_ids"]
-    first, again = engine.logits(0, ids), engine.logits(0, ids)
-    other = engine.logits(1, ids)
-    np.testing.assert_array_equal(first, again)  # the adapter switch drops the KV cache
-    assert not np.array_equal(first, other)  # each cluster its own adapter
+    ids = prompt_ids(engine.tokenizer(0), [{"role": "user", "content": "Give the antonym of the word early."}])
+    files = {"cluster_0": gguf_export / "adapters/cluster_0.gguf", "cluster_1": gguf_export / "adapters/cluster_1.gguf"}
+
+    def fresh(cluster):
+        return LlamaRuntime(gguf_export / "base.gguf", files, n_ctx=256).logits({f"cluster_{cluster}": 1.0}, ids)
+
+    scored = [engine.logits(c, ids) for c in (0, 1, 0)]
+    np.testing.assert_array_equal(scored[0], fresh(0))
+    np.testing.assert_array_equal(scored[1], fresh(1))
+    np.testing.assert_array_equal(scored[2], scored[0])
+    assert not np.array_equal(scored[0], scored[1])  # each cluster its own adapter
+
+    def answer(cluster):
+        return "".join(engine.stream(ids, cluster, "cluster", Sampling(max_new_tokens=12)))
+
+    first_1, _, again_1 = answer(1), answer(0), answer(1)
+    assert first_1 == again_1
     assert engine.forceable_clusters() == json.loads((gguf_export / MANIFEST).read_text())["clusters"]
+
+
+def test_the_server_renders_chats_with_the_training_template(gguf_export):
+    """serve-llama.sh registers the export's template with llama-cpp-python: its prompt is the
+    one hydra-edge renders (whatever template the base file holds, or none)."""
+    from transformers import AutoTokenizer
+
+    from hydra_edge.data.records import render_chat
+    from hydra_edge.exporters.llama_server import training_chat_formatter
+
+    formatter = training_chat_formatter(gguf_export / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_export / "tokenizer")
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Antonym of early?"},
+        {"role": "assistant", "content": "late"},
+        {"role": "user", "content": "And of up?"},
+    ]
+    rendered = formatter(messages=conversation)
+    assert rendered.prompt == render_chat(tokenizer, conversation, add_generation_prompt=True)
+    assert tokenizer.eos_token_id in formatter.stop_token_ids
 
 
 def test_a_gguf_model_comes_back_as_the_same_file(tiny_dir, tmp_path):

@@ -33,17 +33,18 @@ def llama_server(gguf_export, tmp_path_factory):
     path = tmp_path_factory.mktemp("llama") / SERVER_CONFIG
     path.write_text(json.dumps(config))
     log = path.with_suffix(".log")
-    command = [sys.executable, "-m", "llama_cpp.server", "--config_file", str(path)]
-    process = subprocess.Popen(command, cwd=gguf_export, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    # serve-llama.sh's command, with this config
+    command = [sys.executable, "-m", "hydra_edge.exporters.llama_server", str(gguf_export), "--config", str(path)]
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{config['port']}/v1"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    deadline, up = time.monotonic() + 120, False
+    while not up and time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                break
+            up = httpx.get(f"{url}/models", timeout=2).status_code == 200
         except httpx.HTTPError:
             time.sleep(0.5)
         assert process.poll() is None, log.read_text()[-2000:]
+    assert up, log.read_text()[-2000:]
     yield url
     process.terminate()
     process.wait(timeout=30)
