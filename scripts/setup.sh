@@ -38,7 +38,7 @@ else
   "${PIP[@]}" install torch --index-url https://download.pytorch.org/whl/cpu
 fi
 
-# llama-cpp-python (the `llama` extra) builds llama.cpp from source the first time (about 4 minutes
+# llama-cpp-python (the `llama` extra) builds llama.cpp from source the first time (4-5 minutes
 # on 2 cores; pip caches the wheel). GGML_NATIVE=OFF builds portable AVX2 kernels, so a cached
 # wheel runs on any x86-64 CPU with AVX2, not only the one it was built on.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"

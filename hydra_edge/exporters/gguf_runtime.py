@@ -19,7 +19,7 @@ import numpy as np
 
 from hydra_edge.errors import UserError, first_line
 
-INSTALL = "pip install 'hydra-edge[llama]' (builds llama.cpp from source once: about 4 minutes on 2 cores)"
+INSTALL = "pip install 'hydra-edge[llama]' (builds llama.cpp from source once: 4-5 minutes on 2 cores)"
 # Tokens one sequence may hold: a Gemma-sized vocabulary keeps (n_ctx, vocab) float32 logits.
 DEFAULT_CONTEXT = 1024
 
