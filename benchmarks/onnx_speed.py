@@ -88,13 +88,12 @@ def pytorch_side(
     return results
 
 
-def onnx_side(export_dir: Path, new_tokens: int) -> list[tuple[float, float]]:
+def onnx_side(chat, new_tokens: int) -> list[tuple[float, float]]:
+    """chat: the export's OnnxChat (its models load on the first pass, outside the timings)."""
     import onnxruntime_genai as og
 
     from hydra_edge.data.records import render_chat
-    from hydra_edge.exporters.onnx_chat import OnnxChat
 
-    chat = OnnxChat(export_dir)
     results = []
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
@@ -123,11 +122,10 @@ def onnx_side(export_dir: Path, new_tokens: int) -> list[tuple[float, float]]:
     return results
 
 
-def gguf_side(export_dir: Path, new_tokens: int) -> list[tuple[float, float]]:
+def gguf_side(chat, new_tokens: int) -> list[tuple[float, float]]:
+    """chat: the export's GgufChat (llama.cpp loaded once)."""
     from hydra_edge.data.records import prompt_ids
-    from hydra_edge.exporters.gguf_chat import GgufChat
 
-    chat = GgufChat(export_dir)
     results = []
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
@@ -153,15 +151,14 @@ def export_runs(args) -> tuple[dict, list]:
     runs_by_label, engines = {}, []
     for folder in args.export:
         engine = OnnxChat(folder)
-        onnx_side(folder, args.new_tokens)  # first pass: sessions and caches warm up
-        runs_by_label[f"ONNX ({engine.manifest['mode']}, {engine.manifest['precision']})"] = onnx_side(
-            folder, args.new_tokens
-        )
+        onnx_side(engine, args.new_tokens)  # first pass: models load, sessions and caches warm up
+        label = f"ONNX ({engine.manifest['mode']}, {engine.manifest['precision']})"
+        runs_by_label[label] = onnx_side(engine, args.new_tokens)
         engines.append(engine)
     for folder in args.gguf:
         engine = GgufChat(folder)
-        gguf_side(folder, args.new_tokens)
-        runs_by_label[f"llama.cpp ({engine.manifest['base']['gguf_base']})"] = gguf_side(folder, args.new_tokens)
+        gguf_side(engine, args.new_tokens)
+        runs_by_label[f"llama.cpp ({engine.manifest['base']['gguf_base']})"] = gguf_side(engine, args.new_tokens)
         engines.append(engine)
     return runs_by_label, engines
 

@@ -24,6 +24,15 @@ FP32 = {
 }
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for servers a test starts)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Runs `python -m hydra_edge ARGS` in a subprocess, as a user would from a shell."""
     return subprocess.run(

@@ -78,12 +78,12 @@ def export(adapter_dir: Path, out_dir: Path, log, required_files, gguf_base: str
     config = prepare(adapter_dir, out_dir)
     source = source_gguf_file(config.base_model, config.base_fingerprint)
     choice = base_choice(gguf_base, source)
-    architecture_of(_base_config(config), source)  # an unknown model is refused before any work
+    arch = architecture_of(_base_config(config), source)  # an unknown model is refused before any work
     with building(out_dir) as work:
         log("export: writing the dequantized base")
         plain = save_plain_base(config, work / ".plain")
         hf_config = json.loads((plain / "config.json").read_text())
-        names = TensorNames(architecture_of(hf_config, source), hf_config)
+        names = TensorNames(arch, hf_config)
         reference, tokenizer = hydra_on_plain_base(plain, adapter_dir)
         base = _base_file(work, plain, choice, source, tokenizer.chat_template, log)
         shutil.rmtree(plain)
@@ -92,10 +92,7 @@ def export(adapter_dir: Path, out_dir: Path, log, required_files, gguf_base: str
         _write_adapters(work, names, reference, gates_by_cluster, config)
         files = {f"cluster_{c}": work / adapter_file(f"cluster_{c}") for c in gates_by_cluster}
         files.update({f"head_{i}": work / adapter_file(f"head_{i}") for i in range(config.heads)})
-        runtime_files = (base, files)
-        rule = RULES.get(choice) or rule_of_file(base)
-        judged = (choice, rule)
-        validation = _validate(runtime_files, reference, tokenizer, gates_by_cluster, adapter_dir, judged, log)
+        validation = _validate(base, files, reference, tokenizer, gates_by_cluster, adapter_dir, choice, log)
         entries = {
             "format": "gguf",
             "base": {**base_entry(config), **base_reference(base, choice)},
@@ -155,16 +152,16 @@ def head_mix(gates: dict) -> dict[str, float]:
     return {f"head_{i}": float(g) for i, g in enumerate(mean)}
 
 
-def _validate(runtime_files, reference, tokenizer, gates_by_cluster, adapter_dir, judged, log) -> dict:
+def _validate(base: Path, files: dict, reference, tokenizer, gates_by_cluster, adapter_dir, choice: str, log) -> dict:
     """Every cluster's adapter, in llama.cpp, against the PyTorch model pinned to that cluster;
-    and llama.cpp's own tokenization of the validation rows against the training tokenizer's."""
+    and llama.cpp's own tokenization of the validation rows against the training tokenizer's.
+    base: the base GGUF; files: {adapter name: its GGUF file}; choice: the --gguf-base it came from."""
     conversations = validation_prompts(adapter_dir)
     texts = [render_chat(tokenizer, messages, add_generation_prompt=True) for messages in conversations]
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    base, files = runtime_files  # the base GGUF, {adapter name: its GGUF file}
     runtime = LlamaRuntime(base, files, n_ctx=max(len(p) for p in prompts) + 8)
     _check_tokenizer(runtime, tokenizer, texts, prompts)
-    (choice, rule), checks = judged, {}  # the base choice and the rule it is judged by
+    rule, checks = RULES.get(choice) or rule_of_file(base), {}
     for cluster, gates in gates_by_cluster.items():
         expected = pinned_logits(reference, gates, prompts)
         got = np.concatenate([runtime.logits({f"cluster_{cluster}": 1.0}, ids) for ids in prompts])

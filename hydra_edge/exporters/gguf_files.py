@@ -108,9 +108,7 @@ def _typed(tensor: np.ndarray, base_type: str):
     import gguf
 
     tensor = np.ascontiguousarray(tensor, dtype=np.float32)
-    if tensor.ndim == 1:
-        return tensor, None
-    if base_type == "f32":
+    if tensor.ndim == 1 or base_type == "f32":
         return tensor, None
     if base_type == "q8_0" and tensor.shape[-1] % 32 == 0:
         kind = gguf.GGMLQuantizationType.Q8_0
@@ -132,7 +130,8 @@ def write_base_gguf(plain_dir: Path, out_file: Path, base_type: str, source_gguf
         for hf_name, tensor in load_file(str(file)).items():
             if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
                 continue  # llama.cpp reads the tied output from token_embd
-            tensors.__setitem__(*names.base_tensor(hf_name, tensor))
+            name, data = names.base_tensor(hf_name, tensor)
+            tensors[name] = data
     writing_type = "f16" if base_type == "q4_k_m" else base_type  # llama.cpp quantizes from F16
     target = out_file.with_suffix(".f16.gguf") if base_type == "q4_k_m" else out_file
     writer = gguf.GGUFWriter(str(target), arch.name)
@@ -148,10 +147,7 @@ def write_base_gguf(plain_dir: Path, out_file: Path, base_type: str, source_gguf
     for name, tensor in tensors.items():
         data, kind = _typed(tensor, writing_type)
         writer.add_tensor(name, data, raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write_out(writer)
     if base_type == "q4_k_m":
         quantize_q4_k_m(target, out_file)
         target.unlink()
@@ -294,8 +290,13 @@ def write_lora_gguf(out_file: Path, names: TensorNames, layers: dict, alpha: flo
         b = names.rows_in_gguf_order(name, np.asarray(b, dtype=np.float32))  # (out, r)
         writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, dtype=np.float32))  # (r, in)
         writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, dtype=np.float32))  # (out, r)
+    _write_out(writer)
+    return out_file
+
+
+def _write_out(writer) -> None:
+    """gguf's writer puts header, metadata and tensors on disk in three passes, then closes."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return out_file

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hydra_edge.errors import UserError
 from hydra_edge.files import sha256_of
+from hydra_edge.models.gguf import END_OF_TURN
 
 BASE_FILE = "base.gguf"
 SERVER_CONFIG = "llama-server.json"
@@ -73,10 +74,6 @@ def _base_for(manifest: dict, relative_to: str) -> str:
     if "gguf_sha256" in entry:
         return entry["gguf_file"]
     return str(Path(relative_to, BASE_FILE)) if relative_to else BASE_FILE
-
-
-# Gemma's chat turns end with this token, not with EOS.
-END_OF_TURN = "<end_of_turn>"
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -85,7 +85,6 @@ class LlamaRuntime:
                     f"{path}: llama.cpp cannot load this LoRA adapter; the file is damaged, export it again"
                 )
             self.adapters[name] = pointer
-        self._active: tuple = ()
 
     def use(self, mix: dict[str, float]) -> None:
         """Activates these adapters with these scales ({} = the base alone); the KV cache is
@@ -96,7 +95,6 @@ class LlamaRuntime:
         scales = (ctypes.c_float * max(len(names), 1))(*[float(mix[n]) for n in names])
         if llama_cpp.llama_set_adapters_lora(self.llm.ctx, pointers, len(names), scales) != 0:
             raise UserError(f"llama.cpp refused the adapters {', '.join(names)}")
-        self._active = tuple(names)
         self.llm.reset()
 
     def logits(self, mix: dict[str, float], token_ids: list[int]) -> np.ndarray:
@@ -132,9 +130,6 @@ class LlamaRuntime:
 
     def piece(self, token: int) -> bytes:
         return self.llm.detokenize([token], special=False)
-
-    def vocab_size(self) -> int:
-        return self.llm.n_vocab()
 
 
 @contextlib.contextmanager

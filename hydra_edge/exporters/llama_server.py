@@ -29,14 +29,13 @@ def training_chat_formatter(tokenizer_dir: Path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    formatter = llama_chat_format.Jinja2ChatFormatter(
+    return llama_chat_format.Jinja2ChatFormatter(
         template=tokenizer.chat_template,
         eos_token=tokenizer.eos_token or "",
         bos_token=tokenizer.bos_token or "",
         add_generation_prompt=True,
         stop_token_ids=stop_token_ids(tokenizer),
     )
-    return formatter
 
 
 def main(argv: list[str] | None = None) -> None:

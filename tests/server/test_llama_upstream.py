@@ -6,30 +6,24 @@ by llama-cpp-python's OpenAI-compatible server on loopback, the routing proxy in
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+from cli_helpers import free_port
 from serverhelpers import API_KEY, launch
 from test_server import demo_prompts_by_cluster
 
 from hydra_edge.exporters.gguf_layout import SERVER_CONFIG
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_server(gguf_export, tmp_path_factory):
     """llama-cpp-python's server on the export's config, on a free loopback port."""
     config = json.loads((gguf_export / SERVER_CONFIG).read_text())
-    config["port"] = _free_port()
+    config["port"] = free_port()
     path = tmp_path_factory.mktemp("llama") / SERVER_CONFIG
     path.write_text(json.dumps(config))
     log = path.with_suffix(".log")

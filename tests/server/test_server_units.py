@@ -8,7 +8,7 @@ import socket
 
 import numpy as np
 import pytest
-from cli_helpers import assert_one_line_error, run_in_process
+from cli_helpers import assert_one_line_error, free_port, run_in_process
 
 from hydra_edge.server.errors import ApiError
 from hydra_edge.server.requests import ChatRequest, CompletionRequest, parse
@@ -137,9 +137,7 @@ def test_the_proxy_answers_502_when_its_upstream_is_down():
     from hydra_edge.server.app import ServeSettings, create_app
     from hydra_edge.server.proxy import UpstreamBackend
 
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # a port nothing listens on
     router = RequestRouter({}, np.zeros(0), np.zeros((0, 0)), np.zeros((2, 0)), (2, 4))
     app = create_app(lambda metrics: UpstreamBackend(dead, None, router, metrics), ServeSettings())
     with TestClient(app) as client:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from uihelpers import QUICK, UPLOAD_LIMIT_MB, free_port, wait_until_done
+from cli_helpers import free_port
+from uihelpers import QUICK, UPLOAD_LIMIT_MB, wait_until_done
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 

@@ -248,8 +248,8 @@ def test_clusters_of_the_demo_data(client):
 
 
 def test_with_auth_nothing_answers_before_sign_in(tmp_path):
+    from cli_helpers import free_port
     from gradio_client import Client
-    from uihelpers import free_port
 
     from hydra_edge.ui.app import create_ui, launch
 

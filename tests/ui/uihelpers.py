@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,12 +13,6 @@ from pathlib import Path
 QUICK = {"eval_data": "", "seq_len": 64, "batch_size": 4, "save_every": 0}
 UPLOAD_LIMIT_MB = 1
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hydra_edge(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
